@@ -28,3 +28,6 @@ pub use config::LlamaConfig;
 pub use error::{ModelError, Result};
 pub use llama::{Llama, WeightInit};
 pub use lora::{Lora, LoraConfig, Target};
+
+#[cfg(test)]
+mod parity_tests;
