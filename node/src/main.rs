@@ -1,1 +1,73 @@
-fn main() {}
+//! `herd-node`: the contributor daemon of herd, and the local model tools it is built from
+//! (`eval`, `train-local`, `generate`, `merge`). See INTERFACES.md for the exact surface.
+
+mod commands;
+mod default_world;
+mod progress;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// herd contributor node: train a shared open model together, on your own hardware.
+#[derive(Debug, Parser)]
+#[command(name = "herd-node", version, about)]
+struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "HERD_LOG_FORMAT")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Loss of a model (optionally with an adapter) on a data file.
+    Eval(commands::eval::EvalArgs),
+    /// Train a LoRA adapter on this machine and write it as a PEFT adapter dir.
+    TrainLocal(commands::train_local::TrainLocalArgs),
+    /// Greedy generation from a prompt (Alpaca template by default).
+    Generate(commands::generate::GenerateArgs),
+    /// Fold an adapter into its base model, writing a model dir transformers loads.
+    Merge(commands::merge::MergeArgs),
+    /// Rebuild the embedded default (tiny base model + instruction data). Used by `cargo xtask make-default`.
+    #[command(hide = true)]
+    MakeDefault(commands::make_default::MakeDefaultArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let result = match cli.command {
+        Command::Eval(args) => commands::eval::run(args),
+        Command::TrainLocal(args) => commands::train_local::run(args),
+        Command::Generate(args) => commands::generate::run(args),
+        Command::Merge(args) => commands::merge::run(args),
+        Command::MakeDefault(args) => commands::make_default::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("herd-node: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("HERD_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}

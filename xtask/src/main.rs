@@ -1,1 +1,71 @@
-fn main() {}
+//! `cargo xtask`: the project's tasks as one Rust program, so CI runs what a person runs.
+//! No tch dependency, so it can install libtorch before anything that links it is built.
+
+mod demo;
+mod libtorch;
+mod util;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask", about = "herd's development tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Debug, Subcommand)]
+enum Task {
+    /// Install libtorch 2.11.0 from PyPI wheels into .libtorch (idempotent).
+    Setup {
+        /// The full CUDA set into .libtorch-cuda instead (2.7 GB).
+        #[arg(long)]
+        cuda: bool,
+    },
+    /// Everything CI runs: setup, fmt, clippy -D warnings, build, every test.
+    Test,
+    /// The main job on the embedded default; ends with `summary: <path>`.
+    Demo(demo::DemoArgs),
+    /// Rebuild the embedded default (model/default) with the project's own tooling.
+    MakeDefault {
+        #[arg(long, default_value_t = 4000)]
+        steps: usize,
+    },
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let root = util::workspace_root();
+    std::env::set_current_dir(&root)?;
+    match cli.task {
+        Task::Setup { cuda } => libtorch::setup(&root, cuda).map(|_| ()),
+        Task::Test => test(&root),
+        Task::Demo(args) => demo::run(&root, args),
+        Task::MakeDefault { steps } => {
+            libtorch::setup(&root, false)?;
+            util::cargo(&["build", "-p", "herd-node"])?;
+            util::run(
+                util::bin(&root, "herd-node").arg("make-default").args([
+                    "--out",
+                    "model/default",
+                    "--threads",
+                    "1",
+                    "--steps",
+                    &steps.to_string(),
+                ]),
+            )
+        }
+    }
+}
+
+fn test(root: &std::path::Path) -> Result<()> {
+    libtorch::setup(root, false)?;
+    util::cargo(&["fmt", "--all", "--check"])?;
+    util::cargo(&["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])?;
+    // The integration tests in tests/ start the real binaries; build them first.
+    util::cargo(&["build", "--workspace", "--bins"])?;
+    util::cargo(&["test", "--workspace"])?;
+    println!("xtask test: all green");
+    Ok(())
+}

@@ -1,0 +1,58 @@
+//! One module per `herd-node` subcommand, plus the options they share.
+
+pub mod eval;
+pub mod generate;
+pub mod make_default;
+pub mod merge;
+pub mod train_local;
+
+use std::path::Path;
+
+use anyhow::Result;
+use herd_model::Llama;
+use herd_model::data::Dataset;
+use herd_model::device::DeviceChoice;
+use herd_model::tokenizer::TextTokenizer;
+
+/// Where and how wide to compute.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ComputeArgs {
+    /// auto (CUDA when present, else CPU), cpu, or cuda:N.
+    #[arg(long, default_value = "auto", env = "HERD_DEVICE")]
+    pub device: DeviceChoice,
+    /// CPU threads for libtorch (default: libtorch's choice, one per core).
+    #[arg(long, env = "HERD_THREADS")]
+    pub threads: Option<i32>,
+}
+
+impl ComputeArgs {
+    pub fn apply(&self) -> Result<tch::Device> {
+        if let Some(n) = self.threads {
+            anyhow::ensure!(n > 0, "--threads must be positive");
+            tch::set_num_threads(n);
+        }
+        let device = self.device.resolve()?;
+        tracing::debug!(?device, threads = tch::get_num_threads(), "compute");
+        Ok(device)
+    }
+}
+
+/// A loaded base model with its tokenizer.
+pub struct Loaded {
+    pub model: Llama,
+    pub tokenizer: TextTokenizer,
+}
+
+pub fn load_model(dir: &Path, device: tch::Device) -> Result<Loaded> {
+    let model = Llama::load(dir, device)?;
+    let tokenizer = TextTokenizer::from_dir(dir)?;
+    Ok(Loaded { model, tokenizer })
+}
+
+/// Tokenizes a data file for `loaded`'s model, sequences capped at `max_len` (or the model's context).
+pub fn load_data(loaded: &Loaded, path: &Path, max_len: Option<usize>) -> Result<Dataset> {
+    let cfg = loaded.model.config();
+    let context = cfg.max_position_embeddings as usize;
+    let max_len = max_len.unwrap_or(context).min(context);
+    Ok(Dataset::load(path, &loaded.tokenizer, max_len, cfg.eos_id(), cfg.vocab_size)?)
+}

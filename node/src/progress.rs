@@ -1,0 +1,58 @@
+//! Progress for long work: a bar on a terminal, periodic log lines otherwise.
+
+use std::io::IsTerminal;
+
+use indicatif::{ProgressBar, ProgressStyle};
+
+/// Reports training steps either to an indicatif bar (TTY) or to `tracing` every `log_every` steps.
+#[derive(Debug)]
+pub struct StepProgress {
+    bar: Option<ProgressBar>,
+    total: usize,
+    log_every: usize,
+    started: std::time::Instant,
+    tokens: u64,
+}
+
+impl StepProgress {
+    pub fn new(total: usize, label: &str) -> Self {
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let bar = ProgressBar::new(total as u64);
+            bar.set_style(
+                ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg} ({eta})")
+                    .expect("static template")
+                    .progress_chars("=> "),
+            );
+            bar.set_prefix(label.to_string());
+            bar
+        });
+        StepProgress {
+            bar,
+            total,
+            log_every: (total / 10).max(1),
+            started: std::time::Instant::now(),
+            tokens: 0,
+        }
+    }
+
+    pub fn step(&mut self, step: usize, loss: f64, tokens: usize) {
+        self.tokens += tokens as u64;
+        let rate = self.tokens as f64 / self.started.elapsed().as_secs_f64().max(1e-9);
+        match &self.bar {
+            Some(bar) => {
+                bar.set_position(step as u64 + 1);
+                bar.set_message(format!("loss {loss:.4}, {rate:.0} tok/s"));
+            }
+            None if (step + 1) % self.log_every == 0 || step + 1 == self.total => {
+                tracing::info!(step = step + 1, total = self.total, loss = format!("{loss:.4}"), tokens_per_s = format!("{rate:.0}"), "training");
+            }
+            None => {}
+        }
+    }
+
+    pub fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}

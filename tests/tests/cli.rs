@@ -1,0 +1,172 @@
+//! `herd-node`'s local tools end to end through the real binary: training on the embedded
+//! default, JSON output, determinism, and a clear error (never a panic) for each kind of bad input.
+
+use std::path::Path;
+
+use herd_tests::{bin, copy_dir, default_asset, edit_safetensors, fixture, run};
+use serde_json::Value;
+
+fn node() -> std::process::Command {
+    let mut cmd = bin("herd-node");
+    cmd.env("HERD_LOG", "warn");
+    cmd
+}
+
+fn eval_json(model: &Path, adapter: Option<&Path>, data: &Path) -> Value {
+    let mut cmd = node();
+    cmd.args(["eval", "--json", "--model"]).arg(model).arg("--data").arg(data);
+    if let Some(a) = adapter {
+        cmd.arg("--adapter").arg(a);
+    }
+    let (out, stdout, stderr) = run(&mut cmd);
+    assert!(out.status.success(), "eval failed: {stderr}");
+    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("not one JSON line ({e}): {stdout}"))
+}
+
+/// Asserts the command failed with a message containing every `needle`, and did not panic.
+fn assert_clear_error(cmd: &mut std::process::Command, needles: &[&str]) {
+    let (out, _, stderr) = run(cmd);
+    assert!(!out.status.success(), "expected failure, got success; stderr: {stderr}");
+    assert!(!stderr.contains("panicked"), "panicked instead of a clear error: {stderr}");
+    for needle in needles {
+        assert!(stderr.contains(needle), "error should mention {needle:?}: {stderr}");
+    }
+    assert!(stderr.lines().filter(|l| l.starts_with("herd-node: error")).count() == 1, "{stderr}");
+}
+
+#[test]
+fn train_local_learns_the_default_task_and_is_deterministic() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = default_asset("base");
+    let heldout = default_asset("data/heldout.jsonl");
+    let before = eval_json(&base, None, &heldout);
+    assert!(before["tokens"].as_u64().unwrap() > 0);
+    let mut hashes = Vec::new();
+    for name in ["a", "b"] {
+        let out_dir = tmp.path().join(name);
+        let mut cmd = node();
+        cmd.args(["train-local", "--steps", "60", "--lr", "3e-3", "--threads", "1", "--json", "--model"])
+            .arg(&base)
+            .arg("--data")
+            .arg(default_asset("data/train.jsonl"))
+            .arg("--out")
+            .arg(&out_dir);
+        let (out, stdout, stderr) = run(&mut cmd);
+        assert!(out.status.success(), "train-local failed: {stderr}");
+        let report: Value = serde_json::from_str(stdout.trim()).unwrap();
+        assert!(report["train_loss_after"].as_f64() < report["train_loss_before"].as_f64(), "{report}");
+        hashes.push(std::fs::read(out_dir.join("adapter_model.safetensors")).unwrap());
+        assert!(out_dir.join("adapter_config.json").exists());
+    }
+    assert!(hashes[0] == hashes[1], "same seed, device and threads must give the same adapter bytes");
+    let after = eval_json(&base, Some(&tmp.path().join("a")), &heldout);
+    let (l0, l1) = (before["loss"].as_f64().unwrap(), after["loss"].as_f64().unwrap());
+    assert!(l1 < 0.8 * l0, "held-out loss should fall clearly: {l0} -> {l1}");
+}
+
+#[test]
+fn missing_or_corrupt_config_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("model");
+    copy_dir(&fixture("gqa"), &model).unwrap();
+    let data = default_asset("data/heldout.jsonl");
+    std::fs::remove_file(model.join("config.json")).unwrap();
+    let eval = || {
+        let mut cmd = node();
+        cmd.args(["eval", "--model"]).arg(&model).arg("--data").arg(&data);
+        cmd
+    };
+    assert_clear_error(&mut eval(), &["config.json", "not found"]);
+    std::fs::write(model.join("config.json"), "{\"model_type\": \"llama\", ").unwrap();
+    assert_clear_error(&mut eval(), &["config.json", "invalid JSON"]);
+}
+
+#[test]
+fn unsupported_architecture_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("model");
+    copy_dir(&fixture("gqa"), &model).unwrap();
+    let cfg = std::fs::read_to_string(model.join("config.json")).unwrap();
+    let cfg = cfg.replace("\"model_type\": \"llama\"", "\"model_type\": \"gpt2\"");
+    std::fs::write(model.join("config.json"), cfg).unwrap();
+    let mut cmd = node();
+    cmd.args(["generate", "--prompt", "hi", "--model"]).arg(&model);
+    assert_clear_error(&mut cmd, &["config.json", "unsupported model", "gpt2"]);
+}
+
+#[test]
+fn missing_or_misshapen_tensor_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("model");
+    copy_dir(&fixture("gqa"), &model).unwrap();
+    let weights = model.join("model.safetensors");
+    edit_safetensors(&weights, |h| {
+        h.remove("model.layers.1.mlp.up_proj.weight");
+    })
+    .unwrap();
+    let eval = || {
+        let mut cmd = node();
+        cmd.args(["eval", "--model"]).arg(&model).arg("--data").arg(default_asset("data/heldout.jsonl"));
+        cmd
+    };
+    assert_clear_error(&mut eval(), &["model.safetensors", "model.layers.1.mlp.up_proj.weight", "missing"]);
+
+    copy_dir(&fixture("gqa"), &model).unwrap();
+    edit_safetensors(&weights, |h| {
+        // Same number of bytes, wrong shape: only a shape check can catch it.
+        h["model.layers.0.self_attn.q_proj.weight"]["shape"] = serde_json::json!([16, 64]);
+    })
+    .unwrap();
+    assert_clear_error(&mut eval(), &["model.safetensors", "model.layers.0.self_attn.q_proj.weight", "[16, 64]", "[32, 32]"]);
+
+    std::fs::write(&weights, b"not a safetensors file").unwrap();
+    assert_clear_error(&mut eval(), &["model.safetensors", "not a valid safetensors file"]);
+}
+
+#[test]
+fn malformed_data_line_is_named_with_its_number() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data.jsonl");
+    std::fs::write(
+        &data,
+        "{\"text\": \"the cat sat .\"}\n{\"instruction\": \"x\", \"output\": \"y\"}\n{\"instruction\": \"x\", \"output\": 7}\n",
+    )
+    .unwrap();
+    let mut cmd = node();
+    cmd.args(["eval", "--model"]).arg(fixture("gqa")).arg("--data").arg(&data);
+    assert_clear_error(&mut cmd, &["data.jsonl:3", "`output` must be a string"]);
+}
+
+#[test]
+fn adapter_that_does_not_fit_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let adapter = tmp.path().join("adapter");
+    copy_dir(&fixture("gqa/adapter"), &adapter).unwrap();
+    let config_path = adapter.join("adapter_config.json");
+    let original = std::fs::read_to_string(&config_path).unwrap();
+    let eval = || {
+        let mut cmd = node();
+        cmd.args(["eval", "--model"])
+            .arg(fixture("gqa"))
+            .arg("--adapter")
+            .arg(&adapter)
+            .arg("--data")
+            .arg(default_asset("data/heldout.jsonl"));
+        cmd
+    };
+    let mut cfg: Value = serde_json::from_str(&original).unwrap();
+    cfg["r"] = 8.into();
+    std::fs::write(&config_path, cfg.to_string()).unwrap();
+    assert_clear_error(&mut eval(), &["adapter_model.safetensors", "rank r=8"]);
+
+    let mut cfg: Value = serde_json::from_str(&original).unwrap();
+    cfg["target_modules"] = serde_json::json!(["q_proj", "lm_head"]);
+    std::fs::write(&config_path, cfg.to_string()).unwrap();
+    assert_clear_error(&mut eval(), &["adapter_config.json", "`lm_head`"]);
+
+    // Targets the model has, but the file holds no factors for.
+    let mut cfg: Value = serde_json::from_str(&original).unwrap();
+    cfg["target_modules"] = serde_json::json!(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj"]);
+    std::fs::write(&config_path, cfg.to_string()).unwrap();
+    assert_clear_error(&mut eval(), &["adapter_model.safetensors", "gate_proj.lora_A.weight", "missing"]);
+}
