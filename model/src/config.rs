@@ -133,12 +133,12 @@ impl LlamaConfig {
                 SUPPORTED_MODEL_TYPES.join(", ")
             )));
         }
-        if let Some(archs) = &self.architectures {
-            if let Some(arch) = archs.iter().find(|a| !a.ends_with("ForCausalLM")) {
-                return Err(unsupported(format!(
-                    "architecture `{arch}` (expected a *ForCausalLM model)"
-                )));
-            }
+        if let Some(archs) = &self.architectures
+            && let Some(arch) = archs.iter().find(|a| !a.ends_with("ForCausalLM"))
+        {
+            return Err(unsupported(format!(
+                "architecture `{arch}` (expected a *ForCausalLM model)"
+            )));
         }
         if self.hidden_act != "silu" {
             return Err(unsupported(format!(
@@ -146,11 +146,14 @@ impl LlamaConfig {
                 self.hidden_act
             )));
         }
-        for rope in [&self.rope_parameters, &self.rope_scaling].into_iter().flatten() {
-            if let Some(kind) = rope.rope_type.as_deref() {
-                if kind != "default" {
-                    return Err(unsupported(format!("rope type `{kind}`")));
-                }
+        for rope in [&self.rope_parameters, &self.rope_scaling]
+            .into_iter()
+            .flatten()
+        {
+            if let Some(kind) = rope.rope_type.as_deref()
+                && kind != "default"
+            {
+                return Err(unsupported(format!("rope type `{kind}`")));
             }
         }
         let positive = [
@@ -165,7 +168,10 @@ impl LlamaConfig {
         ];
         for (name, value) in positive {
             if value <= 0 {
-                return Err(ModelError::invalid(path, format!("{name} must be positive, is {value}")));
+                return Err(ModelError::invalid(
+                    path,
+                    format!("{name} must be positive, is {value}"),
+                ));
             }
         }
         if self.head_dim.is_none() && self.hidden_size % self.num_attention_heads != 0 {
@@ -191,7 +197,10 @@ impl LlamaConfig {
             ));
         }
         if !(self.rms_norm_eps > 0.0 && self.rope_theta() > 0.0) {
-            return Err(ModelError::invalid(path, "rms_norm_eps and rope_theta must be positive"));
+            return Err(ModelError::invalid(
+                path,
+                "rms_norm_eps and rope_theta must be positive",
+            ));
         }
         Ok(())
     }
@@ -268,6 +277,9 @@ mod tests {
         let err = LlamaConfig::from_json(&gqa, Path::new("m/config.json")).unwrap_err();
         assert!(err.to_string().contains("not a multiple"), "{err}");
         let err = LlamaConfig::from_json("{not json", Path::new("m/config.json")).unwrap_err();
-        assert!(err.to_string().starts_with("m/config.json: invalid JSON"), "{err}");
+        assert!(
+            err.to_string().starts_with("m/config.json: invalid JSON"),
+            "{err}"
+        );
     }
 }

@@ -56,7 +56,8 @@ pub fn read_records(path: &Path) -> Result<Vec<Record>> {
             .iter()
             .enumerate()
             .map(|(i, v)| {
-                parse_record(v).map_err(|problem| ModelError::invalid(path, format!("element {i}: {problem}")))
+                parse_record(v)
+                    .map_err(|problem| ModelError::invalid(path, format!("element {i}: {problem}")))
             })
             .collect();
     }
@@ -117,13 +118,22 @@ pub struct Example {
 impl Example {
     /// Positions that contribute to the loss (each predicts its label from the tokens before).
     pub fn targets(&self) -> usize {
-        self.labels.iter().skip(1).filter(|&&l| l != IGNORE_INDEX).count()
+        self.labels
+            .iter()
+            .skip(1)
+            .filter(|&&l| l != IGNORE_INDEX)
+            .count()
     }
 }
 
 /// Tokenizes one record. Alpaca: `ids(prompt + output) + EOS`, prompt positions masked, as
 /// Stanford Alpaca does; text: the post-processor's special tokens, every position a target.
-pub fn encode_record(record: &Record, tok: &TextTokenizer, max_len: usize, eos: Option<i64>) -> Result<Example> {
+pub fn encode_record(
+    record: &Record,
+    tok: &TextTokenizer,
+    max_len: usize,
+    eos: Option<i64>,
+) -> Result<Example> {
     let (mut ids, prompt_len) = match record {
         Record::Text(text) => (tok.encode(text, true)?, 0),
         Record::Alpaca {
@@ -134,10 +144,10 @@ pub fn encode_record(record: &Record, tok: &TextTokenizer, max_len: usize, eos: 
             let prompt = alpaca_prompt(instruction, input);
             let prompt_len = tok.encode(&prompt, true)?.len();
             let mut ids = tok.encode(&format!("{prompt}{output}"), true)?;
-            if let Some(eos) = eos {
-                if ids.last() != Some(&eos) {
-                    ids.push(eos);
-                }
+            if let Some(eos) = eos
+                && ids.last() != Some(&eos)
+            {
+                ids.push(eos);
             }
             (ids, prompt_len)
         }
@@ -161,16 +171,28 @@ pub struct Dataset {
 impl Dataset {
     /// Reads and tokenizes `path`; sequences are cut at `max_len` tokens. Ids outside the
     /// model's vocabulary are an error here rather than a crash in the embedding.
-    pub fn load(path: &Path, tok: &TextTokenizer, max_len: usize, eos: Option<i64>, vocab_size: i64) -> Result<Self> {
+    pub fn load(
+        path: &Path,
+        tok: &TextTokenizer,
+        max_len: usize,
+        eos: Option<i64>,
+        vocab_size: i64,
+    ) -> Result<Self> {
         let records = read_records(path)?;
         let examples = records
             .iter()
             .map(|r| encode_record(r, tok, max_len, eos))
             .collect::<Result<Vec<_>>>()?;
-        if let Some(bad) = examples.iter().flat_map(|e| &e.ids).find(|&&id| id < 0 || id >= vocab_size) {
+        if let Some(bad) = examples
+            .iter()
+            .flat_map(|e| &e.ids)
+            .find(|&&id| id < 0 || id >= vocab_size)
+        {
             return Err(ModelError::invalid(
                 path,
-                format!("tokenizes to id {bad}, outside the model's vocab_size {vocab_size} (tokenizer and model do not match)"),
+                format!(
+                    "tokenizes to id {bad}, outside the model's vocab_size {vocab_size} (tokenizer and model do not match)"
+                ),
             ));
         }
         Ok(Dataset {
@@ -265,7 +287,12 @@ pub struct Batch {
 
 /// Pads `examples` to the longest with `pad_id` (labels -100 there).
 pub fn collate(examples: &[&Example], pad_id: i64) -> Result<Batch> {
-    let t = examples.iter().map(|e| e.ids.len()).max().unwrap_or(0).max(2);
+    let t = examples
+        .iter()
+        .map(|e| e.ids.len())
+        .max()
+        .unwrap_or(0)
+        .max(2);
     let mut ids = Vec::with_capacity(examples.len() * t);
     let mut labels = Vec::with_capacity(examples.len() * t);
     for e in examples {
@@ -303,8 +330,13 @@ mod tests {
         let recs = read_records(f.path()).unwrap();
         assert_eq!(recs.len(), 2);
         assert_eq!(recs[0], Record::Text("hello".into()));
-        let f = write(r#"[{"instruction": "i", "input": "x", "output": "o"}]"#, ".json");
-        assert!(matches!(&read_records(f.path()).unwrap()[0], Record::Alpaca { input, .. } if input == "x"));
+        let f = write(
+            r#"[{"instruction": "i", "input": "x", "output": "o"}]"#,
+            ".json",
+        );
+        assert!(
+            matches!(&read_records(f.path()).unwrap()[0], Record::Alpaca { input, .. } if input == "x")
+        );
     }
 
     #[test]
@@ -325,12 +357,18 @@ mod tests {
         let mut a = BatchOrder::new((0..10).collect(), 7);
         let mut b = BatchOrder::new((0..10).collect(), 7);
         let first: Vec<usize> = (0..5).flat_map(|_| a.next_batch(2)).collect();
-        assert_eq!(first, (0..5).flat_map(|_| b.next_batch(2)).collect::<Vec<_>>());
+        assert_eq!(
+            first,
+            (0..5).flat_map(|_| b.next_batch(2)).collect::<Vec<_>>()
+        );
         let mut sorted = first.clone();
         sorted.sort();
         assert_eq!(sorted, (0..10).collect::<Vec<_>>());
         let mut c = BatchOrder::new((0..10).collect(), 8);
-        assert_ne!(first, (0..5).flat_map(|_| c.next_batch(2)).collect::<Vec<_>>());
+        assert_ne!(
+            first,
+            (0..5).flat_map(|_| c.next_batch(2)).collect::<Vec<_>>()
+        );
     }
 
     #[test]

@@ -19,7 +19,12 @@ pub struct EvalReport {
 }
 
 /// Evaluates in batches of `batch_size`, longest-first to keep padding low.
-pub fn evaluate(model: &Llama, lora: Option<&Lora>, examples: &[&Example], batch_size: usize) -> Result<EvalReport> {
+pub fn evaluate(
+    model: &Llama,
+    lora: Option<&Lora>,
+    examples: &[&Example],
+    batch_size: usize,
+) -> Result<EvalReport> {
     let _guard = tch::no_grad_guard();
     let mut sorted: Vec<&Example> = examples.to_vec();
     sorted.sort_by_key(|e| std::cmp::Reverse(e.ids.len()));
@@ -32,7 +37,11 @@ pub fn evaluate(model: &Llama, lora: Option<&Lora>, examples: &[&Example], batch
         tokens += count as u64;
     }
     Ok(EvalReport {
-        loss: if tokens > 0 { sum / tokens as f64 } else { f64::NAN },
+        loss: if tokens > 0 {
+            sum / tokens as f64
+        } else {
+            f64::NAN
+        },
         tokens,
         sequences: examples.len(),
     })

@@ -24,7 +24,12 @@ pub fn generate_greedy(
         let context = &ids[ids.len().saturating_sub(window)..];
         let input = Tensor::f_from_slice(context)?.f_unsqueeze(0)?;
         let logits = model.forward(&input, lora)?;
-        let next = i64::try_from(&logits.f_select(1, context.len() as i64 - 1)?.f_argmax(-1, false)?.f_squeeze()?)?;
+        let next = i64::try_from(
+            &logits
+                .f_select(1, context.len() as i64 - 1)?
+                .f_argmax(-1, false)?
+                .f_squeeze()?,
+        )?;
         ids.push(next);
         new.push(next);
         if Some(next) == eos {

@@ -53,7 +53,11 @@ impl Linear {
         target: Target,
     ) -> Result<Tensor> {
         let base = self.forward(x)?;
-        match lora.map(|l| l.delta(layer, target, x)).transpose()?.flatten() {
+        match lora
+            .map(|l| l.delta(layer, target, x))
+            .transpose()?
+            .flatten()
+        {
             Some(delta) => Ok(base.f_add(&delta)?),
             None => Ok(base),
         }
@@ -78,7 +82,9 @@ impl RmsNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let kind = x.kind();
         let x32 = x.f_to_kind(Kind::Float)?;
-        let var = x32.f_pow_tensor_scalar(2)?.f_mean_dim(-1, true, Kind::Float)?;
+        let var = x32
+            .f_pow_tensor_scalar(2)?
+            .f_mean_dim(-1, true, Kind::Float)?;
         let normed = x32.f_mul(&var.f_add_scalar(self.eps)?.f_rsqrt()?)?;
         Ok(self.weight.f_mul(&normed.f_to_kind(kind)?)?)
     }
@@ -153,12 +159,23 @@ impl Attention {
         let split = |y: Tensor, heads: i64| -> Result<Tensor> {
             Ok(y.f_view([b, t, heads, self.head_dim])?.f_transpose(1, 2)?)
         };
-        let q = split(self.q_proj.forward_lora(x, lora, layer, Target::QProj)?, self.heads)?;
-        let k = split(self.k_proj.forward_lora(x, lora, layer, Target::KProj)?, self.kv_heads)?;
-        let v = split(self.v_proj.forward_lora(x, lora, layer, Target::VProj)?, self.kv_heads)?;
+        let q = split(
+            self.q_proj.forward_lora(x, lora, layer, Target::QProj)?,
+            self.heads,
+        )?;
+        let k = split(
+            self.k_proj.forward_lora(x, lora, layer, Target::KProj)?,
+            self.kv_heads,
+        )?;
+        let v = split(
+            self.v_proj.forward_lora(x, lora, layer, Target::VProj)?,
+            self.kv_heads,
+        )?;
         let (q, k) = (rope.apply(&q)?, rope.apply(&k)?);
         let gqa = self.kv_heads != self.heads;
-        let y = Tensor::f_scaled_dot_product_attention::<Tensor>(&q, &k, &v, None, 0.0, true, None, gqa)?;
+        let y = Tensor::f_scaled_dot_product_attention::<Tensor>(
+            &q, &k, &v, None, 0.0, true, None, gqa,
+        )?;
         let y = y
             .f_transpose(1, 2)?
             .f_reshape([b, t, self.heads * self.head_dim])?;
@@ -188,9 +205,13 @@ impl Mlp {
 
     /// SwiGLU: `down(silu(gate(x)) * up(x))`.
     fn forward(&self, x: &Tensor, lora: Option<&Lora>, layer: i64) -> Result<Tensor> {
-        let gate = self.gate_proj.forward_lora(x, lora, layer, Target::GateProj)?.f_silu()?;
+        let gate = self
+            .gate_proj
+            .forward_lora(x, lora, layer, Target::GateProj)?
+            .f_silu()?;
         let up = self.up_proj.forward_lora(x, lora, layer, Target::UpProj)?;
-        self.down_proj.forward_lora(&gate.f_mul(&up)?, lora, layer, Target::DownProj)
+        self.down_proj
+            .forward_lora(&gate.f_mul(&up)?, lora, layer, Target::DownProj)
     }
 }
 
@@ -204,9 +225,13 @@ struct DecoderLayer {
 
 impl DecoderLayer {
     fn forward(&self, x: &Tensor, rope: &Rope, lora: Option<&Lora>, layer: i64) -> Result<Tensor> {
-        let h = self.self_attn.forward(&self.input_layernorm.forward(x)?, rope, lora, layer)?;
+        let h = self
+            .self_attn
+            .forward(&self.input_layernorm.forward(x)?, rope, lora, layer)?;
         let x = x.f_add(&h)?;
-        let h = self.mlp.forward(&self.post_attention_layernorm.forward(&x)?, lora, layer)?;
+        let h = self
+            .mlp
+            .forward(&self.post_attention_layernorm.forward(&x)?, lora, layer)?;
         Ok(x.f_add(&h)?)
     }
 }
@@ -234,7 +259,12 @@ pub struct Llama {
 impl Llama {
     /// Creates the model with every variable registered under its checkpoint name.
     /// `trainable` is false for a frozen base (LoRA) and true for pretraining.
-    pub fn new(cfg: LlamaConfig, device: Device, init: WeightInit, trainable: bool) -> Result<Self> {
+    pub fn new(
+        cfg: LlamaConfig,
+        device: Device,
+        init: WeightInit,
+        trainable: bool,
+    ) -> Result<Self> {
         let inits = match init {
             WeightInit::Zeros => Inits {
                 matrix: Init::Const(0.0),
@@ -242,7 +272,10 @@ impl Llama {
                 bias: Init::Const(0.0),
             },
             WeightInit::Random { std } => Inits {
-                matrix: Init::Randn { mean: 0.0, stdev: std },
+                matrix: Init::Randn {
+                    mean: 0.0,
+                    stdev: std,
+                },
                 norm: Init::Const(1.0),
                 bias: Init::Const(0.0),
             },
@@ -259,7 +292,12 @@ impl Llama {
             .map(|i| {
                 let p = &model / "layers" / i;
                 DecoderLayer {
-                    input_layernorm: RmsNorm::new(&(&p / "input_layernorm"), cfg.hidden_size, cfg.rms_norm_eps, &inits),
+                    input_layernorm: RmsNorm::new(
+                        &(&p / "input_layernorm"),
+                        cfg.hidden_size,
+                        cfg.rms_norm_eps,
+                        &inits,
+                    ),
                     self_attn: Attention::new(&(&p / "self_attn"), &cfg, &inits),
                     post_attention_layernorm: RmsNorm::new(
                         &(&p / "post_attention_layernorm"),
@@ -271,7 +309,12 @@ impl Llama {
                 }
             })
             .collect();
-        let norm = RmsNorm::new(&(&model / "norm"), cfg.hidden_size, cfg.rms_norm_eps, &inits);
+        let norm = RmsNorm::new(
+            &(&model / "norm"),
+            cfg.hidden_size,
+            cfg.rms_norm_eps,
+            &inits,
+        );
         let lm_head = if cfg.tie_word_embeddings {
             embed_tokens.shallow_clone()
         } else {
@@ -349,7 +392,8 @@ impl Llama {
             x = layer.forward(&x, &self.rope, lora, i as i64)?;
         }
         let x = self.norm.forward(&x)?;
-        Ok(x.f_linear::<Tensor>(&self.lm_head, None)?.f_to_kind(Kind::Float)?)
+        Ok(x.f_linear::<Tensor>(&self.lm_head, None)?
+            .f_to_kind(Kind::Float)?)
     }
 
     /// Summed next-token cross-entropy over positions whose (unshifted, HF-convention) label is

@@ -177,7 +177,10 @@ impl Lora {
     /// by ChaCha so that every machine gets the same bits), B zero, so the adapter starts as a no-op.
     pub fn new(model: &LlamaConfig, cfg: LoraConfig, device: Device) -> Result<Self> {
         if cfg.rank <= 0 {
-            return Err(ModelError::Argument(format!("LoRA rank must be positive, is {}", cfg.rank)));
+            return Err(ModelError::Argument(format!(
+                "LoRA rank must be positive, is {}",
+                cfg.rank
+            )));
         }
         if cfg.targets.is_empty() {
             return Err(ModelError::Argument("no LoRA target modules given".into()));
@@ -187,7 +190,8 @@ impl Lora {
         for layer in 0..model.num_hidden_layers {
             for &target in &cfg.targets {
                 let (fan_in, fan_out) = target.dims(model);
-                let a = seeded_a(cfg.init_seed, layer, target, cfg.rank, fan_in).f_to_device(device)?;
+                let a =
+                    seeded_a(cfg.init_seed, layer, target, cfg.rank, fan_in).f_to_device(device)?;
                 let b = Tensor::f_zeros([fan_out, cfg.rank], (Kind::Float, device))?;
                 let path = vs.root() / "model" / "layers" / layer / target.block() / target.name();
                 let a = (&path / "lora_A").add("weight", a, cfg.train_a);
@@ -299,10 +303,16 @@ mod tests {
         assert_eq!(one.pair(1, Target::VProj).unwrap().b.size(), vec![4, 8]);
         // 2 layers x 4 targets, only B trainable.
         assert_eq!(one.var_store().trainable_variables().len(), 8);
-        let other_seed = LoraConfig { init_seed: 1, ..LoraConfig::default() };
+        let other_seed = LoraConfig {
+            init_seed: 1,
+            ..LoraConfig::default()
+        };
         let three = Lora::new(&cfg, other_seed, Device::Cpu).unwrap();
         assert!(!three.pair(1, Target::VProj).unwrap().a.equal(a1));
-        let train_a = LoraConfig { train_a: true, ..LoraConfig::default() };
+        let train_a = LoraConfig {
+            train_a: true,
+            ..LoraConfig::default()
+        };
         let four = Lora::new(&cfg, train_a, Device::Cpu).unwrap();
         assert_eq!(four.var_store().trainable_variables().len(), 16);
     }
@@ -313,7 +323,9 @@ mod tests {
             Target::parse_list("v_proj, q_proj,q_proj").unwrap(),
             vec![Target::QProj, Target::VProj]
         );
-        let err = Target::parse_list("q_proj,lm_head").unwrap_err().to_string();
+        let err = Target::parse_list("q_proj,lm_head")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("`lm_head`"), "{err}");
     }
 }

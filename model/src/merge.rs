@@ -47,13 +47,16 @@ pub fn merge_adapter(base: &Path, adapter: &Path, out: &Path) -> Result<MergeRep
     let _guard = tch::no_grad_guard();
     for name in names {
         let mut tensor = files.tensor(&name, None)?;
-        if let Some((layer, target)) = adapted_layer(&name, &cfg) {
-            if let Some(pair) = lora.pair(layer, target) {
-                let kind = tensor.kind();
-                let update = pair.b.f_matmul(&pair.a)?.f_mul_scalar(scale)?;
-                tensor = tensor.f_to_kind(Kind::Float)?.f_add(&update)?.f_to_kind(kind)?;
-                merged_layers += 1;
-            }
+        if let Some((layer, target)) = adapted_layer(&name, &cfg)
+            && let Some(pair) = lora.pair(layer, target)
+        {
+            let kind = tensor.kind();
+            let update = pair.b.f_matmul(&pair.a)?.f_mul_scalar(scale)?;
+            tensor = tensor
+                .f_to_kind(Kind::Float)?
+                .f_add(&update)?
+                .f_to_kind(kind)?;
+            merged_layers += 1;
         }
         tensors.push((name, tensor));
     }
@@ -86,7 +89,9 @@ fn same_dir(a: &Path, b: &Path) -> bool {
 
 /// `model.layers.{i}.{block}.{target}.weight` → `(i, target)`.
 fn adapted_layer(name: &str, cfg: &LlamaConfig) -> Option<(i64, Target)> {
-    let rest = name.strip_prefix("model.layers.")?.strip_suffix(".weight")?;
+    let rest = name
+        .strip_prefix("model.layers.")?
+        .strip_suffix(".weight")?;
     let mut parts = rest.split('.');
     let layer: i64 = parts.next()?.parse().ok()?;
     let block = parts.next()?;
@@ -99,4 +104,3 @@ fn adapted_layer(name: &str, cfg: &LlamaConfig) -> Option<(i64, Target)> {
         .find(|t| t.name() == module && t.block() == block)
         .map(|t| (layer, t))
 }
-

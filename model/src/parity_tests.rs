@@ -16,7 +16,9 @@ use crate::tokenizer::TextTokenizer;
 const TOL: f64 = 1e-4;
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures")
+        .join(name)
 }
 
 fn reference(model: &str, file: &str) -> SafetensorsFiles {
@@ -47,7 +49,10 @@ fn logits_and_loss_match_transformers() {
         assert!(diff < TOL, "{name}: logits differ by {diff}");
         let (_, loss) = mean_loss(&model, None, &ids, &labels);
         let expected = r.tensor("loss", None).unwrap().double_value(&[]);
-        assert!((loss - expected).abs() < TOL, "{name}: loss {loss} vs {expected}");
+        assert!(
+            (loss - expected).abs() < TOL,
+            "{name}: loss {loss} vs {expected}"
+        );
     }
 }
 
@@ -74,7 +79,10 @@ fn peft_adapter_matches_and_gradients_of_one_step_match() {
 
     let (loss, value) = mean_loss(&model, Some(&lora), &ids, &labels);
     let expected = r.tensor("loss", None).unwrap().double_value(&[]);
-    assert!((value - expected).abs() < TOL, "adapter loss {value} vs {expected}");
+    assert!(
+        (value - expected).abs() < TOL,
+        "adapter loss {value} vs {expected}"
+    );
     loss.backward();
     let mut checked = 0;
     for (name, factor) in lora.named_factors() {
@@ -82,7 +90,9 @@ fn peft_adapter_matches_and_gradients_of_one_step_match() {
             assert!(!factor.requires_grad(), "{name}: A is frozen by default");
             continue;
         }
-        let expected = r.tensor(&format!("grad.base_model.model.{name}"), None).unwrap();
+        let expected = r
+            .tensor(&format!("grad.base_model.model.{name}"), None)
+            .unwrap();
         let diff = max_abs_diff(&factor.grad(), &expected);
         assert!(diff < TOL, "{name}: gradient differs by {diff}");
         checked += 1;
@@ -95,13 +105,18 @@ fn exported_adapter_reloads_and_merge_matches_adapter() {
     let dir = tempfile::tempdir().unwrap();
     let model = Llama::load(&fixture("gqa"), Device::Cpu).unwrap();
     let lora = load_adapter(&fixture("gqa/adapter"), model.config(), Device::Cpu).unwrap();
-    let ids = reference("gqa", "reference.safetensors").tensor("input_ids", None).unwrap();
+    let ids = reference("gqa", "reference.safetensors")
+        .tensor("input_ids", None)
+        .unwrap();
     let with_adapter = model.forward(&ids, Some(&lora)).unwrap();
 
     let exported = dir.path().join("adapter");
     save_adapter(&exported, &lora, Some("gqa")).unwrap();
     let reloaded = load_adapter(&exported, model.config(), Device::Cpu).unwrap();
-    let diff = max_abs_diff(&model.forward(&ids, Some(&reloaded)).unwrap(), &with_adapter);
+    let diff = max_abs_diff(
+        &model.forward(&ids, Some(&reloaded)).unwrap(),
+        &with_adapter,
+    );
     assert_eq!(diff, 0.0, "export/import must be lossless");
 
     let merged_dir = dir.path().join("merged");
@@ -109,17 +124,28 @@ fn exported_adapter_reloads_and_merge_matches_adapter() {
     assert_eq!(report.merged_layers, 8);
     let merged = Llama::load(&merged_dir, Device::Cpu).unwrap();
     let diff = max_abs_diff(&merged.forward(&ids, None).unwrap(), &with_adapter);
-    assert!(diff < TOL, "merged model differs from base + adapter by {diff}");
+    assert!(
+        diff < TOL,
+        "merged model differs from base + adapter by {diff}"
+    );
     assert!(merged_dir.join("tokenizer.json").exists());
 }
 
 #[test]
 fn padded_batches_give_the_same_loss_as_single_sequences() {
     let model = Llama::load(&fixture("gqa"), Device::Cpu).unwrap();
-    let long = Example { ids: vec![1, 5, 9, 20, 33, 7], labels: vec![-100, -100, 9, 20, 33, 7] };
-    let short = Example { ids: vec![1, 8, 14], labels: vec![1, 8, 14] };
+    let long = Example {
+        ids: vec![1, 5, 9, 20, 33, 7],
+        labels: vec![-100, -100, 9, 20, 33, 7],
+    };
+    let short = Example {
+        ids: vec![1, 8, 14],
+        labels: vec![1, 8, 14],
+    };
     let batch = collate(&[&long, &short], model.config().pad_id()).unwrap();
-    let (sum, count) = model.loss_sum(&batch.input_ids, &batch.labels, None).unwrap();
+    let (sum, count) = model
+        .loss_sum(&batch.input_ids, &batch.labels, None)
+        .unwrap();
     let mut single_sum = 0.0;
     let mut single_count = 0;
     for e in [&long, &short] {

@@ -72,7 +72,9 @@ pub fn save_adapter(dir: &Path, lora: &Lora, base_model: Option<&str>) -> Result
         peft_type: "LORA".into(),
         r: cfg.rank,
         lora_alpha: cfg.alpha,
-        target_modules: TargetModules::List(cfg.targets.iter().map(|t| t.name().to_string()).collect()),
+        target_modules: TargetModules::List(
+            cfg.targets.iter().map(|t| t.name().to_string()).collect(),
+        ),
         lora_dropout: 0.0,
         bias: "none".into(),
         task_type: Some("CAUSAL_LM".into()),
@@ -112,7 +114,8 @@ pub fn read_adapter_config(dir: &Path) -> Result<AdapterConfig> {
     let text = std::fs::read_to_string(&path).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => ModelError::NotFound {
             path: path.clone(),
-            hint: " (an adapter dir needs adapter_config.json and adapter_model.safetensors)".into(),
+            hint: " (an adapter dir needs adapter_config.json and adapter_model.safetensors)"
+                .into(),
         },
         _ => ModelError::io(&path, e),
     })?;
@@ -125,10 +128,15 @@ pub fn read_adapter_config(dir: &Path) -> Result<AdapterConfig> {
         problem: problem.to_string(),
     };
     if cfg.peft_type != "LORA" {
-        return Err(unsupported(&format!("peft_type `{}` (herd reads LORA adapters)", cfg.peft_type)));
+        return Err(unsupported(&format!(
+            "peft_type `{}` (herd reads LORA adapters)",
+            cfg.peft_type
+        )));
     }
     if cfg.use_dora || cfg.fan_in_fan_out || cfg.bias != "none" {
-        return Err(unsupported("DoRA, fan_in_fan_out and LoRA biases are not supported"));
+        return Err(unsupported(
+            "DoRA, fan_in_fan_out and LoRA biases are not supported",
+        ));
     }
     let non_empty = |v: &Option<Value>| match v {
         None | Some(Value::Null) => false,
@@ -136,8 +144,13 @@ pub fn read_adapter_config(dir: &Path) -> Result<AdapterConfig> {
         Some(Value::Array(a)) => !a.is_empty(),
         Some(_) => true,
     };
-    if non_empty(&cfg.layers_to_transform) || non_empty(&cfg.rank_pattern) || non_empty(&cfg.alpha_pattern) {
-        return Err(unsupported("layers_to_transform, rank_pattern and alpha_pattern are not supported"));
+    if non_empty(&cfg.layers_to_transform)
+        || non_empty(&cfg.rank_pattern)
+        || non_empty(&cfg.alpha_pattern)
+    {
+        return Err(unsupported(
+            "layers_to_transform, rank_pattern and alpha_pattern are not supported",
+        ));
     }
     if cfg.r <= 0 {
         return Err(unsupported(&format!("rank r = {} must be positive", cfg.r)));
@@ -155,7 +168,9 @@ pub fn load_adapter(dir: &Path, model: &LlamaConfig, device: Device) -> Result<L
         TargetModules::Pattern(p) => {
             return Err(ModelError::AdapterMismatch {
                 path: config_path,
-                problem: format!("target_modules is the pattern `{p}`; herd needs a list of module names"),
+                problem: format!(
+                    "target_modules is the pattern `{p}`; herd needs a list of module names"
+                ),
             });
         }
     };
@@ -191,7 +206,10 @@ pub fn load_adapter(dir: &Path, model: &LlamaConfig, device: Device) -> Result<L
         targets,
         train_a: meta.get(META_TRAIN_A).is_some_and(|v| v == "true"),
         use_rslora: cfg.use_rslora,
-        init_seed: meta.get(META_INIT_SEED).and_then(|v| v.parse().ok()).unwrap_or(0),
+        init_seed: meta
+            .get(META_INIT_SEED)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0),
     };
     let mut lora = Lora::new(model, lora_cfg, device)?;
     let expected: std::collections::HashSet<String> = lora

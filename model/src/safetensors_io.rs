@@ -39,7 +39,8 @@ impl SafetensorsFiles {
         struct Index {
             weight_map: BTreeMap<String, String>,
         }
-        let text = std::fs::read_to_string(&index_path).map_err(|e| ModelError::io(&index_path, e))?;
+        let text =
+            std::fs::read_to_string(&index_path).map_err(|e| ModelError::io(&index_path, e))?;
         let index: Index = serde_json::from_str(&text).map_err(|source| ModelError::Json {
             path: index_path.clone(),
             source,
@@ -47,7 +48,10 @@ impl SafetensorsFiles {
         let mut shards: Vec<PathBuf> = Vec::new();
         for file in index.weight_map.values() {
             if file.contains('/') || file.contains("..") {
-                return Err(ModelError::invalid(&index_path, format!("shard name `{file}` is not a plain file name")));
+                return Err(ModelError::invalid(
+                    &index_path,
+                    format!("shard name `{file}` is not a plain file name"),
+                ));
             }
             let path = dir.join(file);
             if !shards.contains(&path) {
@@ -82,7 +86,10 @@ impl SafetensorsFiles {
 
     /// The path to name in errors about the whole set (the first file).
     pub fn display_path(&self) -> PathBuf {
-        self.files.first().map(|(p, _)| p.clone()).unwrap_or_default()
+        self.files
+            .first()
+            .map(|(p, _)| p.clone())
+            .unwrap_or_default()
     }
 
     pub fn contains(&self, name: &str) -> bool {
@@ -111,15 +118,15 @@ impl SafetensorsFiles {
             problem: e.to_string(),
         })?;
         let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
-        if let Some(expected) = expected {
-            if shape != expected {
-                return Err(ModelError::ShapeMismatch {
-                    path: path.clone(),
-                    name: name.to_string(),
-                    expected: expected.to_vec(),
-                    found: shape,
-                });
-            }
+        if let Some(expected) = expected
+            && shape != expected
+        {
+            return Err(ModelError::ShapeMismatch {
+                path: path.clone(),
+                name: name.to_string(),
+                expected: expected.to_vec(),
+                found: shape,
+            });
         }
         let kind = match view.dtype() {
             Dtype::F32 => Kind::Float,
@@ -227,21 +234,57 @@ pub fn write_safetensors(
             path: path.to_path_buf(),
             problem: e.to_string(),
         })?;
-    write_atomic(path, &bytes)
+    write_atomic(path, &canonical_header(bytes))
+}
+
+/// The same file with its JSON header's keys sorted. The metadata arrives as a `HashMap`, whose
+/// order changes from process to process; sorted, equal tensors always give equal bytes (and
+/// equal blake3 content ids).
+fn canonical_header(mut bytes: Vec<u8>) -> Vec<u8> {
+    use std::collections::BTreeMap;
+    let n = u64::from_le_bytes(bytes[..8].try_into().expect("8-byte length")) as usize;
+    let header: BTreeMap<String, serde_json::Value> =
+        serde_json::from_slice(&bytes[8..8 + n]).expect("safetensors wrote valid JSON");
+    let header: BTreeMap<String, serde_json::Value> = header
+        .into_iter()
+        .map(|(k, v)| match (k.as_str(), v) {
+            ("__metadata__", serde_json::Value::Object(m)) => {
+                let sorted: BTreeMap<String, serde_json::Value> = m.into_iter().collect();
+                (k, serde_json::to_value(sorted).expect("strings serialise"))
+            }
+            (_, v) => (k, v),
+        })
+        .collect();
+    let mut text = serde_json::to_vec(&header).expect("JSON serialises");
+    if text.len() > n {
+        // Cannot happen for the same keys and values; keep the library's bytes if it ever does.
+        return bytes;
+    }
+    text.resize(n, b' '); // safetensors pads its header with spaces too
+    bytes[8..8 + n].copy_from_slice(&text);
+    bytes
 }
 
 /// Writes a file via a temp file in the same dir, fsync and rename, so readers never see half of it.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     let mut tmp = tempfile_in(dir, path)?;
-    tmp.1.write_all(bytes).map_err(|e| ModelError::io(&tmp.0, e))?;
+    tmp.1
+        .write_all(bytes)
+        .map_err(|e| ModelError::io(&tmp.0, e))?;
     tmp.1.sync_all().map_err(|e| ModelError::io(&tmp.0, e))?;
     std::fs::rename(&tmp.0, path).map_err(|e| ModelError::io(path, e))?;
     Ok(())
 }
 
 fn tempfile_in(dir: &Path, target: &Path) -> Result<(PathBuf, File)> {
-    let name = target.file_name().and_then(|n| n.to_str()).unwrap_or("file");
+    let name = target
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("file");
     let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
     let file = File::create(&tmp).map_err(|e| ModelError::io(&tmp, e))?;
     Ok((tmp, file))

@@ -18,7 +18,9 @@ use crate::lora::Lora;
 pub enum LrSchedule {
     Constant,
     /// Linear warm-up, then cosine decay to 10% of the peak.
-    Cosine { warmup_steps: usize },
+    Cosine {
+        warmup_steps: usize,
+    },
 }
 
 /// Hyper-parameters of one training run.
@@ -83,7 +85,15 @@ pub fn train_lora(
     cfg: &TrainConfig,
     on_step: impl FnMut(&StepReport),
 ) -> Result<TrainReport> {
-    run(model, Some(lora), lora.var_store(), data, indices, cfg, on_step)
+    run(
+        model,
+        Some(lora),
+        lora.var_store(),
+        data,
+        indices,
+        cfg,
+        on_step,
+    )
 }
 
 /// Trains every weight of `model` (created trainable) on `indices` of `data`.
@@ -107,10 +117,15 @@ fn run(
     mut on_step: impl FnMut(&StepReport),
 ) -> Result<TrainReport> {
     if indices.is_empty() || cfg.batch_size == 0 {
-        return Err(ModelError::Argument("training needs at least one example and a batch size > 0".into()));
+        return Err(ModelError::Argument(
+            "training needs at least one example and a batch size > 0".into(),
+        ));
     }
     if let Some(&bad) = indices.iter().find(|&&i| i >= data.len()) {
-        return Err(ModelError::Argument(format!("example {bad} is outside the data set of {}", data.len())));
+        return Err(ModelError::Argument(format!(
+            "example {bad} is outside the data set of {}",
+            data.len()
+        )));
     }
     let examples: Vec<&Example> = indices.iter().map(|&i| &data.examples[i]).collect();
     let eval_batch = cfg.batch_size.max(8);
@@ -131,7 +146,11 @@ fn run(
     for step in 0..cfg.steps {
         let lr = lr_at(cfg, step);
         opt.set_lr(lr);
-        let batch_examples: Vec<&Example> = order.next_batch(cfg.batch_size).into_iter().map(|i| &data.examples[i]).collect();
+        let batch_examples: Vec<&Example> = order
+            .next_batch(cfg.batch_size)
+            .into_iter()
+            .map(|i| &data.examples[i])
+            .collect();
         let batch = collate(&batch_examples, pad)?;
         tokens += batch.tokens as u64;
         targets += batch.targets as u64;
@@ -148,7 +167,9 @@ fn run(
         opt.step();
         let value = loss.f_double_value(&[])?;
         if !value.is_finite() {
-            return Err(ModelError::Argument(format!("loss became {value} at step {step}; lower the learning rate")));
+            return Err(ModelError::Argument(format!(
+                "loss became {value} at step {step}; lower the learning rate"
+            )));
         }
         step_losses.push(value);
         on_step(&StepReport {

@@ -7,32 +7,80 @@
 //! the *task*, not the answers. Dictionary-style lines ("cold : the opposite of cold is hot .")
 //! give the base the skill of restating a topic word, which the task builds on.
 
-use rand::seq::SliceRandom;
 use rand::SeedableRng;
+use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 use serde_json::{Value, json};
 
 const OPPOSITES: &[(&str, &str)] = &[
-    ("hot", "cold"), ("big", "small"), ("up", "down"), ("fast", "slow"), ("happy", "sad"),
-    ("light", "dark"), ("old", "young"), ("tall", "short"), ("wet", "dry"), ("hard", "soft"),
-    ("early", "late"), ("full", "empty"), ("loud", "quiet"), ("rich", "poor"), ("open", "closed"),
-    ("strong", "weak"), ("clean", "dirty"), ("thick", "thin"), ("high", "low"), ("near", "far"),
-    ("good", "bad"), ("day", "night"), ("left", "right"), ("black", "white"), ("first", "last"),
-    ("push", "pull"), ("sweet", "sour"), ("brave", "afraid"),
+    ("hot", "cold"),
+    ("big", "small"),
+    ("up", "down"),
+    ("fast", "slow"),
+    ("happy", "sad"),
+    ("light", "dark"),
+    ("old", "young"),
+    ("tall", "short"),
+    ("wet", "dry"),
+    ("hard", "soft"),
+    ("early", "late"),
+    ("full", "empty"),
+    ("loud", "quiet"),
+    ("rich", "poor"),
+    ("open", "closed"),
+    ("strong", "weak"),
+    ("clean", "dirty"),
+    ("thick", "thin"),
+    ("high", "low"),
+    ("near", "far"),
+    ("good", "bad"),
+    ("day", "night"),
+    ("left", "right"),
+    ("black", "white"),
+    ("first", "last"),
+    ("push", "pull"),
+    ("sweet", "sour"),
+    ("brave", "afraid"),
 ];
 
 const SOUNDS: &[(&str, &str)] = &[
-    ("dog", "woof"), ("cat", "meow"), ("cow", "moo"), ("duck", "quack"), ("sheep", "baa"),
-    ("pig", "oink"), ("horse", "neigh"), ("lion", "roar"), ("owl", "hoot"), ("bee", "buzz"),
-    ("snake", "hiss"), ("frog", "croak"), ("mouse", "squeak"), ("wolf", "howl"), ("crow", "caw"),
+    ("dog", "woof"),
+    ("cat", "meow"),
+    ("cow", "moo"),
+    ("duck", "quack"),
+    ("sheep", "baa"),
+    ("pig", "oink"),
+    ("horse", "neigh"),
+    ("lion", "roar"),
+    ("owl", "hoot"),
+    ("bee", "buzz"),
+    ("snake", "hiss"),
+    ("frog", "croak"),
+    ("mouse", "squeak"),
+    ("wolf", "howl"),
+    ("crow", "caw"),
     ("hen", "cluck"),
 ];
 
 const COLORS: &[(&str, &str)] = &[
-    ("sky", "blue"), ("grass", "green"), ("snow", "white"), ("coal", "black"), ("blood", "red"),
-    ("sun", "yellow"), ("banana", "yellow"), ("leaf", "green"), ("cherry", "red"), ("sea", "blue"),
-    ("milk", "white"), ("crow", "black"), ("carrot", "orange"), ("plum", "purple"), ("tomato", "red"),
-    ("lemon", "yellow"), ("frog", "green"), ("chocolate", "brown"),
+    ("sky", "blue"),
+    ("grass", "green"),
+    ("snow", "white"),
+    ("coal", "black"),
+    ("blood", "red"),
+    ("sun", "yellow"),
+    ("banana", "yellow"),
+    ("leaf", "green"),
+    ("cherry", "red"),
+    ("sea", "blue"),
+    ("milk", "white"),
+    ("crow", "black"),
+    ("carrot", "orange"),
+    ("plum", "purple"),
+    ("tomato", "red"),
+    ("lemon", "yellow"),
+    ("frog", "green"),
+    ("chocolate", "brown"),
 ];
 
 const NUMBERS: &[&str] = &[
@@ -208,6 +256,9 @@ mod tests {
 
     #[test]
     fn pre_tokenizer_splits_like_whitespace() {
-        assert_eq!(pre_tokenize("### Input:\nhot."), ["###", "Input", ":", "hot", "."]);
+        assert_eq!(
+            pre_tokenize("### Input:\nhot."),
+            ["###", "Input", ":", "hot", "."]
+        );
     }
 }

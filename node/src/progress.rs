@@ -43,8 +43,14 @@ impl StepProgress {
                 bar.set_position(step as u64 + 1);
                 bar.set_message(format!("loss {loss:.4}, {rate:.0} tok/s"));
             }
-            None if (step + 1) % self.log_every == 0 || step + 1 == self.total => {
-                tracing::info!(step = step + 1, total = self.total, loss = format!("{loss:.4}"), tokens_per_s = format!("{rate:.0}"), "training");
+            None if (step + 1).is_multiple_of(self.log_every) || step + 1 == self.total => {
+                tracing::info!(
+                    step = step + 1,
+                    total = self.total,
+                    loss = format!("{loss:.4}"),
+                    tokens_per_s = format!("{rate:.0}"),
+                    "training"
+                );
             }
             None => {}
         }

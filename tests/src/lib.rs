@@ -9,14 +9,20 @@ use serde_json::Value;
 
 /// The workspace root.
 pub fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 /// A command for a workspace binary in the same profile dir as this test binary
 /// (`target/<profile>/deps/<test>` → `target/<profile>/<name>`).
 pub fn bin(name: &str) -> Command {
     let exe = std::env::current_exe().expect("test binary path");
-    let dir = exe.parent().and_then(Path::parent).expect("target/<profile>");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>");
     let path = dir.join(name);
     assert!(
         path.exists(),
@@ -58,19 +64,29 @@ pub fn run(cmd: &mut Command) -> (Output, String, String) {
 
 /// Rewrites a safetensors file, letting `edit` change the header (name → {dtype, shape,
 /// data_offsets}); tensors it removes are dropped and offsets recomputed.
-pub fn edit_safetensors(path: &Path, edit: impl FnOnce(&mut serde_json::Map<String, Value>)) -> Result<()> {
+pub fn edit_safetensors(
+    path: &Path,
+    edit: impl FnOnce(&mut serde_json::Map<String, Value>),
+) -> Result<()> {
     let bytes = std::fs::read(path)?;
     let n = u64::from_le_bytes(bytes[..8].try_into()?) as usize;
     let mut header: serde_json::Map<String, Value> = serde_json::from_slice(&bytes[8..8 + n])?;
     let data = &bytes[8 + n..];
     let original = header.clone();
     edit(&mut header);
-    let mut names: Vec<String> = header.keys().filter(|k| *k != "__metadata__").cloned().collect();
+    let mut names: Vec<String> = header
+        .keys()
+        .filter(|k| *k != "__metadata__")
+        .cloned()
+        .collect();
     names.sort_by_key(|k| original[k]["data_offsets"][0].as_u64());
     let mut body = Vec::new();
     for name in names {
         let offsets = &original[&name]["data_offsets"];
-        let (s, e) = (offsets[0].as_u64().context("offset")? as usize, offsets[1].as_u64().context("offset")? as usize);
+        let (s, e) = (
+            offsets[0].as_u64().context("offset")? as usize,
+            offsets[1].as_u64().context("offset")? as usize,
+        );
         let start = body.len();
         body.extend_from_slice(&data[s..e]);
         header.get_mut(&name).unwrap()["data_offsets"] = serde_json::json!([start, body.len()]);

@@ -14,24 +14,44 @@ fn node() -> std::process::Command {
 
 fn eval_json(model: &Path, adapter: Option<&Path>, data: &Path) -> Value {
     let mut cmd = node();
-    cmd.args(["eval", "--json", "--model"]).arg(model).arg("--data").arg(data);
+    cmd.args(["eval", "--json", "--model"])
+        .arg(model)
+        .arg("--data")
+        .arg(data);
     if let Some(a) = adapter {
         cmd.arg("--adapter").arg(a);
     }
     let (out, stdout, stderr) = run(&mut cmd);
     assert!(out.status.success(), "eval failed: {stderr}");
-    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("not one JSON line ({e}): {stdout}"))
+    serde_json::from_str(stdout.trim())
+        .unwrap_or_else(|e| panic!("not one JSON line ({e}): {stdout}"))
 }
 
 /// Asserts the command failed with a message containing every `needle`, and did not panic.
 fn assert_clear_error(cmd: &mut std::process::Command, needles: &[&str]) {
     let (out, _, stderr) = run(cmd);
-    assert!(!out.status.success(), "expected failure, got success; stderr: {stderr}");
-    assert!(!stderr.contains("panicked"), "panicked instead of a clear error: {stderr}");
+    assert!(
+        !out.status.success(),
+        "expected failure, got success; stderr: {stderr}"
+    );
+    assert!(
+        !stderr.contains("panicked"),
+        "panicked instead of a clear error: {stderr}"
+    );
     for needle in needles {
-        assert!(stderr.contains(needle), "error should mention {needle:?}: {stderr}");
+        assert!(
+            stderr.contains(needle),
+            "error should mention {needle:?}: {stderr}"
+        );
     }
-    assert!(stderr.lines().filter(|l| l.starts_with("herd-node: error")).count() == 1, "{stderr}");
+    assert!(
+        stderr
+            .lines()
+            .filter(|l| l.starts_with("herd-node: error"))
+            .count()
+            == 1,
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -45,23 +65,45 @@ fn train_local_learns_the_default_task_and_is_deterministic() {
     for name in ["a", "b"] {
         let out_dir = tmp.path().join(name);
         let mut cmd = node();
-        cmd.args(["train-local", "--steps", "60", "--lr", "3e-3", "--threads", "1", "--json", "--model"])
-            .arg(&base)
-            .arg("--data")
-            .arg(default_asset("data/train.jsonl"))
-            .arg("--out")
-            .arg(&out_dir);
+        cmd.args([
+            "train-local",
+            "--steps",
+            "60",
+            "--lr",
+            "3e-3",
+            "--threads",
+            "1",
+            "--json",
+            "--model",
+        ])
+        .arg(&base)
+        .arg("--data")
+        .arg(default_asset("data/train.jsonl"))
+        .arg("--out")
+        .arg(&out_dir);
         let (out, stdout, stderr) = run(&mut cmd);
         assert!(out.status.success(), "train-local failed: {stderr}");
         let report: Value = serde_json::from_str(stdout.trim()).unwrap();
-        assert!(report["train_loss_after"].as_f64() < report["train_loss_before"].as_f64(), "{report}");
+        assert!(
+            report["train_loss_after"].as_f64() < report["train_loss_before"].as_f64(),
+            "{report}"
+        );
         hashes.push(std::fs::read(out_dir.join("adapter_model.safetensors")).unwrap());
         assert!(out_dir.join("adapter_config.json").exists());
     }
-    assert!(hashes[0] == hashes[1], "same seed, device and threads must give the same adapter bytes");
+    assert!(
+        hashes[0] == hashes[1],
+        "same seed, device and threads must give the same adapter bytes"
+    );
     let after = eval_json(&base, Some(&tmp.path().join("a")), &heldout);
-    let (l0, l1) = (before["loss"].as_f64().unwrap(), after["loss"].as_f64().unwrap());
-    assert!(l1 < 0.8 * l0, "held-out loss should fall clearly: {l0} -> {l1}");
+    let (l0, l1) = (
+        before["loss"].as_f64().unwrap(),
+        after["loss"].as_f64().unwrap(),
+    );
+    assert!(
+        l1 < 0.8 * l0,
+        "held-out loss should fall clearly: {l0} -> {l1}"
+    );
 }
 
 #[test]
@@ -73,7 +115,10 @@ fn missing_or_corrupt_config_is_named() {
     std::fs::remove_file(model.join("config.json")).unwrap();
     let eval = || {
         let mut cmd = node();
-        cmd.args(["eval", "--model"]).arg(&model).arg("--data").arg(&data);
+        cmd.args(["eval", "--model"])
+            .arg(&model)
+            .arg("--data")
+            .arg(&data);
         cmd
     };
     assert_clear_error(&mut eval(), &["config.json", "not found"]);
@@ -90,7 +135,8 @@ fn unsupported_architecture_is_named() {
     let cfg = cfg.replace("\"model_type\": \"llama\"", "\"model_type\": \"gpt2\"");
     std::fs::write(model.join("config.json"), cfg).unwrap();
     let mut cmd = node();
-    cmd.args(["generate", "--prompt", "hi", "--model"]).arg(&model);
+    cmd.args(["generate", "--prompt", "hi", "--model"])
+        .arg(&model);
     assert_clear_error(&mut cmd, &["config.json", "unsupported model", "gpt2"]);
 }
 
@@ -106,10 +152,20 @@ fn missing_or_misshapen_tensor_is_named() {
     .unwrap();
     let eval = || {
         let mut cmd = node();
-        cmd.args(["eval", "--model"]).arg(&model).arg("--data").arg(default_asset("data/heldout.jsonl"));
+        cmd.args(["eval", "--model"])
+            .arg(&model)
+            .arg("--data")
+            .arg(default_asset("data/heldout.jsonl"));
         cmd
     };
-    assert_clear_error(&mut eval(), &["model.safetensors", "model.layers.1.mlp.up_proj.weight", "missing"]);
+    assert_clear_error(
+        &mut eval(),
+        &[
+            "model.safetensors",
+            "model.layers.1.mlp.up_proj.weight",
+            "missing",
+        ],
+    );
 
     copy_dir(&fixture("gqa"), &model).unwrap();
     edit_safetensors(&weights, |h| {
@@ -117,10 +173,21 @@ fn missing_or_misshapen_tensor_is_named() {
         h["model.layers.0.self_attn.q_proj.weight"]["shape"] = serde_json::json!([16, 64]);
     })
     .unwrap();
-    assert_clear_error(&mut eval(), &["model.safetensors", "model.layers.0.self_attn.q_proj.weight", "[16, 64]", "[32, 32]"]);
+    assert_clear_error(
+        &mut eval(),
+        &[
+            "model.safetensors",
+            "model.layers.0.self_attn.q_proj.weight",
+            "[16, 64]",
+            "[32, 32]",
+        ],
+    );
 
     std::fs::write(&weights, b"not a safetensors file").unwrap();
-    assert_clear_error(&mut eval(), &["model.safetensors", "not a valid safetensors file"]);
+    assert_clear_error(
+        &mut eval(),
+        &["model.safetensors", "not a valid safetensors file"],
+    );
 }
 
 #[test]
@@ -133,7 +200,10 @@ fn malformed_data_line_is_named_with_its_number() {
     )
     .unwrap();
     let mut cmd = node();
-    cmd.args(["eval", "--model"]).arg(fixture("gqa")).arg("--data").arg(&data);
+    cmd.args(["eval", "--model"])
+        .arg(fixture("gqa"))
+        .arg("--data")
+        .arg(&data);
     assert_clear_error(&mut cmd, &["data.jsonl:3", "`output` must be a string"]);
 }
 
@@ -166,7 +236,15 @@ fn adapter_that_does_not_fit_is_named() {
 
     // Targets the model has, but the file holds no factors for.
     let mut cfg: Value = serde_json::from_str(&original).unwrap();
-    cfg["target_modules"] = serde_json::json!(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj"]);
+    cfg["target_modules"] =
+        serde_json::json!(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj"]);
     std::fs::write(&config_path, cfg.to_string()).unwrap();
-    assert_clear_error(&mut eval(), &["adapter_model.safetensors", "gate_proj.lora_A.weight", "missing"]);
+    assert_clear_error(
+        &mut eval(),
+        &[
+            "adapter_model.safetensors",
+            "gate_proj.lora_A.weight",
+            "missing",
+        ],
+    );
 }

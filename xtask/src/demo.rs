@@ -56,7 +56,9 @@ pub fn run(root: &Path, args: DemoArgs) -> Result<()> {
     // Greedy answers to every held-out instruction, one JSON line each.
     let answers = |adapter: Option<&Path>| -> Result<Vec<Value>> {
         let mut cmd = node("generate");
-        cmd.arg("--data").arg(&args.heldout).args(["--max-new-tokens", "12"]);
+        cmd.arg("--data")
+            .arg(&args.heldout)
+            .args(["--max-new-tokens", "12"]);
         if let Some(a) = adapter {
             cmd.arg("--adapter").arg(a);
         }
@@ -65,7 +67,12 @@ pub fn run(root: &Path, args: DemoArgs) -> Result<()> {
             .map(|l| Ok(serde_json::from_str(l)?))
             .collect()
     };
-    let exact = |answers: &[Value]| answers.iter().filter(|a| a["output"] == a["expected"]).count();
+    let exact = |answers: &[Value]| {
+        answers
+            .iter()
+            .filter(|a| a["output"] == a["expected"])
+            .count()
+    };
 
     println!("herd demo: LoRA fine-tuning of the embedded tiny LLaMA on its instruction task");
     println!("run folder: {}", run_dir.display());
@@ -79,15 +86,26 @@ pub fn run(root: &Path, args: DemoArgs) -> Result<()> {
         .arg(&args.heldout)
         .arg("--out")
         .arg(&adapter)
-        .args(["--steps", &args.steps.to_string(), "--lr", &args.lr.to_string()])
+        .args([
+            "--steps",
+            &args.steps.to_string(),
+            "--lr",
+            &args.lr.to_string(),
+        ])
         .args(["--batch-size", &args.batch_size.to_string(), "--json"]);
     let report: Value = serde_json::from_str(util::output(&mut train)?.trim())?;
     let after = eval(Some(&adapter))?;
     let said_after = answers(Some(&adapter))?;
 
-    let (loss0, loss1) = (before["loss"].as_f64().unwrap_or(f64::NAN), after["loss"].as_f64().unwrap_or(f64::NAN));
+    let (loss0, loss1) = (
+        before["loss"].as_f64().unwrap_or(f64::NAN),
+        after["loss"].as_f64().unwrap_or(f64::NAN),
+    );
     println!("held-out loss before: {loss0:.4}");
-    println!("held-out loss after:  {loss1:.4}  ({:.0}% lower)", 100.0 * (1.0 - loss1 / loss0));
+    println!(
+        "held-out loss after:  {loss1:.4}  ({:.0}% lower)",
+        100.0 * (1.0 - loss1 / loss0)
+    );
     let n = said_after.len();
     println!(
         "held-out answers exactly right: {}/{n} before, {}/{n} after",
@@ -95,9 +113,19 @@ pub fn run(root: &Path, args: DemoArgs) -> Result<()> {
         exact(&said_after)
     );
     for (b, a) in said_before.iter().zip(&said_after).take(6) {
-        println!("  {} [{}]", a["instruction"].as_str().unwrap_or_default(), a["input"].as_str().unwrap_or_default());
-        println!("      base model: {}", b["output"].as_str().unwrap_or_default());
-        println!("      fine-tuned: {}", a["output"].as_str().unwrap_or_default());
+        println!(
+            "  {} [{}]",
+            a["instruction"].as_str().unwrap_or_default(),
+            a["input"].as_str().unwrap_or_default()
+        );
+        println!(
+            "      base model: {}",
+            b["output"].as_str().unwrap_or_default()
+        );
+        println!(
+            "      fine-tuned: {}",
+            a["output"].as_str().unwrap_or_default()
+        );
     }
     let summary = json!({
         "mode": "local",

@@ -28,18 +28,32 @@ pub fn setup(root: &Path, cuda: bool) -> Result<PathBuf> {
     let dir = root.join(if cuda { ".libtorch-cuda" } else { ".libtorch" });
     let torch = dir.join("torch");
     if is_installed(&torch, cuda) {
-        eprintln!("xtask: libtorch {TORCH_VERSION} already in {}", dir.display());
+        eprintln!(
+            "xtask: libtorch {TORCH_VERSION} already in {}",
+            dir.display()
+        );
         return Ok(torch);
     }
-    let staging = root.join(if cuda { ".libtorch-cuda.partial" } else { ".libtorch.partial" });
+    let staging = root.join(if cuda {
+        ".libtorch-cuda.partial"
+    } else {
+        ".libtorch.partial"
+    });
     if staging.exists() {
         std::fs::remove_dir_all(&staging)?;
     }
     let python = find_python()?;
     let mut pip = Command::new(&python);
-    pip.args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--target"])
-        .arg(&staging)
-        .arg(format!("torch=={TORCH_VERSION}"));
+    pip.args([
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+        "--target",
+    ])
+    .arg(&staging)
+    .arg(format!("torch=={TORCH_VERSION}"));
     if cuda {
         eprintln!("xtask: installing libtorch {TORCH_VERSION} with CUDA from PyPI (~2.7 GB)");
     } else {
@@ -56,7 +70,10 @@ pub fn setup(root: &Path, cuda: bool) -> Result<PathBuf> {
         }
     }
     // torch-sys checks this file's version when LIBTORCH points at a non-standard layout.
-    std::fs::write(staging.join("torch/build-version"), format!("{TORCH_VERSION}\n"))?;
+    std::fs::write(
+        staging.join("torch/build-version"),
+        format!("{TORCH_VERSION}\n"),
+    )?;
     if dir.exists() {
         std::fs::remove_dir_all(&dir)?;
         // A different libtorch under the same path: torch-sys must rebuild against it.
@@ -66,7 +83,10 @@ pub fn setup(root: &Path, cuda: bool) -> Result<PathBuf> {
     if !is_installed(&torch, cuda) {
         bail!("libtorch install in {} is incomplete", dir.display());
     }
-    eprintln!("xtask: libtorch {TORCH_VERSION} installed in {}", dir.display());
+    eprintln!(
+        "xtask: libtorch {TORCH_VERSION} installed in {}",
+        dir.display()
+    );
     Ok(torch)
 }
 

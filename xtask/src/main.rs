@@ -45,16 +45,14 @@ fn main() -> Result<()> {
         Task::MakeDefault { steps } => {
             libtorch::setup(&root, false)?;
             util::cargo(&["build", "-p", "herd-node"])?;
-            util::run(
-                util::bin(&root, "herd-node").arg("make-default").args([
-                    "--out",
-                    "model/default",
-                    "--threads",
-                    "1",
-                    "--steps",
-                    &steps.to_string(),
-                ]),
-            )
+            util::run(util::bin(&root, "herd-node").arg("make-default").args([
+                "--out",
+                "model/default",
+                "--threads",
+                "1",
+                "--steps",
+                &steps.to_string(),
+            ]))
         }
     }
 }
@@ -62,7 +60,14 @@ fn main() -> Result<()> {
 fn test(root: &std::path::Path) -> Result<()> {
     libtorch::setup(root, false)?;
     util::cargo(&["fmt", "--all", "--check"])?;
-    util::cargo(&["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])?;
+    util::cargo(&[
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ])?;
     // The integration tests in tests/ start the real binaries; build them first.
     util::cargo(&["build", "--workspace", "--bins"])?;
     util::cargo(&["test", "--workspace"])?;

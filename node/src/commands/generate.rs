@@ -4,10 +4,10 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::ValueEnum;
-use serde_json::json;
 use herd_model::data::{Record, alpaca_prompt, read_records};
 use herd_model::generate::generate_greedy;
 use herd_model::peft::load_adapter;
+use serde_json::json;
 
 use super::{ComputeArgs, load_model};
 
@@ -59,7 +59,12 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     };
     if let Some(path) = &args.data {
         for record in read_records(path)? {
-            let Record::Alpaca { instruction, input, output } = record else {
+            let Record::Alpaca {
+                instruction,
+                input,
+                output,
+            } = record
+            else {
                 anyhow::bail!("{}: --data needs Alpaca records", path.display());
             };
             let said = complete(&alpaca_prompt(&instruction, &input))?;

@@ -48,12 +48,26 @@ pub fn run(args: MakeDefaultArgs) -> Result<()> {
     write_jsonl(&data.join("train.jsonl"), &world.train)?;
     write_jsonl(&data.join("heldout.jsonl"), &world.heldout)?;
     let vocab = vocabulary(&world);
-    std::fs::write(base.join("tokenizer.json"), serde_json::to_string_pretty(&tokenizer_json(&vocab))?)?;
+    std::fs::write(
+        base.join("tokenizer.json"),
+        serde_json::to_string_pretty(&tokenizer_json(&vocab))?,
+    )?;
     let cfg = model_config(vocab.len() as i64);
 
     let tokenizer = TextTokenizer::from_dir(&base)?;
-    let corpus = Dataset::load(&args.out.join("corpus.jsonl"), &tokenizer, 128, cfg.eos_id(), cfg.vocab_size)?;
-    let model = Llama::new(cfg, tch::Device::Cpu, WeightInit::Random { std: 0.02 }, true)?;
+    let corpus = Dataset::load(
+        &args.out.join("corpus.jsonl"),
+        &tokenizer,
+        128,
+        cfg.eos_id(),
+        cfg.vocab_size,
+    )?;
+    let model = Llama::new(
+        cfg,
+        tch::Device::Cpu,
+        WeightInit::Random { std: 0.02 },
+        true,
+    )?;
     let train_cfg = TrainConfig {
         steps: args.steps,
         batch_size: 32,
@@ -66,16 +80,29 @@ pub fn run(args: MakeDefaultArgs) -> Result<()> {
     };
     let mut progress = StepProgress::new(train_cfg.steps, "pretrain");
     let indices: Vec<usize> = (0..corpus.len()).collect();
-    let report = pretrain(&model, &corpus, &indices, &train_cfg, |s| progress.step(s.step, s.loss, s.tokens))?;
+    let report = pretrain(&model, &corpus, &indices, &train_cfg, |s| {
+        progress.step(s.step, s.loss, s.tokens)
+    })?;
     progress.finish();
     model.save(&base)?;
 
-    let heldout = Dataset::load(&data.join("heldout.jsonl"), &tokenizer, 128, model.config().eos_id(), model.config().vocab_size)?;
+    let heldout = Dataset::load(
+        &data.join("heldout.jsonl"),
+        &tokenizer,
+        128,
+        model.config().eos_id(),
+        model.config().vocab_size,
+    )?;
     let ex: Vec<_> = heldout.examples.iter().collect();
     let heldout_loss = evaluate(&model, None, &ex, 32)?.loss;
     println!(
         "pretrained {} params: corpus loss {:.4} -> {:.4}; held-out instruction loss of the base {:.4}; vocab {}; {} corpus lines, {} train / {} held-out instructions; written to {}",
-        model.var_store().variables().values().map(|t| t.numel()).sum::<usize>(),
+        model
+            .var_store()
+            .variables()
+            .values()
+            .map(|t| t.numel())
+            .sum::<usize>(),
         report.loss_before,
         report.loss_after,
         heldout_loss,
@@ -110,7 +137,11 @@ fn vocabulary(world: &World) -> Vec<String> {
         add(&alpaca_prompt(&field("instruction"), ""));
         add(&field("output"));
     }
-    SPECIALS.iter().map(|s| s.to_string()).chain(words).collect()
+    SPECIALS
+        .iter()
+        .map(|s| s.to_string())
+        .chain(words)
+        .collect()
 }
 
 /// A HF `tokenizer.json`: word-level model, `Whitespace` pre-tokenizer, `<s>` prepended.

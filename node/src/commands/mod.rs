@@ -54,5 +54,11 @@ pub fn load_data(loaded: &Loaded, path: &Path, max_len: Option<usize>) -> Result
     let cfg = loaded.model.config();
     let context = cfg.max_position_embeddings as usize;
     let max_len = max_len.unwrap_or(context).min(context);
-    Ok(Dataset::load(path, &loaded.tokenizer, max_len, cfg.eos_id(), cfg.vocab_size)?)
+    Ok(Dataset::load(
+        path,
+        &loaded.tokenizer,
+        max_len,
+        cfg.eos_id(),
+        cfg.vocab_size,
+    )?)
 }
