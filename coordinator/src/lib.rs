@@ -1,5 +1,19 @@
-//! herd's coordinator: round state machine, verification, aggregation, storage, HTTP and
-//! dashboard. It arrives with the walking-network issue; today the crate only fixes its place
-//! in the dependency graph (`protocol ← model ← coordinator`) so the workspace has its final shape.
+//! herd's coordinator: it splits a run into rounds and shards, leases shards to contributor
+//! nodes over libp2p, checks and averages their LoRA deltas, and publishes checkpoints.
+//!
+//! # Layout
+//! - [`round`]: the pure round state machine (events + time in, actions out).
+//! - [`server`]: the I/O shell around it (libp2p, HTTP, blobs, the engine).
+//! - [`engine`]: model, global adapter, outer optimizer, evaluation (tch, off the runtime).
+//! - [`aggregate`]: token-weighted mean and DiLoCo's outer Nesterov step.
+//! - [`blobs`]: content-addressed blob store; [`http`]: the HTTP API; [`status`]: what it shows.
+//! - [`config`]: `run.toml`.
 
-pub use herd_protocol::ContentId;
+pub mod aggregate;
+pub mod blobs;
+pub mod config;
+pub mod engine;
+pub mod http;
+pub mod round;
+pub mod server;
+pub mod status;

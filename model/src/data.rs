@@ -215,12 +215,8 @@ impl Dataset {
     }
 }
 
-/// A half-open range `[start, end)` of example indices: the unit shards are made of.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SampleRange {
-    pub start: u64,
-    pub end: u64,
-}
+/// A half-open range of example indices: the unit shards are made of (defined by the protocol).
+pub use herd_protocol::SampleRange;
 
 /// The example indices covered by `ranges`, checked against a data set of `len` examples.
 pub fn indices_of(ranges: &[SampleRange], len: usize) -> Result<Vec<usize>> {

@@ -76,6 +76,17 @@ impl ModelError {
         }
     }
 
+    /// Names `path` in an error that was raised without one.
+    pub(crate) fn with_path(self, path: &std::path::Path) -> Self {
+        match self {
+            ModelError::Safetensors { problem, .. } => ModelError::Safetensors {
+                path: path.to_path_buf(),
+                problem,
+            },
+            other => other,
+        }
+    }
+
     pub(crate) fn invalid(path: impl Into<PathBuf>, problem: impl Into<String>) -> Self {
         ModelError::Invalid {
             path: path.into(),

@@ -12,6 +12,7 @@
 
 pub mod config;
 pub mod data;
+pub mod delta;
 pub mod device;
 pub mod error;
 pub mod eval;

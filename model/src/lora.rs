@@ -257,6 +257,32 @@ impl Lora {
         Ok(())
     }
 
+    /// The factors training changes (B, and A when `train_a`), in [`Lora::named_factors`] order:
+    /// what a delta carries.
+    pub fn trainable_factors(&self) -> Vec<(String, Tensor)> {
+        self.named_factors()
+            .into_iter()
+            .filter(|(name, _)| self.cfg.train_a || name.contains(".lora_B."))
+            .collect()
+    }
+
+    /// Adds `delta` to the factor `name` in place (no autograd): how updates are applied.
+    pub fn add_to_factor(&self, name: &str, delta: &Tensor) -> Result<()> {
+        let Some((_, mut factor)) = self.named_factors().into_iter().find(|(n, _)| n == name) else {
+            return Err(ModelError::Argument(format!("no LoRA factor `{name}`")));
+        };
+        if factor.size() != delta.size() {
+            return Err(ModelError::Argument(format!(
+                "update of `{name}` has shape {:?}, the factor {:?}",
+                delta.size(),
+                factor.size()
+            )));
+        }
+        let _guard = tch::no_grad_guard();
+        let _ = factor.f_add_(&delta.f_to_device(factor.device())?.f_to_kind(Kind::Float)?)?;
+        Ok(())
+    }
+
     /// A deep copy of every factor (for "before" snapshots and deltas).
     pub fn snapshot(&self) -> Result<Vec<(String, Tensor)>> {
         self.named_factors()

@@ -11,7 +11,7 @@ use tch::Device;
 use crate::config::LlamaConfig;
 use crate::error::{ModelError, Result};
 use crate::lora::{Lora, LoraConfig, Target};
-use crate::safetensors_io::{SafetensorsFiles, write_atomic, write_safetensors};
+use crate::safetensors_io::{SafetensorsFiles, serialize_safetensors, write_atomic};
 
 /// Prefix PEFT puts before the base model's own parameter names.
 pub const PEFT_PREFIX: &str = "base_model.model.";
@@ -92,19 +92,8 @@ pub fn save_adapter(dir: &Path, lora: &Lora, base_model: Option<&str>) -> Result
         map.retain(|_, v| !v.is_null());
     }
     let text = serde_json::to_string_pretty(&json).expect("adapter config serialises");
-    let tensors: Vec<_> = lora
-        .named_factors()
-        .into_iter()
-        .map(|(name, t)| (format!("{PEFT_PREFIX}{name}"), t.detach()))
-        .collect();
-    write_safetensors(
-        &dir.join(ADAPTER_WEIGHTS),
-        &tensors,
-        &[
-            (META_TRAIN_A, cfg.train_a.to_string()),
-            (META_INIT_SEED, cfg.init_seed.to_string()),
-        ],
-    )?;
+    let weights_path = dir.join(ADAPTER_WEIGHTS);
+    write_atomic(&weights_path, &adapter_weights_bytes(lora).map_err(|e| e.with_path(&weights_path))?)?;
     write_atomic(&dir.join(ADAPTER_CONFIG), text.as_bytes())
 }
 
@@ -198,8 +187,7 @@ pub fn load_adapter(dir: &Path, model: &LlamaConfig, device: Device) -> Result<L
             hint: hint.into(),
         });
     }
-    let files = SafetensorsFiles::open(std::slice::from_ref(&weights_path))?;
-    let meta = files.metadata()?;
+    let meta = SafetensorsFiles::open(std::slice::from_ref(&weights_path))?.metadata()?;
     let lora_cfg = LoraConfig {
         rank: cfg.r,
         alpha: cfg.lora_alpha,
@@ -212,6 +200,16 @@ pub fn load_adapter(dir: &Path, model: &LlamaConfig, device: Device) -> Result<L
             .unwrap_or(0),
     };
     let mut lora = Lora::new(model, lora_cfg, device)?;
+    load_adapter_weights(&mut lora, &weights_path, model.num_hidden_layers)?;
+    Ok(lora)
+}
+
+/// Fills `lora`'s factors from an `adapter_model.safetensors` file (PEFT keys), which must hold
+/// exactly this adapter's factors with matching shapes.
+pub fn load_adapter_weights(lora: &mut Lora, weights_path: &Path, layers: i64) -> Result<()> {
+    let files = SafetensorsFiles::open(&[weights_path.to_path_buf()])?;
+    let names: Vec<&str> = lora.config().targets.iter().map(|t| t.name()).collect();
+    let weights_path = weights_path.to_path_buf();
     let expected: std::collections::HashSet<String> = lora
         .named_factors()
         .into_iter()
@@ -223,13 +221,12 @@ pub fn load_adapter(dir: &Path, model: &LlamaConfig, device: Device) -> Result<L
         return Err(ModelError::AdapterMismatch {
             path: weights_path,
             problem: format!(
-                "tensor `{first}` (and {} more) is not a LoRA factor of this model's {} layers and targets {names:?}",
+                "tensor `{first}` (and {} more) is not a LoRA factor of this model's {layers} layers and targets {names:?}",
                 unexpected.len() - 1,
-                model.num_hidden_layers
             ),
         });
     }
-    let rank = cfg.r;
+    let rank = lora.config().rank;
     lora.load_factors(|name, shape| {
         files
             .tensor(&format!("{PEFT_PREFIX}{name}"), Some(shape))
@@ -242,6 +239,22 @@ pub fn load_adapter(dir: &Path, model: &LlamaConfig, device: Device) -> Result<L
                 },
                 other => other,
             })
-    })?;
-    Ok(lora)
+    })
+}
+
+/// The `adapter_model.safetensors` bytes of `lora` (what [`save_adapter`] writes).
+pub fn adapter_weights_bytes(lora: &Lora) -> Result<Vec<u8>> {
+    let cfg = lora.config();
+    let tensors: Vec<_> = lora
+        .named_factors()
+        .into_iter()
+        .map(|(name, t)| (format!("{PEFT_PREFIX}{name}"), t.detach()))
+        .collect();
+    serialize_safetensors(
+        &tensors,
+        &[
+            (META_TRAIN_A, cfg.train_a.to_string()),
+            (META_INIT_SEED, cfg.init_seed.to_string()),
+        ],
+    )
 }

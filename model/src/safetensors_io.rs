@@ -220,6 +220,16 @@ pub fn write_safetensors(
     tensors: &[(String, Tensor)],
     extra_metadata: &[(&str, String)],
 ) -> Result<()> {
+    let bytes = serialize_safetensors(tensors, extra_metadata)
+        .map_err(|e| e.with_path(path))?;
+    write_atomic(path, &bytes)
+}
+
+/// The bytes of a safetensors file holding `tensors`; equal tensors always give equal bytes.
+pub fn serialize_safetensors(
+    tensors: &[(String, Tensor)],
+    extra_metadata: &[(&str, String)],
+) -> Result<Vec<u8>> {
     let views = tensors
         .iter()
         .map(|(name, t)| Ok((name.clone(), owned_view(name, t)?)))
@@ -231,10 +241,10 @@ pub fn write_safetensors(
     }
     let bytes = safetensors::serialize(views.iter().map(|(n, v)| (n.as_str(), v)), Some(metadata))
         .map_err(|e| ModelError::Safetensors {
-            path: path.to_path_buf(),
+            path: PathBuf::new(),
             problem: e.to_string(),
         })?;
-    write_atomic(path, &canonical_header(bytes))
+    Ok(canonical_header(bytes))
 }
 
 /// The same file with its JSON header's keys sorted. The metadata arrives as a `HashMap`, whose

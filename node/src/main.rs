@@ -2,6 +2,7 @@
 //! (`eval`, `train-local`, `generate`, `merge`). See INTERFACES.md for the exact surface.
 
 mod commands;
+mod daemon;
 mod default_world;
 mod progress;
 
@@ -36,6 +37,8 @@ enum Command {
     Generate(commands::generate::GenerateArgs),
     /// Fold an adapter into its base model, writing a model dir transformers loads.
     Merge(commands::merge::MergeArgs),
+    /// Join a coordinator and contribute training until the run ends (or Ctrl-C).
+    Run(daemon::RunArgs),
     /// Rebuild the embedded default (tiny base model + instruction data). Used by `cargo xtask make-default`.
     #[command(hide = true)]
     MakeDefault(commands::make_default::MakeDefaultArgs),
@@ -49,6 +52,7 @@ fn main() -> ExitCode {
         Command::TrainLocal(args) => commands::train_local::run(args),
         Command::Generate(args) => commands::generate::run(args),
         Command::Merge(args) => commands::merge::run(args),
+        Command::Run(args) => daemon::run(args),
         Command::MakeDefault(args) => commands::make_default::run(args),
     };
     match result {

@@ -1,71 +1,20 @@
-//! herd's wire protocol: the ids and content hashes that nodes and the coordinator agree on.
-//! Pure data, no I/O and no tch, so every decoder here can be fuzzed on its own.
+//! herd's wire protocol: what nodes and the coordinator say to each other, and how.
 //!
-//! Today it holds [`ContentId`], the blake3 name of a blob (base model file, tokenizer, data
-//! shard, adapter). Messages, signatures, the delta codec and the libp2p behaviour follow with
-//! the network (see the walking-network issue).
+//! # Layout
+//! - [`ids`]: content ids (blake3), rounds, shards, leases, sample ranges.
+//! - [`messages`]: versioned requests and responses, with their size caps.
+//! - [`delta`]: the payload of a submission (a LoRA update) and its checked decoding.
+//! - [`signing`]: the canonical bytes a submission signature covers.
+//! - [`framing`]: length-prefixed bincode with caps checked before allocating.
+//! - [`net`]: the libp2p behaviour both sides run.
+//!
+//! Everything but `net` is pure data: no I/O, no tch, so each decoder can be fuzzed alone.
 
-use std::fmt;
-use std::str::FromStr;
+pub mod delta;
+pub mod framing;
+pub mod ids;
+pub mod messages;
+pub mod net;
+pub mod signing;
 
-use serde::{Deserialize, Serialize};
-
-/// The blake3 hash of a blob's bytes: what blobs are requested, cached and verified by.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-pub struct ContentId(pub [u8; 32]);
-
-impl ContentId {
-    /// The id of `bytes`.
-    pub fn of(bytes: &[u8]) -> Self {
-        ContentId(*blake3::hash(bytes).as_bytes())
-    }
-
-    /// Lower-case hex, as used in file names, ETags and logs.
-    pub fn to_hex(&self) -> String {
-        blake3::Hash::from_bytes(self.0).to_hex().to_string()
-    }
-}
-
-impl fmt::Debug for ContentId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "ContentId({})", &self.to_hex()[..16])
-    }
-}
-
-impl fmt::Display for ContentId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.to_hex())
-    }
-}
-
-/// A string that is not 64 hex digits.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("not a blake3 content id (64 hex digits): {0:?}")]
-pub struct ParseContentIdError(String);
-
-impl FromStr for ContentId {
-    type Err = ParseContentIdError;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        blake3::Hash::from_hex(s)
-            .map(|h| ContentId(*h.as_bytes()))
-            .map_err(|_| ParseContentIdError(s.chars().take(80).collect()))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn hex_round_trip_and_rejects_garbage() {
-        let id = ContentId::of(b"herd");
-        assert_eq!(id.to_hex().len(), 64);
-        assert_eq!(id.to_hex().parse::<ContentId>().unwrap(), id);
-        assert_ne!(ContentId::of(b"herd!"), id);
-        assert!("xyz".parse::<ContentId>().is_err());
-        assert!(id.to_hex()[..63].parse::<ContentId>().is_err());
-        let json = serde_json::to_string(&id).unwrap();
-        assert_eq!(serde_json::from_str::<ContentId>(&json).unwrap(), id);
-    }
-}
+pub use ids::{ContentId, LeaseId, ParseContentIdError, Round, SampleRange, ShardId};

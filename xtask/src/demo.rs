@@ -1,12 +1,16 @@
-//! `cargo xtask demo`: the main job on the embedded default. Until the network exists this is
-//! local LoRA fine-tuning through the real `herd-node` binary: held-out loss before and after,
-//! a sample generation before and after, and `summary.json` in a run folder.
+//! `cargo xtask demo`: the main job on the embedded default, as a network. A coordinator and
+//! three `herd-node` daemons run as separate processes on 127.0.0.1 and fine-tune the embedded
+//! tiny LLaMA together; the coordinator prints the held-out loss after every round. Logs go to
+//! the run folder, and the run ends with `summary: <path>`.
 
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::process::{Child, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use anyhow::Result;
-use serde_json::{Value, json};
+use anyhow::{Context, Result, bail};
+use serde_json::Value;
 
 use crate::{libtorch, util};
 
@@ -21,12 +25,16 @@ pub struct DemoArgs {
     /// Held-out data.
     #[arg(long, default_value = "model/default/data/heldout.jsonl")]
     heldout: PathBuf,
-    #[arg(long, default_value_t = 600)]
-    steps: usize,
-    #[arg(long, default_value_t = 16)]
-    batch_size: usize,
-    #[arg(long, default_value_t = 3e-3)]
-    lr: f64,
+    #[arg(long, default_value_t = 10)]
+    rounds: u64,
+    #[arg(long, default_value_t = 3)]
+    nodes: u32,
+    /// Inner steps per shard (H).
+    #[arg(long, default_value_t = 40)]
+    inner_steps: u32,
+    /// Keep the coordinator serving (HTTP, dashboard) after the last round, until Ctrl-C.
+    #[arg(long)]
+    serve: bool,
     /// Where run folders go.
     #[arg(long, default_value = "runs")]
     runs: PathBuf,
@@ -34,111 +42,181 @@ pub struct DemoArgs {
 
 pub fn run(root: &Path, args: DemoArgs) -> Result<()> {
     libtorch::setup(root, false)?;
-    util::cargo(&["build", "-p", "herd-node"])?;
+    util::cargo(&["build", "-p", "herd-node", "-p", "herd-coordinator"])?;
     let started = Instant::now();
     let stamp = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
     let run_dir = root.join(&args.runs).join(format!("demo-{stamp}"));
-    std::fs::create_dir_all(&run_dir)?;
-    let adapter = run_dir.join("adapter");
-    let node = |sub: &str| {
-        let mut cmd = util::bin(root, "herd-node");
-        cmd.arg(sub).arg("--model").arg(&args.model);
-        cmd
-    };
-    let eval = |adapter: Option<&Path>| -> Result<Value> {
-        let mut cmd = node("eval");
-        cmd.arg("--data").arg(&args.heldout).arg("--json");
-        if let Some(a) = adapter {
-            cmd.arg("--adapter").arg(a);
-        }
-        Ok(serde_json::from_str(util::output(&mut cmd)?.trim())?)
-    };
-    // Greedy answers to every held-out instruction, one JSON line each.
-    let answers = |adapter: Option<&Path>| -> Result<Vec<Value>> {
-        let mut cmd = node("generate");
-        cmd.arg("--data")
-            .arg(&args.heldout)
-            .args(["--max-new-tokens", "12"]);
-        if let Some(a) = adapter {
-            cmd.arg("--adapter").arg(a);
-        }
-        util::output(&mut cmd)?
-            .lines()
-            .map(|l| Ok(serde_json::from_str(l)?))
-            .collect()
-    };
-    let exact = |answers: &[Value]| {
-        answers
-            .iter()
-            .filter(|a| a["output"] == a["expected"])
-            .count()
-    };
+    let logs = run_dir.join("logs");
+    std::fs::create_dir_all(&logs)?;
+    let abs = |p: &Path| root.join(p);
+    let config = run_dir.join("run.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"# Written by `cargo xtask demo`.
+run = "demo"
+base_model = {model:?}
+data = {data:?}
+heldout = {heldout:?}
+data_dir = "coordinator"
+listen = ["/ip4/127.0.0.1/tcp/0", "/ip4/127.0.0.1/udp/0/quic-v1"]
+http = "127.0.0.1:0"
+rounds = {rounds}
+serve_after_finish = {serve}
 
-    println!("herd demo: LoRA fine-tuning of the embedded tiny LLaMA on its instruction task");
+[round]
+shards = {shards}
+inner_steps = {steps}
+lr = 3e-3
+batch_size = 16
+max_seq_len = 128
+lease_secs = 60
+outer_lr = 0.7
+outer_momentum = 0.9
+checkpoint_every = 5
+"#,
+            model = abs(&args.model),
+            data = abs(&args.data),
+            heldout = abs(&args.heldout),
+            rounds = args.rounds,
+            serve = args.serve,
+            shards = args.nodes,
+            steps = args.inner_steps,
+        ),
+    )?;
+    println!("herd demo: a coordinator and {} nodes on 127.0.0.1 fine-tune the embedded tiny LLaMA", args.nodes);
     println!("run folder: {}", run_dir.display());
-    let before = eval(None)?;
-    let said_before = answers(None)?;
-    let mut train = node("train-local");
-    train
-        .arg("--data")
-        .arg(&args.data)
-        .arg("--heldout")
-        .arg(&args.heldout)
-        .arg("--out")
-        .arg(&adapter)
-        .args([
-            "--steps",
-            &args.steps.to_string(),
-            "--lr",
-            &args.lr.to_string(),
-        ])
-        .args(["--batch-size", &args.batch_size.to_string(), "--json"]);
-    let report: Value = serde_json::from_str(util::output(&mut train)?.trim())?;
-    let after = eval(Some(&adapter))?;
-    let said_after = answers(Some(&adapter))?;
 
-    let (loss0, loss1) = (
-        before["loss"].as_f64().unwrap_or(f64::NAN),
-        after["loss"].as_f64().unwrap_or(f64::NAN),
-    );
-    println!("held-out loss before: {loss0:.4}");
-    println!(
-        "held-out loss after:  {loss1:.4}  ({:.0}% lower)",
-        100.0 * (1.0 - loss1 / loss0)
-    );
-    let n = said_after.len();
-    println!(
-        "held-out answers exactly right: {}/{n} before, {}/{n} after",
-        exact(&said_before),
-        exact(&said_after)
-    );
-    for (b, a) in said_before.iter().zip(&said_after).take(6) {
-        println!(
-            "  {} [{}]",
-            a["instruction"].as_str().unwrap_or_default(),
-            a["input"].as_str().unwrap_or_default()
-        );
-        println!(
-            "      base model: {}",
-            b["output"].as_str().unwrap_or_default()
-        );
-        println!(
-            "      fine-tuned: {}",
-            a["output"].as_str().unwrap_or_default()
-        );
+    let mut coordinator = util::bin(root, "herd-coordinator");
+    coordinator
+        .args(["serve", "--config"])
+        .arg(&config)
+        .stdout(Stdio::piped())
+        .stderr(log_file(&logs, "coordinator.log")?);
+    let mut coordinator = Children(vec![coordinator.spawn().context("starting herd-coordinator")?]);
+    let lines = forward_lines(coordinator.0[0].stdout.take().expect("piped"));
+    let (addr, http) = wait_for_addresses(&lines, &mut coordinator.0[0])?;
+    println!("http: {http}");
+    let mut nodes = Children(Vec::new());
+    for i in 0..args.nodes {
+        let mut node = util::bin(root, "herd-node");
+        node.args(["run", "--threads", "1", "--coordinator", &addr, "--data-dir"])
+            .arg(run_dir.join(format!("node-{i}")))
+            .stdout(log_file(&logs, &format!("node-{i}.log"))?)
+            .stderr(log_file(&logs, &format!("node-{i}.log"))?);
+        nodes.0.push(node.spawn().context("starting herd-node")?);
     }
-    let summary = json!({
-        "mode": "local",
-        "heldout_loss": [loss0, loss1],
-        "base_model": args.model.canonicalize().unwrap_or(args.model.clone()),
-        "final_adapter": adapter,
-        "train": report,
-        "heldout_exact": [exact(&said_before), exact(&said_after)],
-        "heldout_answers": {"before": said_before, "after": said_after},
-        "seconds": started.elapsed().as_secs_f64(),
-    });
-    let path = run_dir.join("summary.json");
-    std::fs::write(&path, serde_json::to_string_pretty(&summary)?)?;
-    println!("summary: {}", path.display());
+    let mut summary_path = None;
+    for line in lines.iter() {
+        println!("  {line}");
+        if let Some(p) = line.strip_prefix("summary: ") {
+            summary_path = Some(PathBuf::from(p));
+        }
+    }
+    let status = coordinator.0[0].wait()?;
+    if !status.success() {
+        bail!("the coordinator failed ({status}); see {}", logs.join("coordinator.log").display());
+    }
+    nodes.stop(Duration::from_secs(10));
+    let summary_path = summary_path.context("the coordinator printed no summary")?;
+    let summary: Value = serde_json::from_str(&std::fs::read_to_string(&summary_path)?)?;
+    report(root, &args, &summary)?;
+    println!("took {:.0} s", started.elapsed().as_secs_f64());
+    println!("summary: {}", summary_path.display());
     Ok(())
 }
+
+/// Prints the before/after figures and the fine-tuned model's answers to held-out instructions.
+fn report(root: &Path, args: &DemoArgs, summary: &Value) -> Result<()> {
+    let losses: Vec<f64> = summary["heldout_loss"].as_array().into_iter().flatten().filter_map(Value::as_f64).collect();
+    if let (Some(first), Some(last)) = (losses.first(), losses.last()) {
+        println!("held-out loss: {first:.4} before, {last:.4} after {} rounds ({:.0}% lower)", losses.len() - 1, 100.0 * (1.0 - last / first));
+    }
+    let up = summary["bytes_uploaded"].as_u64().unwrap_or(0);
+    let dense = summary["bytes_dense_fp32"].as_u64().unwrap_or(0);
+    println!("uploaded {} KiB of deltas ({} KiB as dense fp32)", up / 1024, dense / 1024);
+    let Some(adapter) = summary["final_adapter"].as_str() else { return Ok(()) };
+    let mut generate = util::bin(root, "herd-node");
+    generate.args(["generate", "--max-new-tokens", "12", "--model"]).arg(root.join(&args.model)).arg("--adapter").arg(adapter).arg("--data").arg(root.join(&args.heldout));
+    let answers: Vec<Value> = util::output(&mut generate)?.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    let right = answers.iter().filter(|a| a["output"] == a["expected"]).count();
+    println!("held-out instructions answered exactly: {right}/{}", answers.len());
+    for a in answers.iter().take(4) {
+        println!("  {} [{}] -> {}", a["instruction"].as_str().unwrap_or(""), a["input"].as_str().unwrap_or(""), a["output"].as_str().unwrap_or(""));
+    }
+    Ok(())
+}
+
+fn log_file(dir: &Path, name: &str) -> Result<Stdio> {
+    let file = std::fs::OpenOptions::new().create(true).append(true).open(dir.join(name))?;
+    Ok(Stdio::from(file))
+}
+
+/// Lines of a child's stdout, read on a thread.
+fn forward_lines(out: std::process::ChildStdout) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// Waits (bounded) for the coordinator's TCP multiaddr and HTTP URL lines, echoing what it prints.
+fn wait_for_addresses(lines: &mpsc::Receiver<String>, child: &mut Child) -> Result<(String, String)> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let (mut addr, mut http) = (None, None);
+    while addr.is_none() || http.is_none() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = match lines.recv_timeout(left) {
+            Ok(line) => line,
+            Err(_) => {
+                let _ = child.kill();
+                bail!("the coordinator did not start listening within 120 s");
+            }
+        };
+        if let Some(a) = line.strip_prefix("listening: ") {
+            if a.contains("/tcp/") && addr.is_none() {
+                addr = Some(a.to_string());
+            }
+        } else if let Some(u) = line.strip_prefix("http: ") {
+            http = Some(u.to_string());
+        } else {
+            println!("  {line}");
+        }
+    }
+    Ok((addr.expect("loop condition"), http.expect("loop condition")))
+}
+
+/// Child processes that are killed if still running when dropped.
+struct Children(Vec<Child>);
+
+impl Children {
+    /// Waits up to `grace` for the children to exit, then kills the rest.
+    fn stop(&mut self, grace: Duration) {
+        let deadline = Instant::now() + grace;
+        for child in &mut self.0 {
+            while Instant::now() < deadline {
+                if matches!(child.try_wait(), Ok(Some(_))) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+

@@ -1,0 +1,149 @@
+//! `run.toml`: what an operator sets for a run. Relative paths are relative to the file.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use serde::Deserialize;
+
+/// A whole run.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    /// Run name; nodes' submissions must name it.
+    pub run: String,
+    /// Base model dir (HF layout, single `model.safetensors`).
+    pub base_model: PathBuf,
+    /// Training data (JSONL or JSON array), served to nodes as one blob.
+    pub data: PathBuf,
+    /// Held-out data, evaluated after every round.
+    pub heldout: PathBuf,
+    /// Where state, blobs and checkpoints go.
+    pub data_dir: PathBuf,
+    /// libp2p listen addresses.
+    #[serde(default = "default_listen")]
+    pub listen: Vec<String>,
+    /// HTTP listen address (`host:port`; port 0 picks one).
+    #[serde(default = "default_http")]
+    pub http: String,
+    pub rounds: u64,
+    #[serde(default)]
+    pub seed: u64,
+    /// Keep serving HTTP and blobs after the last round, until Ctrl-C.
+    #[serde(default)]
+    pub serve_after_finish: bool,
+    #[serde(default)]
+    pub lora: LoraSection,
+    #[serde(default)]
+    pub round: RoundSection,
+}
+
+/// The adapter every node trains.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoraSection {
+    pub rank: i64,
+    pub alpha: f64,
+    pub targets: Vec<String>,
+    /// Off by default: a frozen A keeps averaging exact.
+    pub train_a: bool,
+}
+
+impl Default for LoraSection {
+    fn default() -> Self {
+        LoraSection {
+            rank: 8,
+            alpha: 16.0,
+            targets: ["q_proj", "k_proj", "v_proj", "o_proj"].map(String::from).to_vec(),
+            train_a: false,
+        }
+    }
+}
+
+/// How rounds are cut and trained.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoundSection {
+    pub shards: u32,
+    /// Accepted shards that close a round (default: all).
+    pub quorum: Option<u32>,
+    /// Examples per shard (default: the data split evenly over the shards).
+    pub samples_per_shard: Option<u64>,
+    /// Inner AdamW steps per shard (H).
+    pub inner_steps: u32,
+    pub lr: f64,
+    pub batch_size: u32,
+    pub max_seq_len: u32,
+    pub lease_secs: f64,
+    /// Outer Nesterov step (DiLoCo defaults 0.7 / 0.9).
+    pub outer_lr: f64,
+    pub outer_momentum: f64,
+    /// Publish a checkpoint every k rounds (and after the last).
+    pub checkpoint_every: u64,
+}
+
+impl Default for RoundSection {
+    fn default() -> Self {
+        RoundSection {
+            shards: 3,
+            quorum: None,
+            samples_per_shard: None,
+            inner_steps: 50,
+            lr: 1e-3,
+            batch_size: 8,
+            max_seq_len: 512,
+            lease_secs: 300.0,
+            outer_lr: 0.7,
+            outer_momentum: 0.9,
+            checkpoint_every: 1,
+        }
+    }
+}
+
+fn default_listen() -> Vec<String> {
+    vec!["/ip4/0.0.0.0/tcp/4001".into(), "/ip4/0.0.0.0/udp/4001/quic-v1".into()]
+}
+
+fn default_http() -> String {
+    "127.0.0.1:8080".into()
+}
+
+impl RunConfig {
+    /// Reads `path`, resolves relative paths against its dir and checks the numbers.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let mut cfg: RunConfig = toml::from_str(&text).with_context(|| format!("{}: invalid run config", path.display()))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        for p in [&mut cfg.base_model, &mut cfg.data, &mut cfg.heldout, &mut cfg.data_dir] {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+        cfg.check().with_context(|| format!("{}: invalid run config", path.display()))?;
+        Ok(cfg)
+    }
+
+    fn check(&self) -> Result<()> {
+        let r = &self.round;
+        if r.shards == 0 || self.quorum() == 0 || self.quorum() > r.shards {
+            bail!("round.shards must be > 0 and round.quorum in 1..=shards");
+        }
+        if r.inner_steps == 0 || r.batch_size == 0 || r.max_seq_len < 2 || r.lease_secs <= 0.0 {
+            bail!("round.inner_steps, batch_size, lease_secs must be positive and max_seq_len >= 2");
+        }
+        if !(r.lr > 0.0 && r.outer_lr > 0.0 && (0.0..1.0).contains(&r.outer_momentum)) {
+            bail!("round.lr and outer_lr must be positive, outer_momentum in [0, 1)");
+        }
+        if self.run.is_empty() || self.run.len() > herd_protocol::messages::MAX_TEXT_BYTES {
+            bail!("run name must be 1..=256 bytes");
+        }
+        Ok(())
+    }
+
+    pub fn quorum(&self) -> u32 {
+        self.round.quorum.unwrap_or(self.round.shards)
+    }
+
+    pub fn checkpoint_every(&self) -> u64 {
+        self.round.checkpoint_every.max(1)
+    }
+}

@@ -1,0 +1,364 @@
+//! The round state machine: pure and deterministic. It gets events and the time, and returns
+//! actions; the I/O shell (`server`) does the networking, tensor work and storage around it.
+//! That keeps every rule about leases and rounds testable with thousands of simulated peers.
+//!
+//! A round has `shards` shards. A peer asking for work gets an exclusive lease on an open
+//! shard; the lease expires after `lease_ms` and the shard is reissued. The round closes when
+//! `quorum` shards are accepted; then the shell aggregates and reports back, and the next
+//! round opens.
+
+use std::collections::{BTreeMap, HashMap};
+
+use herd_protocol::messages::{RejectReason, Verdict};
+use herd_protocol::{ContentId, LeaseId, Round, SampleRange, ShardId};
+
+/// A peer, as the shell names it (its PeerId in text).
+pub type PeerKey = String;
+
+/// Everything the machine needs to know about the run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MachineConfig {
+    pub shards: u32,
+    pub quorum: u32,
+    pub lease_ms: u64,
+    /// Rounds to run; the machine finishes after this many.
+    pub rounds: u64,
+    /// Examples in the training data.
+    pub data_len: u64,
+    pub samples_per_shard: u64,
+    pub seed: u64,
+}
+
+/// What the shell tells the machine.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    LeaseRequested { peer: PeerKey },
+    /// A submission whose payload the shell has already checked (`checked` is the outcome of
+    /// signature, hash and structure checks, so the lease rules can take precedence).
+    Submitted {
+        peer: PeerKey,
+        lease: LeaseId,
+        round: Round,
+        shard: ShardId,
+        base_adapter: ContentId,
+        tokens: u64,
+        checked: Result<(), RejectReason>,
+    },
+    Returned { peer: PeerKey, lease: LeaseId },
+    /// The shell finished aggregating `round` into `adapter`.
+    Aggregated { round: Round, adapter: ContentId },
+    Tick,
+}
+
+/// A lease as granted.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Grant {
+    pub lease: LeaseId,
+    pub round: Round,
+    pub shard: ShardId,
+    pub ranges: Vec<SampleRange>,
+    pub seed: u64,
+    pub expires_at_ms: u64,
+    pub base_adapter: ContentId,
+}
+
+/// An accepted shard, as aggregation needs it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Accepted {
+    pub lease: LeaseId,
+    pub peer: PeerKey,
+    pub shard: ShardId,
+    pub tokens: u64,
+}
+
+/// What the machine asks the shell to do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    Grant { peer: PeerKey, grant: Grant },
+    NoWork { peer: PeerKey, retry_after_ms: u64, finished: bool, reason: String },
+    Verdict { peer: PeerKey, lease: LeaseId, verdict: Verdict },
+    /// Answer to a return: `true` if the lease was live and its shard is open again.
+    Returned { peer: PeerKey, lease: LeaseId, released: bool },
+    LeaseExpired { peer: PeerKey, lease: LeaseId, shard: ShardId },
+    /// Quorum reached: aggregate these accepted deltas into the next adapter.
+    Aggregate { round: Round, accepted: Vec<Accepted> },
+    RoundOpened { round: Round, adapter: ContentId },
+    Finished { rounds: u64 },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LeaseState {
+    Active,
+    Submitted,
+    Expired,
+    Returned,
+}
+
+#[derive(Debug, Clone)]
+struct LeaseRecord {
+    peer: PeerKey,
+    round: Round,
+    shard: ShardId,
+    expires_at_ms: u64,
+    state: LeaseState,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Open,
+    Aggregating,
+    Finished,
+}
+
+/// The coordinator's round logic. No I/O, no clock, no randomness beyond `cfg.seed`.
+#[derive(Debug)]
+pub struct RoundMachine {
+    cfg: MachineConfig,
+    round: Round,
+    phase: Phase,
+    adapter: ContentId,
+    /// Per shard of the current round: the live lease, if any.
+    holders: Vec<Option<LeaseId>>,
+    accepted: BTreeMap<ShardId, Accepted>,
+    leases: HashMap<LeaseId, LeaseRecord>,
+    next_lease: u64,
+}
+
+impl RoundMachine {
+    /// Opens round 0 on `adapter`.
+    pub fn new(cfg: MachineConfig, adapter: ContentId) -> Self {
+        assert!(cfg.shards > 0 && cfg.quorum > 0 && cfg.quorum <= cfg.shards, "invalid shard/quorum config");
+        let phase = if cfg.rounds == 0 { Phase::Finished } else { Phase::Open };
+        RoundMachine {
+            holders: vec![None; cfg.shards as usize],
+            cfg,
+            round: Round(0),
+            phase,
+            adapter,
+            accepted: BTreeMap::new(),
+            leases: HashMap::new(),
+            next_lease: 1,
+        }
+    }
+
+    pub fn round(&self) -> Round {
+        self.round
+    }
+
+    pub fn adapter(&self) -> ContentId {
+        self.adapter
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.phase == Phase::Finished
+    }
+
+    /// Shards of the current round accepted so far.
+    pub fn accepted_count(&self) -> usize {
+        self.accepted.len()
+    }
+
+    /// Live leases: `(lease, peer, shard)`.
+    pub fn active_leases(&self) -> Vec<(LeaseId, PeerKey, ShardId)> {
+        let mut out: Vec<_> = self
+            .leases
+            .iter()
+            .filter(|(_, r)| r.state == LeaseState::Active)
+            .map(|(id, r)| (*id, r.peer.clone(), r.shard))
+            .collect();
+        out.sort_by_key(|(id, _, _)| *id);
+        out
+    }
+
+    /// The examples shard `shard` of `round` covers: consecutive slices that walk through the
+    /// data round after round, wrapping at the end.
+    pub fn shard_ranges(&self, round: Round, shard: ShardId) -> Vec<SampleRange> {
+        let n = self.cfg.data_len.max(1);
+        let k = self.cfg.samples_per_shard.clamp(1, n);
+        let start = (round.0 * self.cfg.shards as u64 + shard.0 as u64) * k % n;
+        let end = start + k;
+        if end <= n {
+            vec![SampleRange { start, end }]
+        } else {
+            vec![SampleRange { start, end: n }, SampleRange { start: 0, end: end - n }]
+        }
+    }
+
+    /// The training seed of a shard: distinct per run, round and shard; known to replays.
+    pub fn shard_seed(&self, round: Round, shard: ShardId) -> u64 {
+        let mut h = blake3::Hasher::new();
+        h.update(&self.cfg.seed.to_le_bytes());
+        h.update(&round.0.to_le_bytes());
+        h.update(&shard.0.to_le_bytes());
+        u64::from_le_bytes(h.finalize().as_bytes()[..8].try_into().expect("8 bytes"))
+    }
+
+    /// Feeds one event at time `now_ms`; returns what to do, in order.
+    pub fn handle(&mut self, event: Event, now_ms: u64) -> Vec<Action> {
+        let mut actions = self.expire(now_ms);
+        match event {
+            Event::Tick => {}
+            Event::LeaseRequested { peer } => actions.push(self.grant(peer, now_ms)),
+            Event::Submitted { peer, lease, round, shard, base_adapter, tokens, checked } => {
+                let verdict = match self.check_submission(&peer, lease, round, shard, base_adapter, checked) {
+                    Ok(()) => {
+                        let record = self.leases.get_mut(&lease).expect("checked above");
+                        record.state = LeaseState::Submitted;
+                        self.holders[shard.0 as usize] = None;
+                        self.accepted.insert(shard, Accepted { lease, peer: peer.clone(), shard, tokens });
+                        Verdict::Accepted
+                    }
+                    Err(reason) => Verdict::Rejected(reason),
+                };
+                let accepted = verdict == Verdict::Accepted;
+                actions.push(Action::Verdict { peer, lease, verdict });
+                if accepted && self.accepted.len() >= self.cfg.quorum as usize {
+                    actions.extend(self.close_round());
+                }
+            }
+            Event::Returned { peer, lease } => {
+                let released = match self.leases.get_mut(&lease) {
+                    Some(r) if r.peer == peer && r.state == LeaseState::Active => {
+                        r.state = LeaseState::Returned;
+                        if r.round == self.round && self.holders[r.shard.0 as usize] == Some(lease) {
+                            self.holders[r.shard.0 as usize] = None;
+                        }
+                        true
+                    }
+                    _ => false,
+                };
+                actions.push(Action::Returned { peer, lease, released });
+            }
+            Event::Aggregated { round, adapter } => {
+                if self.phase == Phase::Aggregating && round == self.round {
+                    actions.extend(self.open_next(adapter));
+                }
+            }
+        }
+        actions
+    }
+
+    fn check_submission(
+        &self,
+        peer: &PeerKey,
+        lease: LeaseId,
+        round: Round,
+        shard: ShardId,
+        base_adapter: ContentId,
+        checked: Result<(), RejectReason>,
+    ) -> Result<(), RejectReason> {
+        let record = self.leases.get(&lease).ok_or(RejectReason::UnknownLease)?;
+        if &record.peer != peer {
+            return Err(RejectReason::NotYourLease);
+        }
+        if record.round != round || record.shard != shard {
+            return Err(RejectReason::LeaseMismatch);
+        }
+        match record.state {
+            LeaseState::Submitted => return Err(RejectReason::Duplicate),
+            _ if record.round != self.round || self.phase != Phase::Open => return Err(RejectReason::StaleRound),
+            LeaseState::Expired => return Err(RejectReason::ExpiredLease),
+            LeaseState::Returned => return Err(RejectReason::UnknownLease),
+            LeaseState::Active => {}
+        }
+        if base_adapter != self.adapter {
+            return Err(RejectReason::WrongBaseAdapter);
+        }
+        checked
+    }
+
+    fn grant(&mut self, peer: PeerKey, now_ms: u64) -> Action {
+        match self.phase {
+            Phase::Finished => {
+                return Action::NoWork { peer, retry_after_ms: 0, finished: true, reason: "run finished".into() };
+            }
+            Phase::Aggregating => {
+                return Action::NoWork { peer, retry_after_ms: 250, finished: false, reason: "aggregating the round".into() };
+            }
+            Phase::Open => {}
+        }
+        let open = (0..self.cfg.shards)
+            .map(ShardId)
+            .find(|s| self.holders[s.0 as usize].is_none() && !self.accepted.contains_key(s));
+        let Some(shard) = open else {
+            let soonest = self
+                .holders
+                .iter()
+                .flatten()
+                .filter_map(|l| self.leases.get(l))
+                .map(|r| r.expires_at_ms.saturating_sub(now_ms))
+                .min()
+                .unwrap_or(1000);
+            return Action::NoWork {
+                peer,
+                retry_after_ms: soonest.clamp(100, 2000),
+                finished: false,
+                reason: "every shard of the round is leased".into(),
+            };
+        };
+        let lease = LeaseId(self.next_lease);
+        self.next_lease += 1;
+        let expires_at_ms = now_ms + self.cfg.lease_ms;
+        self.leases.insert(
+            lease,
+            LeaseRecord { peer: peer.clone(), round: self.round, shard, expires_at_ms, state: LeaseState::Active },
+        );
+        self.holders[shard.0 as usize] = Some(lease);
+        Action::Grant {
+            peer,
+            grant: Grant {
+                lease,
+                round: self.round,
+                shard,
+                ranges: self.shard_ranges(self.round, shard),
+                seed: self.shard_seed(self.round, shard),
+                expires_at_ms,
+                base_adapter: self.adapter,
+            },
+        }
+    }
+
+    fn expire(&mut self, now_ms: u64) -> Vec<Action> {
+        let mut out = Vec::new();
+        let mut expired: Vec<LeaseId> = self
+            .leases
+            .iter()
+            .filter(|(_, r)| r.state == LeaseState::Active && now_ms >= r.expires_at_ms)
+            .map(|(id, _)| *id)
+            .collect();
+        expired.sort();
+        for id in expired {
+            let r = self.leases.get_mut(&id).expect("listed above");
+            r.state = LeaseState::Expired;
+            if r.round == self.round && self.holders[r.shard.0 as usize] == Some(id) {
+                self.holders[r.shard.0 as usize] = None;
+            }
+            out.push(Action::LeaseExpired { peer: r.peer.clone(), lease: id, shard: r.shard });
+        }
+        out
+    }
+
+    fn close_round(&mut self) -> Vec<Action> {
+        self.phase = Phase::Aggregating;
+        let accepted = self.accepted.values().cloned().collect();
+        vec![Action::Aggregate { round: self.round, accepted }]
+    }
+
+    fn open_next(&mut self, adapter: ContentId) -> Vec<Action> {
+        self.adapter = adapter;
+        self.round = Round(self.round.0 + 1);
+        self.accepted.clear();
+        self.holders = vec![None; self.cfg.shards as usize];
+        // Leases of the closed round can only be rejected now; forget the finished ones.
+        self.leases.retain(|_, r| r.state == LeaseState::Active);
+        if self.round.0 >= self.cfg.rounds {
+            self.phase = Phase::Finished;
+            return vec![Action::Finished { rounds: self.round.0 }];
+        }
+        self.phase = Phase::Open;
+        vec![Action::RoundOpened { round: self.round, adapter }]
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,60 @@
+//! The coordinator's public state, as `/v1/status` and `/v1/checkpoints` show it.
+
+use serde::{Deserialize, Serialize};
+
+/// One file of a checkpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CheckpointFile {
+    pub name: String,
+    pub size: u64,
+    pub blake3: String,
+}
+
+/// A published checkpoint (a PEFT adapter dir).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    pub id: String,
+    pub round: u64,
+    pub heldout_loss: f64,
+    pub files: Vec<CheckpointFile>,
+}
+
+/// What a peer has done, as far as the coordinator knows.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PeerStatus {
+    pub peer: String,
+    pub device: String,
+    pub connected: bool,
+    pub accepted: u64,
+    pub rejected: u64,
+    pub tokens: u64,
+}
+
+/// A recent rejection.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RejectRecord {
+    pub peer: String,
+    pub round: u64,
+    pub reason: String,
+}
+
+/// A snapshot of the run.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    pub run: String,
+    pub peer_id: String,
+    /// The round in progress (or the number of rounds done when finished).
+    pub round: u64,
+    pub rounds_total: u64,
+    pub rounds_completed: u64,
+    pub finished: bool,
+    /// Held-out loss after each round; index 0 = before any training.
+    pub heldout_loss: Vec<f64>,
+    pub accepted_this_round: u64,
+    pub active_leases: u64,
+    pub bytes_uploaded: u64,
+    pub bytes_dense_fp32: u64,
+    pub peers: Vec<PeerStatus>,
+    pub recent_rejects: Vec<RejectRecord>,
+    pub checkpoints: Vec<Checkpoint>,
+}

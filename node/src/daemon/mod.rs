@@ -1,0 +1,161 @@
+//! `herd-node run`: the contributor daemon. Joins a coordinator, then loops lease → train →
+//! submit; reconnects with backoff; on Ctrl-C hands its lease back and exits.
+
+mod cache;
+mod network;
+mod worker;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use herd_protocol::messages::{LeaseRequest, PROTOCOL_VERSION, RpcRequest, RpcResponse, Verdict};
+use herd_protocol::net::{Role, build_swarm, load_or_create_identity, pinned_peer};
+use libp2p::Multiaddr;
+
+use crate::commands::ComputeArgs;
+use network::NetFailure;
+use worker::Worker;
+
+/// Failed dials before a node that never reached its coordinator gives up.
+const FIRST_CONTACT_ATTEMPTS: u32 = 3;
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// The coordinator's multiaddr, ending in its PeerId: /ip4/1.2.3.4/tcp/4001/p2p/12D3KooW...
+    #[arg(long, env = "HERD_COORDINATOR")]
+    coordinator: String,
+    /// Where the identity key and the blob cache live (default: $XDG_DATA_HOME/herd-node).
+    #[arg(long, env = "HERD_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Stop after this many shards (default: until the run finishes).
+    #[arg(long)]
+    max_shards: Option<u64>,
+    #[command(flatten)]
+    compute: ComputeArgs,
+}
+
+fn default_data_dir() -> PathBuf {
+    std::env::var_os("XDG_DATA_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
+        .unwrap_or_else(|| PathBuf::from("."))
+        .join("herd-node")
+}
+
+pub fn run(args: RunArgs) -> Result<()> {
+    let runtime = tokio::runtime::Runtime::new()?;
+    let result = runtime.block_on(run_async(args));
+    // Training that Ctrl-C interrupted may still be running on a blocking thread: do not wait.
+    runtime.shutdown_timeout(Duration::from_millis(500));
+    result
+}
+
+async fn run_async(args: RunArgs) -> Result<()> {
+    let device = args.compute.apply()?;
+    let addr: Multiaddr = args
+        .coordinator
+        .parse()
+        .with_context(|| format!("--coordinator `{}` is not a multiaddr", args.coordinator))?;
+    let Some(coordinator) = pinned_peer(&addr) else {
+        bail!("--coordinator must end with /p2p/<PeerId> so the node knows whom it talks to (the coordinator prints its full address at start)");
+    };
+    let data_dir = args.data_dir.clone().unwrap_or_else(default_data_dir);
+    let keypair = load_or_create_identity(&data_dir.join("identity.key"))?;
+    tracing::info!(peer = %keypair.public().to_peer_id(), data_dir = %data_dir.display(), "herd node starting");
+    let mut swarm = build_swarm(keypair.clone(), Role::Node)?;
+    swarm.add_peer_address(coordinator, addr.clone());
+    let (client, event_loop) = network::new(swarm, coordinator);
+    let net = tokio::spawn(event_loop.run());
+    let mut worker = Worker::new(data_dir.join("cache"), device)?;
+    let device_text = format!("{device:?}, {} threads", tch::get_num_threads());
+
+    let mut contacted = false;
+    let mut failures = 0u32;
+    let mut shards = 0u64;
+    let result: Result<()> = async {
+        loop {
+            if args.max_shards.is_some_and(|m| shards >= m) {
+                tracing::info!(shards, "done: --max-shards reached");
+                return Ok(());
+            }
+            let request = RpcRequest::Lease(LeaseRequest { version: PROTOCOL_VERSION, device: device_text.clone() });
+            let response = tokio::select! {
+                r = client.rpc(request) => r,
+                _ = tokio::signal::ctrl_c() => return Ok(()),
+            };
+            let lease = match response {
+                Ok(RpcResponse::Lease(lease)) => *lease,
+                Ok(RpcResponse::NoWork { finished: true, reason, .. }) => {
+                    println!("the run is over ({reason}); {shards} shards contributed");
+                    return Ok(());
+                }
+                Ok(RpcResponse::NoWork { retry_after_ms, reason, .. }) => {
+                    contacted = true;
+                    tracing::debug!(%reason, retry_after_ms, "no work yet");
+                    tokio::time::sleep(Duration::from_millis(retry_after_ms.max(50))).await;
+                    continue;
+                }
+                Ok(RpcResponse::Refused { reason }) => bail!("the coordinator refused this node: {reason}"),
+                Ok(other) => bail!("unexpected answer to a lease request: {other:?}"),
+                Err(e) => {
+                    failures += 1;
+                    if !contacted && failures >= FIRST_CONTACT_ATTEMPTS {
+                        bail!(unreachable_message(&addr, &e));
+                    }
+                    let backoff = Duration::from_secs(1 << failures.min(5)).min(MAX_BACKOFF);
+                    tracing::warn!(error = %e, retry_in = ?backoff, "coordinator unreachable; retrying");
+                    tokio::time::sleep(backoff).await;
+                    continue;
+                }
+            };
+            contacted = true;
+            failures = 0;
+            tracing::info!(lease = %lease.id, round = %lease.round, shard = %lease.shard, steps = lease.inner_steps, "training shard");
+            let outcome = tokio::select! {
+                o = worker.work(&client, &keypair, &lease) => o?,
+                _ = tokio::signal::ctrl_c() => {
+                    tracing::info!(lease = %lease.id, "interrupted: returning the lease");
+                    let back = tokio::time::timeout(Duration::from_secs(5), client.rpc(RpcRequest::Return { lease: lease.id })).await;
+                    if !matches!(back, Ok(Ok(RpcResponse::Returned))) {
+                        tracing::warn!("could not return the lease; it will expire");
+                    }
+                    return Ok(());
+                }
+            };
+            let bytes = outcome.submission.payload.len();
+            let verdict = client.rpc(RpcRequest::Submit(Box::new(outcome.submission))).await;
+            shards += 1;
+            match verdict {
+                Ok(RpcResponse::Verdict(Verdict::Accepted)) => tracing::info!(
+                    lease = %lease.id, loss_before = format!("{:.4}", outcome.loss_before),
+                    loss_after = format!("{:.4}", outcome.loss_after), bytes, seconds = format!("{:.1}", outcome.seconds),
+                    "delta accepted"
+                ),
+                Ok(RpcResponse::Verdict(Verdict::Rejected(reason))) => {
+                    tracing::warn!(lease = %lease.id, reason = %reason, "delta rejected")
+                }
+                Ok(other) => tracing::warn!(?other, "unexpected answer to a submission"),
+                Err(e) => tracing::warn!(error = %e, "submission lost; the lease will expire and be reissued"),
+            }
+        }
+    }
+    .await;
+    drop(client);
+    let _ = net.await;
+    result
+}
+
+fn unreachable_message(addr: &Multiaddr, e: &NetFailure) -> String {
+    let detail = e.to_string();
+    if detail.contains("WrongPeerId") || detail.to_lowercase().contains("peer id") {
+        format!(
+            "the peer at {addr} is not the coordinator named in the address ({detail}). Copy the full address the coordinator prints at start."
+        )
+    } else {
+        format!(
+            "cannot reach the coordinator at {addr} ({detail}). Is it running, and are the address and port right?"
+        )
+    }
+}

@@ -1,0 +1,173 @@
+//! The node's libp2p side, after rust-libp2p's file-sharing example: a cloneable [`Client`]
+//! sends commands over a bounded channel to the [`EventLoop`], which owns the swarm and
+//! answers each command through a oneshot. The loop ends when the last client is dropped.
+
+use std::collections::HashMap;
+
+use futures::StreamExt;
+use herd_protocol::messages::{BlobRequest, BlobResponse, RpcRequest, RpcResponse};
+use herd_protocol::net::{Behaviour, BehaviourEvent};
+use libp2p::request_response::{self, OutboundRequestId};
+use libp2p::swarm::SwarmEvent;
+use libp2p::{PeerId, Swarm};
+use tokio::sync::{mpsc, oneshot};
+
+/// Why a request to the coordinator did not get an answer.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum NetFailure {
+    #[error("cannot connect: {0}")]
+    Unreachable(String),
+    #[error("request failed: {0}")]
+    Failed(String),
+    #[error("the network task has stopped")]
+    Stopped,
+}
+
+type Reply<T> = oneshot::Sender<Result<T, NetFailure>>;
+
+enum Command {
+    Rpc { request: RpcRequest, reply: Reply<RpcResponse> },
+    Blob { request: BlobRequest, reply: Reply<BlobResponse> },
+}
+
+/// Sends requests to the coordinator.
+#[derive(Clone)]
+pub struct Client {
+    tx: mpsc::Sender<Command>,
+}
+
+impl Client {
+    pub async fn rpc(&self, request: RpcRequest) -> Result<RpcResponse, NetFailure> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(Command::Rpc { request, reply }).await.map_err(|_| NetFailure::Stopped)?;
+        rx.await.map_err(|_| NetFailure::Stopped)?
+    }
+
+    pub async fn blob(&self, request: BlobRequest) -> Result<BlobResponse, NetFailure> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(Command::Blob { request, reply }).await.map_err(|_| NetFailure::Stopped)?;
+        rx.await.map_err(|_| NetFailure::Stopped)?
+    }
+}
+
+/// Owns the swarm; see the module docs.
+pub struct EventLoop {
+    swarm: Swarm<Behaviour>,
+    coordinator: PeerId,
+    rx: mpsc::Receiver<Command>,
+    pending_rpc: HashMap<OutboundRequestId, Reply<RpcResponse>>,
+    pending_blob: HashMap<OutboundRequestId, Reply<BlobResponse>>,
+    /// The last reason a dial to the coordinator failed, for a useful error message.
+    last_dial_error: Option<String>,
+}
+
+/// Wires a client to an event loop for `swarm`, whose peer book already knows the
+/// coordinator's address.
+pub fn new(swarm: Swarm<Behaviour>, coordinator: PeerId) -> (Client, EventLoop) {
+    let (tx, rx) = mpsc::channel(16);
+    (
+        Client { tx },
+        EventLoop {
+            swarm,
+            coordinator,
+            rx,
+            pending_rpc: HashMap::new(),
+            pending_blob: HashMap::new(),
+            last_dial_error: None,
+        },
+    )
+}
+
+impl EventLoop {
+    /// Runs until every [`Client`] is dropped. Cancel-safe only as a whole.
+    pub async fn run(mut self) {
+        loop {
+            tokio::select! {
+                event = self.swarm.select_next_some() => self.on_event(event),
+                command = self.rx.recv() => match command {
+                    Some(c) => self.on_command(c),
+                    None => return,
+                },
+            }
+        }
+    }
+
+    fn on_command(&mut self, command: Command) {
+        match command {
+            Command::Rpc { request, reply } => {
+                let id = self.swarm.behaviour_mut().rpc.send_request(&self.coordinator, request);
+                self.pending_rpc.insert(id, reply);
+            }
+            Command::Blob { request, reply } => {
+                let id = self.swarm.behaviour_mut().blob.send_request(&self.coordinator, request);
+                self.pending_blob.insert(id, reply);
+            }
+        }
+    }
+
+    fn failure(&self, error: &request_response::OutboundFailure) -> NetFailure {
+        match error {
+            request_response::OutboundFailure::DialFailure => NetFailure::Unreachable(
+                self.last_dial_error.clone().unwrap_or_else(|| "dial failed".into()),
+            ),
+            other => NetFailure::Failed(other.to_string()),
+        }
+    }
+
+    fn on_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        match event {
+            SwarmEvent::ConnectionEstablished { peer_id, .. } if peer_id == self.coordinator => {
+                tracing::info!(peer = %peer_id, "connected to the coordinator");
+                self.last_dial_error = None;
+            }
+            SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } if peer_id == self.coordinator => {
+                tracing::warn!("disconnected from the coordinator");
+            }
+            SwarmEvent::OutgoingConnectionError { error, .. } => {
+                self.last_dial_error = Some(error.to_string());
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Rpc(event)) => match event {
+                request_response::Event::Message {
+                    message: request_response::Message::Response { request_id, response },
+                    ..
+                } => {
+                    if let Some(reply) = self.pending_rpc.remove(&request_id) {
+                        let _ = reply.send(Ok(response));
+                    }
+                }
+                request_response::Event::OutboundFailure { request_id, error, .. } => {
+                    let failure = self.failure(&error);
+                    if let Some(reply) = self.pending_rpc.remove(&request_id) {
+                        let _ = reply.send(Err(failure));
+                    }
+                }
+                _ => {}
+            },
+            SwarmEvent::Behaviour(BehaviourEvent::Blob(event)) => match event {
+                request_response::Event::Message {
+                    message: request_response::Message::Response { request_id, response },
+                    ..
+                } => {
+                    if let Some(reply) = self.pending_blob.remove(&request_id) {
+                        let _ = reply.send(Ok(response));
+                    }
+                }
+                request_response::Event::OutboundFailure { request_id, error, .. } => {
+                    let failure = self.failure(&error);
+                    if let Some(reply) = self.pending_blob.remove(&request_id) {
+                        let _ = reply.send(Err(failure));
+                    }
+                }
+                request_response::Event::Message {
+                    message: request_response::Message::Request { channel, .. },
+                    ..
+                } => {
+                    // Serving blobs to other nodes comes with peer-to-peer downloads.
+                    let _ = self.swarm.behaviour_mut().blob.send_response(channel, BlobResponse::NotFound);
+                }
+                _ => {}
+            },
+            _ => {}
+        }
+    }
+}

@@ -1,0 +1,208 @@
+//! Versioned messages of the `/herd/rpc/1` and `/herd/blob/1` protocols and the round
+//! announcement, with the size cap of each.
+
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{ContentId, LeaseId, Round, SampleRange, ShardId};
+
+/// Bumped on any incompatible change of the messages below (and of the protocol names).
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Control: leases, submissions, returns.
+pub const RPC_PROTOCOL: &str = "/herd/rpc/1";
+/// Blobs by content id, in chunks.
+pub const BLOB_PROTOCOL: &str = "/herd/blob/1";
+/// Gossipsub topic of round announcements.
+pub const ANNOUNCE_TOPIC: &str = "herd/rounds/1";
+
+/// A request carries at most one delta; 64 MiB fits a rank-16 all-target LoRA of a 1B model in fp32.
+pub const MAX_RPC_REQUEST_BYTES: usize = 64 << 20;
+pub const MAX_RPC_RESPONSE_BYTES: usize = 1 << 20;
+pub const BLOB_CHUNK_BYTES: u32 = 1 << 20;
+pub const MAX_BLOB_REQUEST_BYTES: usize = 1 << 10;
+pub const MAX_BLOB_RESPONSE_BYTES: usize = BLOB_CHUNK_BYTES as usize + (1 << 10);
+pub const MAX_ANNOUNCE_BYTES: usize = 1 << 10;
+/// Longest run name, device description or reason string accepted.
+pub const MAX_TEXT_BYTES: usize = 256;
+
+/// What a node asks the coordinator.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum RpcRequest {
+    /// Ask for work.
+    Lease(LeaseRequest),
+    /// Deliver the result of a lease.
+    Submit(Box<Submission>),
+    /// Give a lease back unfinished (the node is stopping), so it is reissued at once.
+    Return { lease: LeaseId },
+}
+
+/// What the coordinator answers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum RpcResponse {
+    Lease(Box<Lease>),
+    /// No work now; ask again after `retry_after_ms`. `finished` means the run is over.
+    NoWork {
+        retry_after_ms: u64,
+        finished: bool,
+        reason: String,
+    },
+    Verdict(Verdict),
+    Returned,
+    /// The request itself was refused (e.g. a version this coordinator does not speak).
+    Refused { reason: String },
+}
+
+/// A request for work, with what the node is.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LeaseRequest {
+    pub version: u32,
+    /// Free text for operators: "cpu x8", "cuda:0 NVIDIA RTX 4090".
+    pub device: String,
+}
+
+/// The blobs a node needs to train for a run, all by content id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunAssets {
+    pub config: ContentId,
+    pub weights: ContentId,
+    pub tokenizer: ContentId,
+    pub data: ContentId,
+}
+
+/// LoRA shape every node of a run uses (PEFT names).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoraSpec {
+    pub rank: i64,
+    pub alpha: f64,
+    pub targets: Vec<String>,
+    pub train_a: bool,
+    pub init_seed: u64,
+}
+
+/// One peer's exclusive right to compute one shard of one round.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Lease {
+    pub id: LeaseId,
+    pub run: String,
+    pub round: Round,
+    pub shard: ShardId,
+    pub ranges: Vec<SampleRange>,
+    /// Seeds the batch order: honest replays of the shard see the same batches.
+    pub seed: u64,
+    pub inner_steps: u32,
+    pub lr: f64,
+    pub batch_size: u32,
+    pub max_seq_len: u32,
+    /// Unix time in milliseconds after which the shard is given to someone else.
+    pub expires_at_ms: u64,
+    pub assets: RunAssets,
+    pub lora: LoraSpec,
+    /// The adapter θ_r to start from (a safetensors blob).
+    pub base_adapter: ContentId,
+}
+
+/// The result of a lease: a signed LoRA delta.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Submission {
+    pub lease: LeaseId,
+    pub run: String,
+    pub round: Round,
+    pub shard: ShardId,
+    pub base_adapter: ContentId,
+    /// An encoded [`crate::delta::Delta`].
+    pub payload: Vec<u8>,
+    pub payload_hash: ContentId,
+    pub loss_before: f64,
+    pub loss_after: f64,
+    /// Real tokens trained on; the delta's weight in the average.
+    pub tokens: u64,
+    /// The signer's libp2p public key (protobuf encoding); must match the sending PeerId.
+    pub public_key: Vec<u8>,
+    /// ed25519 signature over [`crate::signing::submission_bytes`].
+    pub signature: Vec<u8>,
+}
+
+/// The coordinator's decision on a submission, recorded before it is sent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Verdict {
+    Accepted,
+    Rejected(RejectReason),
+}
+
+/// Why a submission was refused. Each reaches the node, the logs and the metrics.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum RejectReason {
+    UnknownLease,
+    ExpiredLease,
+    NotYourLease,
+    /// The lease's round is over.
+    StaleRound,
+    /// The delta was computed from another adapter than the round's.
+    WrongBaseAdapter,
+    /// run / round / shard do not match the lease.
+    LeaseMismatch,
+    BadSignature,
+    PayloadHashMismatch,
+    /// The payload does not decode, or has wrong names, shapes or non-finite values.
+    Malformed(String),
+    /// This lease already has an accepted submission.
+    Duplicate,
+}
+
+impl std::fmt::Display for RejectReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RejectReason::UnknownLease => f.write_str("unknown lease"),
+            RejectReason::ExpiredLease => f.write_str("lease expired"),
+            RejectReason::NotYourLease => f.write_str("lease belongs to another peer"),
+            RejectReason::StaleRound => f.write_str("round already closed"),
+            RejectReason::WrongBaseAdapter => f.write_str("delta computed from the wrong adapter"),
+            RejectReason::LeaseMismatch => f.write_str("run, round or shard do not match the lease"),
+            RejectReason::BadSignature => f.write_str("bad signature"),
+            RejectReason::PayloadHashMismatch => f.write_str("payload hash mismatch"),
+            RejectReason::Malformed(why) => write!(f, "malformed delta: {why}"),
+            RejectReason::Duplicate => f.write_str("duplicate submission"),
+        }
+    }
+}
+
+impl RejectReason {
+    /// A short stable label for metrics and logs.
+    pub fn label(&self) -> &'static str {
+        match self {
+            RejectReason::UnknownLease => "unknown_lease",
+            RejectReason::ExpiredLease => "expired_lease",
+            RejectReason::NotYourLease => "not_your_lease",
+            RejectReason::StaleRound => "stale_round",
+            RejectReason::WrongBaseAdapter => "wrong_base_adapter",
+            RejectReason::LeaseMismatch => "lease_mismatch",
+            RejectReason::BadSignature => "bad_signature",
+            RejectReason::PayloadHashMismatch => "payload_hash_mismatch",
+            RejectReason::Malformed(_) => "malformed",
+            RejectReason::Duplicate => "duplicate",
+        }
+    }
+}
+
+/// A chunk of a blob.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlobRequest {
+    pub id: ContentId,
+    pub offset: u64,
+    /// At most [`BLOB_CHUNK_BYTES`].
+    pub len: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BlobResponse {
+    Chunk { total: u64, bytes: Vec<u8> },
+    NotFound,
+}
+
+/// Published on [`ANNOUNCE_TOPIC`] when a round opens.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RoundAnnouncement {
+    pub run: String,
+    pub round: Round,
+    pub adapter: ContentId,
+}
