@@ -25,9 +25,15 @@ pub fn weighted_mean(deltas: &[(&Delta, u64)]) -> Result<Vec<(String, Tensor)>> 
         for (delta, weight) in deltas {
             let other = &delta.tensors[i];
             if other.name != t.name || other.shape != t.shape {
-                bail!("deltas disagree on tensor {i} (`{}` vs `{}`)", t.name, other.name);
+                bail!(
+                    "deltas disagree on tensor {i} (`{}` vs `{}`)",
+                    t.name,
+                    other.name
+                );
             }
-            let values = Tensor::from_slice(&other.values).reshape(&shape).to_kind(Kind::Double);
+            let values = Tensor::from_slice(&other.values)
+                .reshape(&shape)
+                .to_kind(Kind::Double);
             acc += values * (*weight as f64 / total as f64);
         }
         out.push((t.name.clone(), acc.to_kind(Kind::Float)));
@@ -46,12 +52,20 @@ pub struct OuterOptimizer {
 
 impl OuterOptimizer {
     pub fn new(lr: f64, momentum: f64) -> Self {
-        OuterOptimizer { lr, momentum, buffers: HashMap::new() }
+        OuterOptimizer {
+            lr,
+            momentum,
+            buffers: HashMap::new(),
+        }
     }
 
     /// Applies `mean_delta` to `lora` in place and returns the update it applied per factor.
     /// With lr 1 and momentum 0 the update is the mean delta itself (plain averaging).
-    pub fn step(&mut self, lora: &Lora, mean_delta: &[(String, Tensor)]) -> Result<Vec<(String, Tensor)>> {
+    pub fn step(
+        &mut self,
+        lora: &Lora,
+        mean_delta: &[(String, Tensor)],
+    ) -> Result<Vec<(String, Tensor)>> {
         let mut applied = Vec::with_capacity(mean_delta.len());
         for (name, delta) in mean_delta {
             let grad = -delta;

@@ -20,7 +20,10 @@ pub struct BlobStore {
 impl BlobStore {
     pub fn open(dir: &Path) -> Result<Self> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        Ok(BlobStore { dir: dir.to_path_buf(), index: HashMap::new() })
+        Ok(BlobStore {
+            dir: dir.to_path_buf(),
+            index: HashMap::new(),
+        })
     }
 
     /// Stores `bytes` and returns their id.
@@ -56,7 +59,12 @@ impl BlobStore {
     }
 
     /// Up to `len` bytes of blob `id` from `offset`, and the blob's total size; `None` if unknown.
-    pub fn read_chunk(&self, id: &ContentId, offset: u64, len: u32) -> Option<Result<(u64, Vec<u8>)>> {
+    pub fn read_chunk(
+        &self,
+        id: &ContentId,
+        offset: u64,
+        len: u32,
+    ) -> Option<Result<(u64, Vec<u8>)>> {
         let (path, total) = self.index.get(id)?;
         Some((|| {
             let start = offset.min(*total);

@@ -53,7 +53,9 @@ impl Default for LoraSection {
         LoraSection {
             rank: 8,
             alpha: 16.0,
-            targets: ["q_proj", "k_proj", "v_proj", "o_proj"].map(String::from).to_vec(),
+            targets: ["q_proj", "k_proj", "v_proj", "o_proj"]
+                .map(String::from)
+                .to_vec(),
             train_a: false,
         }
     }
@@ -100,7 +102,10 @@ impl Default for RoundSection {
 }
 
 fn default_listen() -> Vec<String> {
-    vec!["/ip4/0.0.0.0/tcp/4001".into(), "/ip4/0.0.0.0/udp/4001/quic-v1".into()]
+    vec![
+        "/ip4/0.0.0.0/tcp/4001".into(),
+        "/ip4/0.0.0.0/udp/4001/quic-v1".into(),
+    ]
 }
 
 fn default_http() -> String {
@@ -110,15 +115,23 @@ fn default_http() -> String {
 impl RunConfig {
     /// Reads `path`, resolves relative paths against its dir and checks the numbers.
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        let mut cfg: RunConfig = toml::from_str(&text).with_context(|| format!("{}: invalid run config", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let mut cfg: RunConfig = toml::from_str(&text)
+            .with_context(|| format!("{}: invalid run config", path.display()))?;
         let base = path.parent().unwrap_or(Path::new("."));
-        for p in [&mut cfg.base_model, &mut cfg.data, &mut cfg.heldout, &mut cfg.data_dir] {
+        for p in [
+            &mut cfg.base_model,
+            &mut cfg.data,
+            &mut cfg.heldout,
+            &mut cfg.data_dir,
+        ] {
             if p.is_relative() {
                 *p = base.join(&*p);
             }
         }
-        cfg.check().with_context(|| format!("{}: invalid run config", path.display()))?;
+        cfg.check()
+            .with_context(|| format!("{}: invalid run config", path.display()))?;
         Ok(cfg)
     }
 
@@ -128,7 +141,9 @@ impl RunConfig {
             bail!("round.shards must be > 0 and round.quorum in 1..=shards");
         }
         if r.inner_steps == 0 || r.batch_size == 0 || r.max_seq_len < 2 || r.lease_secs <= 0.0 {
-            bail!("round.inner_steps, batch_size, lease_secs must be positive and max_seq_len >= 2");
+            bail!(
+                "round.inner_steps, batch_size, lease_secs must be positive and max_seq_len >= 2"
+            );
         }
         if !(r.lr > 0.0 && r.outer_lr > 0.0 && (0.0..1.0).contains(&r.outer_momentum)) {
             bail!("round.lr and outer_lr must be positive, outer_momentum in [0, 1)");

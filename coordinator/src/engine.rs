@@ -5,13 +5,13 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
+use herd_model::Llama;
 use herd_model::data::{Dataset, read_records};
 use herd_model::delta::delta_layout;
 use herd_model::eval::evaluate;
 use herd_model::lora::{Lora, LoraConfig, Target};
 use herd_model::peft::{adapter_weights_bytes, save_adapter};
 use herd_model::tokenizer::TextTokenizer;
-use herd_model::Llama;
 use herd_protocol::delta::{Delta, DeltaLayout};
 use herd_protocol::messages::LoraSpec;
 
@@ -69,7 +69,12 @@ impl Engine {
 
     /// Averages `deltas` (token-weighted), takes the outer step, evaluates, and writes a
     /// checkpoint into `checkpoint_dir` when given.
-    pub fn finish_round(&mut self, deltas: &[(Delta, u64)], round: u64, checkpoint_dir: Option<&Path>) -> Result<RoundResult> {
+    pub fn finish_round(
+        &mut self,
+        deltas: &[(Delta, u64)],
+        round: u64,
+        checkpoint_dir: Option<&Path>,
+    ) -> Result<RoundResult> {
         let weighted: Vec<(&Delta, u64)> = deltas.iter().map(|(d, w)| (d, *w)).collect();
         let mean = weighted_mean(&weighted)?;
         self.outer.step(&self.lora, &mean)?;
@@ -77,23 +82,37 @@ impl Engine {
         let checkpoint = checkpoint_dir
             .map(|dir| self.write_checkpoint(dir, round, heldout_loss))
             .transpose()?;
-        Ok(RoundResult { adapter_bytes: self.adapter_bytes()?, heldout_loss, checkpoint })
+        Ok(RoundResult {
+            adapter_bytes: self.adapter_bytes()?,
+            heldout_loss,
+            checkpoint,
+        })
     }
 
     fn write_checkpoint(&self, dir: &Path, round: u64, heldout_loss: f64) -> Result<Checkpoint> {
         let id = format!("round-{round:05}");
         let path = dir.join(&id);
-        save_adapter(&path, &self.lora, Some(&self.base_model.display().to_string()))?;
+        save_adapter(
+            &path,
+            &self.lora,
+            Some(&self.base_model.display().to_string()),
+        )?;
         let mut files = Vec::new();
         for name in ["adapter_config.json", "adapter_model.safetensors"] {
-            let bytes = std::fs::read(path.join(name)).with_context(|| format!("reading back {name}"))?;
+            let bytes =
+                std::fs::read(path.join(name)).with_context(|| format!("reading back {name}"))?;
             files.push(CheckpointFile {
                 name: name.into(),
                 size: bytes.len() as u64,
                 blake3: blake3::hash(&bytes).to_hex().to_string(),
             });
         }
-        Ok(Checkpoint { id, round, heldout_loss, files })
+        Ok(Checkpoint {
+            id,
+            round,
+            heldout_loss,
+            files,
+        })
     }
 }
 

@@ -24,7 +24,10 @@ pub fn router(status: watch::Receiver<Status>, checkpoints_dir: PathBuf) -> Rout
         .route("/v1/status", get(get_status))
         .route("/v1/checkpoints", get(list_checkpoints))
         .route("/v1/checkpoints/{id}/{file}", get(get_checkpoint_file))
-        .with_state(AppState { status, checkpoints_dir })
+        .with_state(AppState {
+            status,
+            checkpoints_dir,
+        })
 }
 
 async fn get_status(State(s): State<AppState>) -> Json<Status> {
@@ -55,7 +58,11 @@ async fn get_checkpoint_file(
         return (StatusCode::NOT_FOUND, "no such checkpoint file\n").into_response();
     };
     let etag = format!("\"{}\"", entry.blake3);
-    if headers.get(header::IF_NONE_MATCH).and_then(|v| v.to_str().ok()) == Some(etag.as_str()) {
+    if headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        == Some(etag.as_str())
+    {
         return StatusCode::NOT_MODIFIED.into_response();
     }
     let path = s.checkpoints_dir.join(&id).join(&entry.name);
@@ -63,7 +70,10 @@ async fn get_checkpoint_file(
         Ok(bytes) => {
             let mut resp = bytes.into_response();
             let h = resp.headers_mut();
-            h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+            h.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/octet-stream"),
+            );
             if let Ok(v) = HeaderValue::from_str(&etag) {
                 h.insert(header::ETAG, v);
             }
@@ -71,7 +81,11 @@ async fn get_checkpoint_file(
         }
         Err(e) => {
             tracing::error!(path = %path.display(), error = %e, "checkpoint file unreadable");
-            (StatusCode::INTERNAL_SERVER_ERROR, "checkpoint file unreadable\n").into_response()
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "checkpoint file unreadable\n",
+            )
+                .into_response()
         }
     }
 }

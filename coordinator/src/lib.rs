@@ -7,7 +7,7 @@
 //! - [`engine`]: model, global adapter, outer optimizer, evaluation (tch, off the runtime).
 //! - [`aggregate`]: token-weighted mean and DiLoCo's outer Nesterov step.
 //! - [`blobs`]: content-addressed blob store; [`http`]: the HTTP API; [`status`]: what it shows.
-//! - [`config`]: `run.toml`.
+//! - [`config`]: the `run.toml` of a run.
 
 pub mod aggregate;
 pub mod blobs;

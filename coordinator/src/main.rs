@@ -37,7 +37,10 @@ enum Command {
 fn main() -> ExitCode {
     let filter = tracing_subscriber::EnvFilter::try_from_env("HERD_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
     let result = match Cli::parse().command {
         Command::Serve { config } => serve(config),
         Command::Status { url, json } => status(&url, json),
@@ -78,7 +81,10 @@ fn status(url: &str, json: bool) -> Result<()> {
         s.rounds_total,
         if s.finished { " (finished)" } else { "" },
         s.peers.iter().filter(|p| p.connected).count(),
-        s.heldout_loss.last().map(|l| format!("{l:.4}")).unwrap_or_default()
+        s.heldout_loss
+            .last()
+            .map(|l| format!("{l:.4}"))
+            .unwrap_or_default()
     );
     Ok(())
 }

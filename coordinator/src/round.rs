@@ -32,7 +32,9 @@ pub struct MachineConfig {
 /// What the shell tells the machine.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
-    LeaseRequested { peer: PeerKey },
+    LeaseRequested {
+        peer: PeerKey,
+    },
     /// A submission whose payload the shell has already checked (`checked` is the outcome of
     /// signature, hash and structure checks, so the lease rules can take precedence).
     Submitted {
@@ -44,9 +46,15 @@ pub enum Event {
         tokens: u64,
         checked: Result<(), RejectReason>,
     },
-    Returned { peer: PeerKey, lease: LeaseId },
+    Returned {
+        peer: PeerKey,
+        lease: LeaseId,
+    },
     /// The shell finished aggregating `round` into `adapter`.
-    Aggregated { round: Round, adapter: ContentId },
+    Aggregated {
+        round: Round,
+        adapter: ContentId,
+    },
     Tick,
 }
 
@@ -74,16 +82,44 @@ pub struct Accepted {
 /// What the machine asks the shell to do.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Action {
-    Grant { peer: PeerKey, grant: Grant },
-    NoWork { peer: PeerKey, retry_after_ms: u64, finished: bool, reason: String },
-    Verdict { peer: PeerKey, lease: LeaseId, verdict: Verdict },
+    Grant {
+        peer: PeerKey,
+        grant: Grant,
+    },
+    NoWork {
+        peer: PeerKey,
+        retry_after_ms: u64,
+        finished: bool,
+        reason: String,
+    },
+    Verdict {
+        peer: PeerKey,
+        lease: LeaseId,
+        verdict: Verdict,
+    },
     /// Answer to a return: `true` if the lease was live and its shard is open again.
-    Returned { peer: PeerKey, lease: LeaseId, released: bool },
-    LeaseExpired { peer: PeerKey, lease: LeaseId, shard: ShardId },
+    Returned {
+        peer: PeerKey,
+        lease: LeaseId,
+        released: bool,
+    },
+    LeaseExpired {
+        peer: PeerKey,
+        lease: LeaseId,
+        shard: ShardId,
+    },
     /// Quorum reached: aggregate these accepted deltas into the next adapter.
-    Aggregate { round: Round, accepted: Vec<Accepted> },
-    RoundOpened { round: Round, adapter: ContentId },
-    Finished { rounds: u64 },
+    Aggregate {
+        round: Round,
+        accepted: Vec<Accepted>,
+    },
+    RoundOpened {
+        round: Round,
+        adapter: ContentId,
+    },
+    Finished {
+        rounds: u64,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -127,8 +163,15 @@ pub struct RoundMachine {
 impl RoundMachine {
     /// Opens round 0 on `adapter`.
     pub fn new(cfg: MachineConfig, adapter: ContentId) -> Self {
-        assert!(cfg.shards > 0 && cfg.quorum > 0 && cfg.quorum <= cfg.shards, "invalid shard/quorum config");
-        let phase = if cfg.rounds == 0 { Phase::Finished } else { Phase::Open };
+        assert!(
+            cfg.shards > 0 && cfg.quorum > 0 && cfg.quorum <= cfg.shards,
+            "invalid shard/quorum config"
+        );
+        let phase = if cfg.rounds == 0 {
+            Phase::Finished
+        } else {
+            Phase::Open
+        };
         RoundMachine {
             holders: vec![None; cfg.shards as usize],
             cfg,
@@ -180,7 +223,13 @@ impl RoundMachine {
         if end <= n {
             vec![SampleRange { start, end }]
         } else {
-            vec![SampleRange { start, end: n }, SampleRange { start: 0, end: end - n }]
+            vec![
+                SampleRange { start, end: n },
+                SampleRange {
+                    start: 0,
+                    end: end - n,
+                },
+            ]
         }
     }
 
@@ -199,19 +248,46 @@ impl RoundMachine {
         match event {
             Event::Tick => {}
             Event::LeaseRequested { peer } => actions.push(self.grant(peer, now_ms)),
-            Event::Submitted { peer, lease, round, shard, base_adapter, tokens, checked } => {
-                let verdict = match self.check_submission(&peer, lease, round, shard, base_adapter, checked) {
+            Event::Submitted {
+                peer,
+                lease,
+                round,
+                shard,
+                base_adapter,
+                tokens,
+                checked,
+            } => {
+                let verdict = match self.check_submission(
+                    &peer,
+                    lease,
+                    round,
+                    shard,
+                    base_adapter,
+                    checked,
+                ) {
                     Ok(()) => {
                         let record = self.leases.get_mut(&lease).expect("checked above");
                         record.state = LeaseState::Submitted;
                         self.holders[shard.0 as usize] = None;
-                        self.accepted.insert(shard, Accepted { lease, peer: peer.clone(), shard, tokens });
+                        self.accepted.insert(
+                            shard,
+                            Accepted {
+                                lease,
+                                peer: peer.clone(),
+                                shard,
+                                tokens,
+                            },
+                        );
                         Verdict::Accepted
                     }
                     Err(reason) => Verdict::Rejected(reason),
                 };
                 let accepted = verdict == Verdict::Accepted;
-                actions.push(Action::Verdict { peer, lease, verdict });
+                actions.push(Action::Verdict {
+                    peer,
+                    lease,
+                    verdict,
+                });
                 if accepted && self.accepted.len() >= self.cfg.quorum as usize {
                     actions.extend(self.close_round());
                 }
@@ -220,14 +296,19 @@ impl RoundMachine {
                 let released = match self.leases.get_mut(&lease) {
                     Some(r) if r.peer == peer && r.state == LeaseState::Active => {
                         r.state = LeaseState::Returned;
-                        if r.round == self.round && self.holders[r.shard.0 as usize] == Some(lease) {
+                        if r.round == self.round && self.holders[r.shard.0 as usize] == Some(lease)
+                        {
                             self.holders[r.shard.0 as usize] = None;
                         }
                         true
                     }
                     _ => false,
                 };
-                actions.push(Action::Returned { peer, lease, released });
+                actions.push(Action::Returned {
+                    peer,
+                    lease,
+                    released,
+                });
             }
             Event::Aggregated { round, adapter } => {
                 if self.phase == Phase::Aggregating && round == self.round {
@@ -256,7 +337,9 @@ impl RoundMachine {
         }
         match record.state {
             LeaseState::Submitted => return Err(RejectReason::Duplicate),
-            _ if record.round != self.round || self.phase != Phase::Open => return Err(RejectReason::StaleRound),
+            _ if record.round != self.round || self.phase != Phase::Open => {
+                return Err(RejectReason::StaleRound);
+            }
             LeaseState::Expired => return Err(RejectReason::ExpiredLease),
             LeaseState::Returned => return Err(RejectReason::UnknownLease),
             LeaseState::Active => {}
@@ -270,10 +353,20 @@ impl RoundMachine {
     fn grant(&mut self, peer: PeerKey, now_ms: u64) -> Action {
         match self.phase {
             Phase::Finished => {
-                return Action::NoWork { peer, retry_after_ms: 0, finished: true, reason: "run finished".into() };
+                return Action::NoWork {
+                    peer,
+                    retry_after_ms: 0,
+                    finished: true,
+                    reason: "run finished".into(),
+                };
             }
             Phase::Aggregating => {
-                return Action::NoWork { peer, retry_after_ms: 250, finished: false, reason: "aggregating the round".into() };
+                return Action::NoWork {
+                    peer,
+                    retry_after_ms: 250,
+                    finished: false,
+                    reason: "aggregating the round".into(),
+                };
             }
             Phase::Open => {}
         }
@@ -301,7 +394,13 @@ impl RoundMachine {
         let expires_at_ms = now_ms + self.cfg.lease_ms;
         self.leases.insert(
             lease,
-            LeaseRecord { peer: peer.clone(), round: self.round, shard, expires_at_ms, state: LeaseState::Active },
+            LeaseRecord {
+                peer: peer.clone(),
+                round: self.round,
+                shard,
+                expires_at_ms,
+                state: LeaseState::Active,
+            },
         );
         self.holders[shard.0 as usize] = Some(lease);
         Action::Grant {
@@ -333,7 +432,11 @@ impl RoundMachine {
             if r.round == self.round && self.holders[r.shard.0 as usize] == Some(id) {
                 self.holders[r.shard.0 as usize] = None;
             }
-            out.push(Action::LeaseExpired { peer: r.peer.clone(), lease: id, shard: r.shard });
+            out.push(Action::LeaseExpired {
+                peer: r.peer.clone(),
+                lease: id,
+                shard: r.shard,
+            });
         }
         out
     }
@@ -341,7 +444,10 @@ impl RoundMachine {
     fn close_round(&mut self) -> Vec<Action> {
         self.phase = Phase::Aggregating;
         let accepted = self.accepted.values().cloned().collect();
-        vec![Action::Aggregate { round: self.round, accepted }]
+        vec![Action::Aggregate {
+            round: self.round,
+            accepted,
+        }]
     }
 
     fn open_next(&mut self, adapter: ContentId) -> Vec<Action> {
@@ -353,10 +459,15 @@ impl RoundMachine {
         self.leases.retain(|_, r| r.state == LeaseState::Active);
         if self.round.0 >= self.cfg.rounds {
             self.phase = Phase::Finished;
-            return vec![Action::Finished { rounds: self.round.0 }];
+            return vec![Action::Finished {
+                rounds: self.round.0,
+            }];
         }
         self.phase = Phase::Open;
-        vec![Action::RoundOpened { round: self.round, adapter }]
+        vec![Action::RoundOpened {
+            round: self.round,
+            adapter,
+        }]
     }
 }
 

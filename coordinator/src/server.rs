@@ -33,19 +33,27 @@ const LINGER_AFTER_FINISH: Duration = Duration::from_secs(3);
 const RECENT_REJECTS: usize = 50;
 
 fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// Runs the coordinator until the run finishes (and, with `serve_after_finish`, until
 /// `shutdown` resolves) or `shutdown` resolves.
 pub async fn serve(cfg: RunConfig, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
-    std::fs::create_dir_all(&cfg.data_dir).with_context(|| format!("creating {}", cfg.data_dir.display()))?;
+    std::fs::create_dir_all(&cfg.data_dir)
+        .with_context(|| format!("creating {}", cfg.data_dir.display()))?;
     let keypair = load_or_create_identity(&cfg.data_dir.join("identity.key"))?;
     let local_peer = keypair.public().to_peer_id();
     let mut swarm = build_swarm(keypair, Role::Coordinator)?;
     for addr in &cfg.listen {
-        let addr: Multiaddr = addr.parse().with_context(|| format!("listen address `{addr}`"))?;
-        swarm.listen_on(addr.clone()).with_context(|| format!("listening on {addr}"))?;
+        let addr: Multiaddr = addr
+            .parse()
+            .with_context(|| format!("listen address `{addr}`"))?;
+        swarm
+            .listen_on(addr.clone())
+            .with_context(|| format!("listening on {addr}"))?;
     }
     let topic = gossipsub::IdentTopic::new(ANNOUNCE_TOPIC);
     swarm.behaviour_mut().gossipsub.subscribe(&topic)?;
@@ -55,7 +63,11 @@ pub async fn serve(cfg: RunConfig, shutdown: impl std::future::Future<Output = (
     let layout = engine.layout();
     let mut blobs = BlobStore::open(&cfg.data_dir.join("blobs"))?;
     let weights = cfg.base_model.join("model.safetensors");
-    anyhow::ensure!(weights.exists(), "{}: herd serves single-file base models for now", weights.display());
+    anyhow::ensure!(
+        weights.exists(),
+        "{}: herd serves single-file base models for now",
+        weights.display()
+    );
     let assets = RunAssets {
         config: blobs.put_file(&cfg.base_model.join("config.json"))?,
         weights: blobs.put_file(&weights)?,
@@ -66,7 +78,10 @@ pub async fn serve(cfg: RunConfig, shutdown: impl std::future::Future<Output = (
     let loss0 = engine.heldout_loss()?;
     println!("round 0: held-out loss {loss0:.4} (before training)");
     let data_len = count_examples(&cfg.data)?;
-    let samples_per_shard = cfg.round.samples_per_shard.unwrap_or((data_len / cfg.round.shards as u64).max(1));
+    let samples_per_shard = cfg
+        .round
+        .samples_per_shard
+        .unwrap_or((data_len / cfg.round.shards as u64).max(1));
     let machine = RoundMachine::new(
         MachineConfig {
             shards: cfg.round.shards,
@@ -88,7 +103,9 @@ pub async fn serve(cfg: RunConfig, shutdown: impl std::future::Future<Output = (
         heldout_loss: vec![loss0],
         ..Status::default()
     });
-    let listener = tokio::net::TcpListener::bind(&cfg.http).await.with_context(|| format!("binding HTTP on {}", cfg.http))?;
+    let listener = tokio::net::TcpListener::bind(&cfg.http)
+        .await
+        .with_context(|| format!("binding HTTP on {}", cfg.http))?;
     println!("http: http://{}", listener.local_addr()?);
     let (http_stop_tx, http_stop_rx) = tokio::sync::oneshot::channel::<()>();
     let app = crate::http::router(status_rx, checkpoints_dir.clone());
@@ -146,7 +163,11 @@ struct Shell {
 }
 
 impl Shell {
-    async fn run(&mut self, swarm: &mut Swarm<Behaviour>, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
+    async fn run(
+        &mut self,
+        swarm: &mut Swarm<Behaviour>,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> Result<()> {
         let mut tick = tokio::time::interval(Duration::from_millis(200));
         tokio::pin!(shutdown);
         loop {
@@ -155,10 +176,11 @@ impl Shell {
                 _ = tick.tick() => {
                     let actions = self.machine.handle(Event::Tick, now_ms());
                     self.perform(swarm, actions);
-                    if let Some(at) = self.finished_at {
-                        if !self.cfg.serve_after_finish && at.elapsed() >= LINGER_AFTER_FINISH {
-                            return Ok(());
-                        }
+                    if let Some(at) = self.finished_at
+                        && !self.cfg.serve_after_finish
+                        && at.elapsed() >= LINGER_AFTER_FINISH
+                    {
+                        return Ok(());
                     }
                 }
                 joined = async { self.aggregation.as_mut().expect("guarded").await }, if self.aggregation.is_some() => {
@@ -181,11 +203,18 @@ impl Shell {
                 println!("listening: {address}/p2p/{}", swarm.local_peer_id());
             }
             SwarmEvent::ConnectionEstablished { peer_id, .. } => {
-                let p = self.peers.entry(peer_id).or_insert_with(|| PeerStatus { peer: peer_id.to_string(), ..Default::default() });
+                let p = self.peers.entry(peer_id).or_insert_with(|| PeerStatus {
+                    peer: peer_id.to_string(),
+                    ..Default::default()
+                });
                 p.connected = true;
                 self.publish_status();
             }
-            SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => {
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                num_established: 0,
+                ..
+            } => {
                 if let Some(p) = self.peers.get_mut(&peer_id) {
                     p.connected = false;
                 }
@@ -193,14 +222,24 @@ impl Shell {
             }
             SwarmEvent::Behaviour(BehaviourEvent::Rpc(request_response::Event::Message {
                 peer,
-                message: request_response::Message::Request { request, channel, .. },
+                message:
+                    request_response::Message::Request {
+                        request, channel, ..
+                    },
                 ..
             })) => self.on_rpc(swarm, peer, request, channel),
             SwarmEvent::Behaviour(BehaviourEvent::Blob(request_response::Event::Message {
-                message: request_response::Message::Request { request, channel, .. },
+                message:
+                    request_response::Message::Request {
+                        request, channel, ..
+                    },
                 ..
             })) => {
-                let response = match self.blobs.read_chunk(&request.id, request.offset, request.len.min(BLOB_CHUNK_BYTES)) {
+                let response = match self.blobs.read_chunk(
+                    &request.id,
+                    request.offset,
+                    request.len.min(BLOB_CHUNK_BYTES),
+                ) {
                     Some(Ok((total, bytes))) => BlobResponse::Chunk { total, bytes },
                     Some(Err(e)) => {
                         tracing::error!(error = %e, "reading a blob");
@@ -210,7 +249,9 @@ impl Shell {
                 };
                 let _ = swarm.behaviour_mut().blob.send_response(channel, response);
             }
-            SwarmEvent::Behaviour(BehaviourEvent::Rpc(request_response::Event::InboundFailure { peer, error, .. })) => {
+            SwarmEvent::Behaviour(BehaviourEvent::Rpc(
+                request_response::Event::InboundFailure { peer, error, .. },
+            )) => {
                 // Oversized or malformed requests end here: refused before allocation, logged,
                 // and the coordinator carries on.
                 tracing::warn!(%peer, %error, "inbound request failed");
@@ -219,14 +260,26 @@ impl Shell {
         }
     }
 
-    fn on_rpc(&mut self, swarm: &mut Swarm<Behaviour>, peer: PeerId, request: RpcRequest, channel: ResponseChannel<RpcResponse>) {
+    fn on_rpc(
+        &mut self,
+        swarm: &mut Swarm<Behaviour>,
+        peer: PeerId,
+        request: RpcRequest,
+        channel: ResponseChannel<RpcResponse>,
+    ) {
         let key = peer.to_string();
         let (event, reply_only) = match request {
             RpcRequest::Lease(req) => {
                 if req.version != PROTOCOL_VERSION {
                     tracing::warn!(%peer, version = req.version, "refused a node speaking another protocol version");
-                    let reason = format!("protocol version {} is not supported; this coordinator speaks {PROTOCOL_VERSION}", req.version);
-                    let _ = swarm.behaviour_mut().rpc.send_response(channel, RpcResponse::Refused { reason });
+                    let reason = format!(
+                        "protocol version {} is not supported; this coordinator speaks {PROTOCOL_VERSION}",
+                        req.version
+                    );
+                    let _ = swarm
+                        .behaviour_mut()
+                        .rpc
+                        .send_response(channel, RpcResponse::Refused { reason });
                     return;
                 }
                 let p = self.peers.entry(peer).or_default();
@@ -261,13 +314,24 @@ impl Shell {
         let mut rest = Vec::new();
         for action in actions {
             let response = match &action {
-                Action::Grant { grant, .. } => Some(RpcResponse::Lease(Box::new(self.lease_message(grant)))),
-                Action::NoWork { retry_after_ms, finished, reason, .. } => Some(RpcResponse::NoWork {
+                Action::Grant { grant, .. } => {
+                    Some(RpcResponse::Lease(Box::new(self.lease_message(grant))))
+                }
+                Action::NoWork {
+                    retry_after_ms,
+                    finished,
+                    reason,
+                    ..
+                } => Some(RpcResponse::NoWork {
                     retry_after_ms: *retry_after_ms,
                     finished: *finished,
                     reason: reason.clone(),
                 }),
-                Action::Verdict { lease, verdict, peer: p } => {
+                Action::Verdict {
+                    lease,
+                    verdict,
+                    peer: p,
+                } => {
                     self.record_verdict(&peer, p, *lease, verdict, &reply_only);
                     Some(RpcResponse::Verdict(verdict.clone()))
                 }
@@ -288,12 +352,24 @@ impl Shell {
         self.perform(swarm, rest);
     }
 
-    fn record_verdict(&mut self, peer: &PeerId, _key: &str, lease: LeaseId, verdict: &Verdict, accepted: &Option<(LeaseId, Delta, u64)>) {
+    fn record_verdict(
+        &mut self,
+        peer: &PeerId,
+        _key: &str,
+        lease: LeaseId,
+        verdict: &Verdict,
+        accepted: &Option<(LeaseId, Delta, u64)>,
+    ) {
         let round = self.machine.round().0;
-        let p = self.peers.entry(*peer).or_insert_with(|| PeerStatus { peer: peer.to_string(), ..Default::default() });
+        let p = self.peers.entry(*peer).or_insert_with(|| PeerStatus {
+            peer: peer.to_string(),
+            ..Default::default()
+        });
         match verdict {
             Verdict::Accepted => {
-                let Some((_, delta, tokens)) = accepted else { return };
+                let Some((_, delta, tokens)) = accepted else {
+                    return;
+                };
                 p.accepted += 1;
                 p.tokens += tokens;
                 tracing::info!(%peer, %lease, round, tokens, "accepted delta");
@@ -303,7 +379,11 @@ impl Shell {
                 p.rejected += 1;
                 tracing::warn!(%peer, %lease, round, reason = %reason, "rejected submission");
                 self.status_tx.send_modify(|s| {
-                    s.recent_rejects.push(RejectRecord { peer: peer.to_string(), round, reason: reason.to_string() });
+                    s.recent_rejects.push(RejectRecord {
+                        peer: peer.to_string(),
+                        round,
+                        reason: reason.to_string(),
+                    });
                     if s.recent_rejects.len() > RECENT_REJECTS {
                         s.recent_rejects.remove(0);
                     }
@@ -319,18 +399,26 @@ impl Shell {
         if sub.run != self.cfg.run {
             return Err(RejectReason::LeaseMismatch);
         }
-        let key = PublicKey::try_decode_protobuf(&sub.public_key).map_err(|_| RejectReason::BadSignature)?;
+        let key = PublicKey::try_decode_protobuf(&sub.public_key)
+            .map_err(|_| RejectReason::BadSignature)?;
         if key.to_peer_id() != *peer {
             return Err(RejectReason::BadSignature);
         }
         if ContentId::of(&sub.payload) != sub.payload_hash {
             return Err(RejectReason::PayloadHashMismatch);
         }
-        let signed = submission_bytes(&sub.run, sub.round, sub.shard, &sub.base_adapter, &sub.payload_hash);
+        let signed = submission_bytes(
+            &sub.run,
+            sub.round,
+            sub.shard,
+            &sub.base_adapter,
+            &sub.payload_hash,
+        );
         if !key.verify(&signed, &sub.signature) {
             return Err(RejectReason::BadSignature);
         }
-        Delta::decode(&sub.payload, &self.layout).map_err(|e| RejectReason::Malformed(e.to_string()))
+        Delta::decode(&sub.payload, &self.layout)
+            .map_err(|e| RejectReason::Malformed(e.to_string()))
     }
 
     /// The most tokens one shard can hold; claims above it are cut to it.
@@ -367,10 +455,14 @@ impl Shell {
                     tracing::warn!(%peer, %lease, %shard, "lease expired; shard reissued");
                 }
                 Action::Aggregate { round, accepted } => {
-                    let deltas: Vec<(Delta, u64)> = accepted.iter().filter_map(|a| self.deltas.remove(&a.lease)).collect();
+                    let deltas: Vec<(Delta, u64)> = accepted
+                        .iter()
+                        .filter_map(|a| self.deltas.remove(&a.lease))
+                        .collect();
                     self.deltas.clear();
                     let mut engine = self.engine.take().expect("one aggregation at a time");
-                    let dir = (round.0 + 1 == self.cfg.rounds || (round.0 + 1) % self.cfg.checkpoint_every() == 0)
+                    let dir = (round.0 + 1 == self.cfg.rounds
+                        || (round.0 + 1) % self.cfg.checkpoint_every() == 0)
                         .then(|| self.checkpoints_dir.clone());
                     tracing::info!(round = round.0, deltas = deltas.len(), "aggregating");
                     self.aggregation = Some(tokio::task::spawn_blocking(move || {
@@ -379,10 +471,17 @@ impl Shell {
                     }));
                 }
                 Action::RoundOpened { round, adapter } => {
-                    let ann = RoundAnnouncement { run: self.cfg.run.clone(), round, adapter };
+                    let ann = RoundAnnouncement {
+                        run: self.cfg.run.clone(),
+                        round,
+                        adapter,
+                    };
                     if let Ok(bytes) = herd_protocol::framing::encode(&ann) {
                         // No subscribers yet is fine: nodes also learn rounds from their leases.
-                        let _ = swarm.behaviour_mut().gossipsub.publish(self.topic.clone(), bytes);
+                        let _ = swarm
+                            .behaviour_mut()
+                            .gossipsub
+                            .publish(self.topic.clone(), bytes);
                     }
                 }
                 Action::Finished { rounds } => {
@@ -396,9 +495,18 @@ impl Shell {
         self.publish_status();
     }
 
-    fn on_round_result(&mut self, swarm: &mut Swarm<Behaviour>, round: Round, result: RoundResult) -> Result<()> {
+    fn on_round_result(
+        &mut self,
+        swarm: &mut Swarm<Behaviour>,
+        round: Round,
+        result: RoundResult,
+    ) -> Result<()> {
         let adapter = self.blobs.put_bytes(&result.adapter_bytes)?;
-        println!("round {}: held-out loss {:.4}", round.0 + 1, result.heldout_loss);
+        println!(
+            "round {}: held-out loss {:.4}",
+            round.0 + 1,
+            result.heldout_loss
+        );
         self.status_tx.send_modify(|s| {
             s.heldout_loss.push(result.heldout_loss);
             s.rounds_completed = round.0 + 1;
@@ -406,7 +514,9 @@ impl Shell {
                 s.checkpoints.push(c);
             }
         });
-        let actions = self.machine.handle(Event::Aggregated { round, adapter }, now_ms());
+        let actions = self
+            .machine
+            .handle(Event::Aggregated { round, adapter }, now_ms());
         self.perform(swarm, actions);
         Ok(())
     }
@@ -424,7 +534,10 @@ impl Shell {
 
     fn write_summary(&self) -> Result<std::path::PathBuf> {
         let s = self.status_tx.borrow().clone();
-        let final_adapter = s.checkpoints.last().map(|c| self.checkpoints_dir.join(&c.id));
+        let final_adapter = s
+            .checkpoints
+            .last()
+            .map(|c| self.checkpoints_dir.join(&c.id));
         let summary = json!({
             "run": s.run,
             "rounds_completed": s.rounds_completed,

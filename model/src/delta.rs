@@ -28,7 +28,11 @@ pub fn lora_delta(before: &[(String, Tensor)], lora: &Lora) -> Result<Delta> {
                 .iter()
                 .find(|(n, _)| *n == name)
                 .ok_or_else(|| ModelError::Argument(format!("no snapshot of `{name}`")))?;
-            let diff = after.f_detach()?.f_sub(prev)?.f_to_kind(Kind::Float)?.f_to_device(tch::Device::Cpu)?;
+            let diff = after
+                .f_detach()?
+                .f_sub(prev)?
+                .f_to_kind(Kind::Float)?
+                .f_to_device(tch::Device::Cpu)?;
             Ok(DeltaTensor {
                 name,
                 shape: diff.size().iter().map(|&d| d as u32).collect(),
@@ -36,5 +40,8 @@ pub fn lora_delta(before: &[(String, Tensor)], lora: &Lora) -> Result<Delta> {
             })
         })
         .collect::<Result<Vec<_>>>()?;
-    Ok(Delta { codec: Codec::RawF32, tensors })
+    Ok(Delta {
+        codec: Codec::RawF32,
+        tensors,
+    })
 }

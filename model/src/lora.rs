@@ -268,7 +268,8 @@ impl Lora {
 
     /// Adds `delta` to the factor `name` in place (no autograd): how updates are applied.
     pub fn add_to_factor(&self, name: &str, delta: &Tensor) -> Result<()> {
-        let Some((_, mut factor)) = self.named_factors().into_iter().find(|(n, _)| n == name) else {
+        let Some((_, mut factor)) = self.named_factors().into_iter().find(|(n, _)| n == name)
+        else {
             return Err(ModelError::Argument(format!("no LoRA factor `{name}`")));
         };
         if factor.size() != delta.size() {

@@ -168,19 +168,30 @@ fn sharded_weights_load_like_a_single_file() {
     let mut weight_map = serde_json::Map::new();
     for (i, chunk) in names.chunks(names.len() / 2 + 1).enumerate() {
         let file = format!("model-0000{}-of-00002.safetensors", i + 1);
-        let tensors: Vec<(String, Tensor)> =
-            chunk.iter().map(|n| (n.clone(), single.tensor(n, None).unwrap())).collect();
+        let tensors: Vec<(String, Tensor)> = chunk
+            .iter()
+            .map(|n| (n.clone(), single.tensor(n, None).unwrap()))
+            .collect();
         crate::safetensors_io::write_safetensors(&dir.path().join(&file), &tensors, &[]).unwrap();
         for n in chunk {
             weight_map.insert(n.clone(), file.clone().into());
         }
     }
     let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
-    std::fs::write(dir.path().join("model.safetensors.index.json"), index.to_string()).unwrap();
+    std::fs::write(
+        dir.path().join("model.safetensors.index.json"),
+        index.to_string(),
+    )
+    .unwrap();
     std::fs::copy(fixture("gqa/config.json"), dir.path().join("config.json")).unwrap();
     let sharded = Llama::load(dir.path(), Device::Cpu).unwrap();
     let model = Llama::load(&fixture("gqa"), Device::Cpu).unwrap();
-    let ids = reference("gqa", "reference.safetensors").tensor("input_ids", None).unwrap();
-    let diff = max_abs_diff(&sharded.forward(&ids, None).unwrap(), &model.forward(&ids, None).unwrap());
+    let ids = reference("gqa", "reference.safetensors")
+        .tensor("input_ids", None)
+        .unwrap();
+    let diff = max_abs_diff(
+        &sharded.forward(&ids, None).unwrap(),
+        &model.forward(&ids, None).unwrap(),
+    );
     assert_eq!(diff, 0.0);
 }

@@ -93,7 +93,10 @@ pub fn save_adapter(dir: &Path, lora: &Lora, base_model: Option<&str>) -> Result
     }
     let text = serde_json::to_string_pretty(&json).expect("adapter config serialises");
     let weights_path = dir.join(ADAPTER_WEIGHTS);
-    write_atomic(&weights_path, &adapter_weights_bytes(lora).map_err(|e| e.with_path(&weights_path))?)?;
+    write_atomic(
+        &weights_path,
+        &adapter_weights_bytes(lora).map_err(|e| e.with_path(&weights_path))?,
+    )?;
     write_atomic(&dir.join(ADAPTER_CONFIG), text.as_bytes())
 }
 

@@ -220,8 +220,7 @@ pub fn write_safetensors(
     tensors: &[(String, Tensor)],
     extra_metadata: &[(&str, String)],
 ) -> Result<()> {
-    let bytes = serialize_safetensors(tensors, extra_metadata)
-        .map_err(|e| e.with_path(path))?;
+    let bytes = serialize_safetensors(tensors, extra_metadata).map_err(|e| e.with_path(path))?;
     write_atomic(path, &bytes)
 }
 

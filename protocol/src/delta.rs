@@ -45,11 +45,23 @@ pub enum DeltaError {
     #[error("holds {found} tensors, expected {expected}")]
     Count { found: usize, expected: usize },
     #[error("tensor {index} is `{found}`, expected `{expected}`")]
-    Name { index: usize, found: String, expected: String },
+    Name {
+        index: usize,
+        found: String,
+        expected: String,
+    },
     #[error("tensor `{name}` has shape {found:?}, expected {expected:?}")]
-    Shape { name: String, found: Vec<u32>, expected: Vec<u32> },
+    Shape {
+        name: String,
+        found: Vec<u32>,
+        expected: Vec<u32>,
+    },
     #[error("tensor `{name}` holds {found} values for shape {shape:?}")]
-    Length { name: String, found: usize, shape: Vec<u32> },
+    Length {
+        name: String,
+        found: usize,
+        shape: Vec<u32>,
+    },
     #[error("tensor `{name}` has a non-finite value at {index}")]
     NonFinite { name: String, index: usize },
 }
@@ -99,7 +111,10 @@ impl Delta {
                 });
             }
             if let Some(index) = t.values.iter().position(|v| !v.is_finite()) {
-                return Err(DeltaError::NonFinite { name: name.clone(), index });
+                return Err(DeltaError::NonFinite {
+                    name: name.clone(),
+                    index,
+                });
             }
         }
         Ok(delta)
@@ -123,8 +138,16 @@ mod tests {
         Delta {
             codec: Codec::RawF32,
             tensors: vec![
-                DeltaTensor { name: "a".into(), shape: vec![2, 2], values: vec![1.0, 2.0, 3.0, 4.0] },
-                DeltaTensor { name: "b".into(), shape: vec![3], values: vec![0.5; 3] },
+                DeltaTensor {
+                    name: "a".into(),
+                    shape: vec![2, 2],
+                    values: vec![1.0, 2.0, 3.0, 4.0],
+                },
+                DeltaTensor {
+                    name: "b".into(),
+                    shape: vec![3],
+                    values: vec![0.5; 3],
+                },
             ],
         }
     }
@@ -135,13 +158,22 @@ mod tests {
         assert_eq!(Delta::decode(&bytes, &layout()).unwrap(), delta());
         let mut wrong = delta();
         wrong.tensors[0].shape = vec![4, 1];
-        assert!(matches!(Delta::decode(&wrong.encode().unwrap(), &layout()), Err(DeltaError::Shape { .. })));
+        assert!(matches!(
+            Delta::decode(&wrong.encode().unwrap(), &layout()),
+            Err(DeltaError::Shape { .. })
+        ));
         let mut nan = delta();
         nan.tensors[1].values[2] = f32::NAN;
-        assert!(matches!(Delta::decode(&nan.encode().unwrap(), &layout()), Err(DeltaError::NonFinite { index: 2, .. })));
+        assert!(matches!(
+            Delta::decode(&nan.encode().unwrap(), &layout()),
+            Err(DeltaError::NonFinite { index: 2, .. })
+        ));
         let mut short = delta();
         short.tensors[1].values.pop();
-        assert!(matches!(Delta::decode(&short.encode().unwrap(), &layout()), Err(DeltaError::Length { .. })));
+        assert!(matches!(
+            Delta::decode(&short.encode().unwrap(), &layout()),
+            Err(DeltaError::Length { .. })
+        ));
         let mut renamed = delta();
         renamed.tensors.swap(0, 1);
         assert!(Delta::decode(&renamed.encode().unwrap(), &layout()).is_err());

@@ -67,7 +67,11 @@ pub async fn read_frame<R: AsyncRead + Unpin>(io: &mut R, cap: usize) -> std::io
 }
 
 /// Writes one frame; refuses bodies over `cap` (the peer would refuse them anyway).
-pub async fn write_frame<W: AsyncWrite + Unpin>(io: &mut W, body: &[u8], cap: usize) -> std::io::Result<()> {
+pub async fn write_frame<W: AsyncWrite + Unpin>(
+    io: &mut W,
+    body: &[u8],
+    cap: usize,
+) -> std::io::Result<()> {
     if body.len() > cap || body.len() > u32::MAX as usize {
         return Err(FrameError::TooLarge {
             len: body.len() as u64,
@@ -96,11 +100,17 @@ mod tests {
     fn decode_bounds_collections_and_rejects_trailing_bytes() {
         // A Vec<u8> whose length prefix claims far more than the limit.
         let huge: Vec<u8> = encode(&vec![0u8; 10_000]).unwrap();
-        assert!(matches!(decode::<Vec<u8>, 1000>(&huge), Err(FrameError::TooLarge { .. })));
+        assert!(matches!(
+            decode::<Vec<u8>, 1000>(&huge),
+            Err(FrameError::TooLarge { .. })
+        ));
         let mut bytes = encode(&(1u32, 2u32)).unwrap();
         assert_eq!(decode::<(u32, u32), 64>(&bytes).unwrap(), (1, 2));
         bytes.push(0);
-        assert!(matches!(decode::<(u32, u32), 64>(&bytes), Err(FrameError::Trailing(1))));
+        assert!(matches!(
+            decode::<(u32, u32), 64>(&bytes),
+            Err(FrameError::Trailing(1))
+        ));
         // A length prefix of 2^60 elements inside a small buffer.
         let lying = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0x10];
         assert!(decode::<Vec<u64>, 1_000_000>(&lying).is_err());
@@ -111,6 +121,9 @@ mod tests {
         let mut buf = futures::io::Cursor::new(Vec::new());
         futures::executor::block_on(write_frame(&mut buf, b"hello", 16)).unwrap();
         let mut read = futures::io::Cursor::new(buf.into_inner());
-        assert_eq!(futures::executor::block_on(read_frame(&mut read, 16)).unwrap(), b"hello");
+        assert_eq!(
+            futures::executor::block_on(read_frame(&mut read, 16)).unwrap(),
+            b"hello"
+        );
     }
 }

@@ -48,7 +48,9 @@ pub enum RpcResponse {
     Verdict(Verdict),
     Returned,
     /// The request itself was refused (e.g. a version this coordinator does not speak).
-    Refused { reason: String },
+    Refused {
+        reason: String,
+    },
 }
 
 /// A request for work, with what the node is.
@@ -157,7 +159,9 @@ impl std::fmt::Display for RejectReason {
             RejectReason::NotYourLease => f.write_str("lease belongs to another peer"),
             RejectReason::StaleRound => f.write_str("round already closed"),
             RejectReason::WrongBaseAdapter => f.write_str("delta computed from the wrong adapter"),
-            RejectReason::LeaseMismatch => f.write_str("run, round or shard do not match the lease"),
+            RejectReason::LeaseMismatch => {
+                f.write_str("run, round or shard do not match the lease")
+            }
             RejectReason::BadSignature => f.write_str("bad signature"),
             RejectReason::PayloadHashMismatch => f.write_str("payload hash mismatch"),
             RejectReason::Malformed(why) => write!(f, "malformed delta: {why}"),

@@ -12,7 +12,9 @@ use libp2p::identity::Keypair;
 use libp2p::multiaddr::Protocol;
 use libp2p::request_response::{self, ProtocolSupport};
 use libp2p::swarm::NetworkBehaviour;
-use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm, gossipsub, identify, noise, ping, tcp, yamux};
+use libp2p::{
+    Multiaddr, PeerId, StreamProtocol, Swarm, gossipsub, identify, noise, ping, tcp, yamux,
+};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -31,7 +33,9 @@ pub enum NetError {
 
 /// A request-response codec: one length-prefixed bincode frame each way, capped at `REQ` and
 /// `RESP` bytes (checked before allocating).
-pub struct FramedCodec<Req, Resp, const REQ: usize, const RESP: usize>(PhantomData<fn() -> (Req, Resp)>);
+pub struct FramedCodec<Req, Resp, const REQ: usize, const RESP: usize>(
+    PhantomData<fn() -> (Req, Resp)>,
+);
 
 impl<Req, Resp, const REQ: usize, const RESP: usize> Default for FramedCodec<Req, Resp, REQ, RESP> {
     fn default() -> Self {
@@ -45,13 +49,16 @@ impl<Req, Resp, const REQ: usize, const RESP: usize> Clone for FramedCodec<Req, 
     }
 }
 
-impl<Req, Resp, const REQ: usize, const RESP: usize> std::fmt::Debug for FramedCodec<Req, Resp, REQ, RESP> {
+impl<Req, Resp, const REQ: usize, const RESP: usize> std::fmt::Debug
+    for FramedCodec<Req, Resp, REQ, RESP>
+{
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "FramedCodec<{REQ}, {RESP}>")
     }
 }
 
-impl<Req, Resp, const REQ: usize, const RESP: usize> request_response::Codec for FramedCodec<Req, Resp, REQ, RESP>
+impl<Req, Resp, const REQ: usize, const RESP: usize> request_response::Codec
+    for FramedCodec<Req, Resp, REQ, RESP>
 where
     Req: Serialize + DeserializeOwned + Send + 'static,
     Resp: Serialize + DeserializeOwned + Send + 'static,
@@ -83,7 +90,12 @@ where
         write_frame(io, &encode(&req)?, REQ).await
     }
 
-    async fn write_response<T>(&mut self, _: &StreamProtocol, io: &mut T, res: Resp) -> io::Result<()>
+    async fn write_response<T>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        res: Resp,
+    ) -> io::Result<()>
     where
         T: AsyncWrite + Unpin + Send,
     {
@@ -91,8 +103,10 @@ where
     }
 }
 
-pub type RpcCodec = FramedCodec<RpcRequest, RpcResponse, MAX_RPC_REQUEST_BYTES, MAX_RPC_RESPONSE_BYTES>;
-pub type BlobCodec = FramedCodec<BlobRequest, BlobResponse, MAX_BLOB_REQUEST_BYTES, MAX_BLOB_RESPONSE_BYTES>;
+pub type RpcCodec =
+    FramedCodec<RpcRequest, RpcResponse, MAX_RPC_REQUEST_BYTES, MAX_RPC_RESPONSE_BYTES>;
+pub type BlobCodec =
+    FramedCodec<BlobRequest, BlobResponse, MAX_BLOB_REQUEST_BYTES, MAX_BLOB_RESPONSE_BYTES>;
 
 /// Every protocol herd speaks, one field each.
 #[allow(missing_debug_implementations)] // the derive also generates the event enum
@@ -120,7 +134,11 @@ pub fn build_swarm(keypair: Keypair, role: Role) -> Result<Swarm<Behaviour>, Net
     let build = |e: &dyn std::fmt::Display| NetError::Build(e.to_string());
     let swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
-        .with_tcp(tcp::Config::default().nodelay(true), noise::Config::new, yamux::Config::default)
+        .with_tcp(
+            tcp::Config::default().nodelay(true),
+            noise::Config::new,
+            yamux::Config::default,
+        )
         .map_err(|e| build(&e))?
         .with_quic()
         .with_behaviour(|key| {
@@ -128,7 +146,8 @@ pub fn build_swarm(keypair: Keypair, role: Role) -> Result<Swarm<Behaviour>, Net
                 Role::Coordinator => ProtocolSupport::Inbound,
                 Role::Node => ProtocolSupport::Outbound,
             };
-            let rr_config = request_response::Config::default().with_request_timeout(REQUEST_TIMEOUT);
+            let rr_config =
+                request_response::Config::default().with_request_timeout(REQUEST_TIMEOUT);
             let gossip_config = gossipsub::ConfigBuilder::default()
                 .max_transmit_size(MAX_ANNOUNCE_BYTES)
                 .validation_mode(gossipsub::ValidationMode::Strict)
@@ -175,7 +194,8 @@ pub fn load_or_create_identity(path: &Path) -> Result<Keypair, NetError> {
         problem,
     };
     match std::fs::read(path) {
-        Ok(bytes) => Keypair::from_protobuf_encoding(&bytes).map_err(|e| err(format!("not a libp2p key: {e}"))),
+        Ok(bytes) => Keypair::from_protobuf_encoding(&bytes)
+            .map_err(|e| err(format!("not a libp2p key: {e}"))),
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             let key = Keypair::generate_ed25519();
             let bytes = key.to_protobuf_encoding().map_err(|e| err(e.to_string()))?;
@@ -194,7 +214,12 @@ fn write_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
     f.write_all(bytes)?;
     f.sync_all()?;
     std::fs::rename(tmp, path)
@@ -215,7 +240,12 @@ mod tests {
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
         std::fs::write(&path, b"garbage").unwrap();
-        assert!(load_or_create_identity(&path).unwrap_err().to_string().contains("not a libp2p key"));
+        assert!(
+            load_or_create_identity(&path)
+                .unwrap_err()
+                .to_string()
+                .contains("not a libp2p key")
+        );
     }
 
     #[test]
@@ -224,6 +254,9 @@ mod tests {
         let id = key.public().to_peer_id();
         let addr: Multiaddr = format!("/ip4/127.0.0.1/tcp/4001/p2p/{id}").parse().unwrap();
         assert_eq!(pinned_peer(&addr), Some(id));
-        assert_eq!(pinned_peer(&"/ip4/127.0.0.1/tcp/4001".parse().unwrap()), None);
+        assert_eq!(
+            pinned_peer(&"/ip4/127.0.0.1/tcp/4001".parse().unwrap()),
+            None
+        );
     }
 }

@@ -7,7 +7,13 @@ use crate::ids::{ContentId, Round, ShardId};
 const DOMAIN: &[u8] = b"herd/submission/v1\0";
 
 /// `DOMAIN || len(run) u32 LE || run || round u64 LE || shard u32 LE || base || payload`.
-pub fn submission_bytes(run: &str, round: Round, shard: ShardId, base_adapter: &ContentId, payload: &ContentId) -> Vec<u8> {
+pub fn submission_bytes(
+    run: &str,
+    round: Round,
+    shard: ShardId,
+    base_adapter: &ContentId,
+    payload: &ContentId,
+) -> Vec<u8> {
     let mut out = Vec::with_capacity(DOMAIN.len() + 4 + run.len() + 8 + 4 + 64);
     out.extend_from_slice(DOMAIN);
     out.extend_from_slice(&(run.len() as u32).to_le_bytes());

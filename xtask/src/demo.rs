@@ -84,7 +84,10 @@ checkpoint_every = 5
             steps = args.inner_steps,
         ),
     )?;
-    println!("herd demo: a coordinator and {} nodes on 127.0.0.1 fine-tune the embedded tiny LLaMA", args.nodes);
+    println!(
+        "herd demo: a coordinator and {} nodes on 127.0.0.1 fine-tune the embedded tiny LLaMA",
+        args.nodes
+    );
     println!("run folder: {}", run_dir.display());
 
     let mut coordinator = util::bin(root, "herd-coordinator");
@@ -93,17 +96,26 @@ checkpoint_every = 5
         .arg(&config)
         .stdout(Stdio::piped())
         .stderr(log_file(&logs, "coordinator.log")?);
-    let mut coordinator = Children(vec![coordinator.spawn().context("starting herd-coordinator")?]);
+    let mut coordinator = Children(vec![
+        coordinator.spawn().context("starting herd-coordinator")?,
+    ]);
     let lines = forward_lines(coordinator.0[0].stdout.take().expect("piped"));
     let (addr, http) = wait_for_addresses(&lines, &mut coordinator.0[0])?;
     println!("http: {http}");
     let mut nodes = Children(Vec::new());
     for i in 0..args.nodes {
         let mut node = util::bin(root, "herd-node");
-        node.args(["run", "--threads", "1", "--coordinator", &addr, "--data-dir"])
-            .arg(run_dir.join(format!("node-{i}")))
-            .stdout(log_file(&logs, &format!("node-{i}.log"))?)
-            .stderr(log_file(&logs, &format!("node-{i}.log"))?);
+        node.args([
+            "run",
+            "--threads",
+            "1",
+            "--coordinator",
+            &addr,
+            "--data-dir",
+        ])
+        .arg(run_dir.join(format!("node-{i}")))
+        .stdout(log_file(&logs, &format!("node-{i}.log"))?)
+        .stderr(log_file(&logs, &format!("node-{i}.log"))?);
         nodes.0.push(node.spawn().context("starting herd-node")?);
     }
     let mut summary_path = None;
@@ -115,7 +127,10 @@ checkpoint_every = 5
     }
     let status = coordinator.0[0].wait()?;
     if !status.success() {
-        bail!("the coordinator failed ({status}); see {}", logs.join("coordinator.log").display());
+        bail!(
+            "the coordinator failed ({status}); see {}",
+            logs.join("coordinator.log").display()
+        );
     }
     nodes.stop(Duration::from_secs(10));
     let summary_path = summary_path.context("the coordinator printed no summary")?;
@@ -128,27 +143,65 @@ checkpoint_every = 5
 
 /// Prints the before/after figures and the fine-tuned model's answers to held-out instructions.
 fn report(root: &Path, args: &DemoArgs, summary: &Value) -> Result<()> {
-    let losses: Vec<f64> = summary["heldout_loss"].as_array().into_iter().flatten().filter_map(Value::as_f64).collect();
+    let losses: Vec<f64> = summary["heldout_loss"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_f64)
+        .collect();
     if let (Some(first), Some(last)) = (losses.first(), losses.last()) {
-        println!("held-out loss: {first:.4} before, {last:.4} after {} rounds ({:.0}% lower)", losses.len() - 1, 100.0 * (1.0 - last / first));
+        println!(
+            "held-out loss: {first:.4} before, {last:.4} after {} rounds ({:.0}% lower)",
+            losses.len() - 1,
+            100.0 * (1.0 - last / first)
+        );
     }
     let up = summary["bytes_uploaded"].as_u64().unwrap_or(0);
     let dense = summary["bytes_dense_fp32"].as_u64().unwrap_or(0);
-    println!("uploaded {} KiB of deltas ({} KiB as dense fp32)", up / 1024, dense / 1024);
-    let Some(adapter) = summary["final_adapter"].as_str() else { return Ok(()) };
+    println!(
+        "uploaded {} KiB of deltas ({} KiB as dense fp32)",
+        up / 1024,
+        dense / 1024
+    );
+    let Some(adapter) = summary["final_adapter"].as_str() else {
+        return Ok(());
+    };
     let mut generate = util::bin(root, "herd-node");
-    generate.args(["generate", "--max-new-tokens", "12", "--model"]).arg(root.join(&args.model)).arg("--adapter").arg(adapter).arg("--data").arg(root.join(&args.heldout));
-    let answers: Vec<Value> = util::output(&mut generate)?.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
-    let right = answers.iter().filter(|a| a["output"] == a["expected"]).count();
-    println!("held-out instructions answered exactly: {right}/{}", answers.len());
+    generate
+        .args(["generate", "--max-new-tokens", "12", "--model"])
+        .arg(root.join(&args.model))
+        .arg("--adapter")
+        .arg(adapter)
+        .arg("--data")
+        .arg(root.join(&args.heldout));
+    let answers: Vec<Value> = util::output(&mut generate)?
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let right = answers
+        .iter()
+        .filter(|a| a["output"] == a["expected"])
+        .count();
+    println!(
+        "held-out instructions answered exactly: {right}/{}",
+        answers.len()
+    );
     for a in answers.iter().take(4) {
-        println!("  {} [{}] -> {}", a["instruction"].as_str().unwrap_or(""), a["input"].as_str().unwrap_or(""), a["output"].as_str().unwrap_or(""));
+        println!(
+            "  {} [{}] -> {}",
+            a["instruction"].as_str().unwrap_or(""),
+            a["input"].as_str().unwrap_or(""),
+            a["output"].as_str().unwrap_or("")
+        );
     }
     Ok(())
 }
 
 fn log_file(dir: &Path, name: &str) -> Result<Stdio> {
-    let file = std::fs::OpenOptions::new().create(true).append(true).open(dir.join(name))?;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join(name))?;
     Ok(Stdio::from(file))
 }
 
@@ -166,7 +219,10 @@ fn forward_lines(out: std::process::ChildStdout) -> mpsc::Receiver<String> {
 }
 
 /// Waits (bounded) for the coordinator's TCP multiaddr and HTTP URL lines, echoing what it prints.
-fn wait_for_addresses(lines: &mpsc::Receiver<String>, child: &mut Child) -> Result<(String, String)> {
+fn wait_for_addresses(
+    lines: &mpsc::Receiver<String>,
+    child: &mut Child,
+) -> Result<(String, String)> {
     let deadline = Instant::now() + Duration::from_secs(120);
     let (mut addr, mut http) = (None, None);
     while addr.is_none() || http.is_none() {
@@ -219,4 +275,3 @@ impl Drop for Children {
         }
     }
 }
-

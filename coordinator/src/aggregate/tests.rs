@@ -3,12 +3,12 @@
 
 use std::path::Path;
 
+use herd_model::Llama;
 use herd_model::data::Dataset;
 use herd_model::delta::lora_delta;
 use herd_model::lora::{Lora, LoraConfig, Target};
 use herd_model::tokenizer::TextTokenizer;
 use herd_model::train::{TrainConfig, train_lora};
-use herd_model::Llama;
 
 use super::*;
 
@@ -37,13 +37,37 @@ fn aggregation_error(train_a: bool) -> (f64, f64) {
     let model = Llama::load(&base, tch::Device::Cpu).unwrap();
     let tok = TextTokenizer::from_dir(&base).unwrap();
     let cfg = model.config();
-    let data = Dataset::load(&default_dir().join("data/train.jsonl"), &tok, 128, cfg.eos_id(), cfg.vocab_size).unwrap();
-    let lora_cfg = LoraConfig { train_a, targets: Target::DEFAULT.to_vec(), ..LoraConfig::default() };
-    let train = TrainConfig { steps: 15, lr: 5e-3, measure_loss: false, ..TrainConfig::default() };
+    let data = Dataset::load(
+        &default_dir().join("data/train.jsonl"),
+        &tok,
+        128,
+        cfg.eos_id(),
+        cfg.vocab_size,
+    )
+    .unwrap();
+    let lora_cfg = LoraConfig {
+        train_a,
+        targets: Target::DEFAULT.to_vec(),
+        ..LoraConfig::default()
+    };
+    let train = TrainConfig {
+        steps: 15,
+        lr: 5e-3,
+        measure_loss: false,
+        ..TrainConfig::default()
+    };
 
     // θ_r: a global adapter that has already moved away from B = 0.
     let global = Lora::new(cfg, lora_cfg.clone(), tch::Device::Cpu).unwrap();
-    train_lora(&model, &global, &data, &(0..40).collect::<Vec<_>>(), &train, |_| {}).unwrap();
+    train_lora(
+        &model,
+        &global,
+        &data,
+        &(0..40).collect::<Vec<_>>(),
+        &train,
+        |_| {},
+    )
+    .unwrap();
     let start = global.snapshot().unwrap();
     let before = effective(&global);
 
@@ -51,16 +75,38 @@ fn aggregation_error(train_a: bool) -> (f64, f64) {
     let mut node_updates: Vec<Vec<Tensor>> = Vec::new();
     for shard in 0..3usize {
         let mut node = Lora::new(cfg, lora_cfg.clone(), tch::Device::Cpu).unwrap();
-        node.load_factors(|name, _| Ok(start.iter().find(|(n, _)| n == name).unwrap().1.copy())).unwrap();
+        node.load_factors(|name, _| Ok(start.iter().find(|(n, _)| n == name).unwrap().1.copy()))
+            .unwrap();
         let indices: Vec<usize> = (shard * 40..shard * 40 + 40).collect();
-        train_lora(&model, &node, &data, &indices, &TrainConfig { seed: shard as u64, ..train.clone() }, |_| {}).unwrap();
-        node_updates.push(effective(&node).iter().zip(&before).map(|(a, b)| a - b).collect());
+        train_lora(
+            &model,
+            &node,
+            &data,
+            &indices,
+            &TrainConfig {
+                seed: shard as u64,
+                ..train.clone()
+            },
+            |_| {},
+        )
+        .unwrap();
+        node_updates.push(
+            effective(&node)
+                .iter()
+                .zip(&before)
+                .map(|(a, b)| a - b)
+                .collect(),
+        );
         deltas.push(lora_delta(&start, &node).unwrap());
     }
     let weighted: Vec<(&Delta, u64)> = deltas.iter().map(|d| (d, 1)).collect();
     let mean = weighted_mean(&weighted).unwrap();
     OuterOptimizer::new(1.0, 0.0).step(&global, &mean).unwrap();
-    let applied: Vec<Tensor> = effective(&global).iter().zip(&before).map(|(a, b)| a - b).collect();
+    let applied: Vec<Tensor> = effective(&global)
+        .iter()
+        .zip(&before)
+        .map(|(a, b)| a - b)
+        .collect();
 
     let (mut gap, mut size) = (0f64, 0f64);
     for (i, applied) in applied.iter().enumerate() {
@@ -75,10 +121,18 @@ fn aggregation_error(train_a: bool) -> (f64, f64) {
 fn frozen_a_makes_aggregation_exact_and_training_a_does_not() {
     let (gap, relative) = aggregation_error(false);
     eprintln!("A frozen: max |applied - mean(B·A updates)| = {gap:.3e} (relative {relative:.3e})");
-    assert!(gap < 1e-6, "with A frozen the applied update must equal the mean update: {gap}");
+    assert!(
+        gap < 1e-6,
+        "with A frozen the applied update must equal the mean update: {gap}"
+    );
     let (gap_a, relative_a) = aggregation_error(true);
-    eprintln!("A trained: max |applied - mean(B·A updates)| = {gap_a:.3e} (relative {relative_a:.3e})");
-    assert!(gap_a > 100.0 * gap.max(1e-9), "training A should make averaging inexact: {gap_a}");
+    eprintln!(
+        "A trained: max |applied - mean(B·A updates)| = {gap_a:.3e} (relative {relative_a:.3e})"
+    );
+    assert!(
+        gap_a > 100.0 * gap.max(1e-9),
+        "training A should make averaging inexact: {gap_a}"
+    );
 }
 
 #[test]
@@ -86,7 +140,11 @@ fn weighted_mean_weighs_by_tokens() {
     use herd_protocol::delta::{Codec, DeltaTensor};
     let d = |v: f32| Delta {
         codec: Codec::RawF32,
-        tensors: vec![DeltaTensor { name: "x".into(), shape: vec![2], values: vec![v, 2.0 * v] }],
+        tensors: vec![DeltaTensor {
+            name: "x".into(),
+            shape: vec![2],
+            values: vec![v, 2.0 * v],
+        }],
     };
     let (a, b) = (d(1.0), d(4.0));
     let mean = weighted_mean(&[(&a, 3), (&b, 1)]).unwrap();

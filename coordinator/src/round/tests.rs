@@ -3,7 +3,15 @@
 use super::*;
 
 fn cfg(shards: u32, quorum: u32, rounds: u64) -> MachineConfig {
-    MachineConfig { shards, quorum, lease_ms: 1000, rounds, data_len: 100, samples_per_shard: 10, seed: 7 }
+    MachineConfig {
+        shards,
+        quorum,
+        lease_ms: 1000,
+        rounds,
+        data_len: 100,
+        samples_per_shard: 10,
+        seed: 7,
+    }
 }
 
 fn adapter(n: u8) -> ContentId {
@@ -11,7 +19,10 @@ fn adapter(n: u8) -> ContentId {
 }
 
 fn grant(m: &mut RoundMachine, peer: &str, now: u64) -> Grant {
-    match m.handle(Event::LeaseRequested { peer: peer.into() }, now).pop() {
+    match m
+        .handle(Event::LeaseRequested { peer: peer.into() }, now)
+        .pop()
+    {
         Some(Action::Grant { grant, .. }) => grant,
         other => panic!("expected a grant, got {other:?}"),
     }
@@ -45,29 +56,79 @@ fn verdict(actions: &[Action]) -> Verdict {
 #[test]
 fn rounds_close_at_quorum_and_open_after_aggregation() {
     let mut m = RoundMachine::new(cfg(3, 3, 2), adapter(0));
-    let grants: Vec<Grant> = ["a", "b", "c"].iter().map(|p| grant(&mut m, p, 0)).collect();
+    let grants: Vec<Grant> = ["a", "b", "c"]
+        .iter()
+        .map(|p| grant(&mut m, p, 0))
+        .collect();
     let shards: Vec<u32> = grants.iter().map(|g| g.shard.0).collect();
     assert_eq!(shards, vec![0, 1, 2]);
-    assert!(matches!(m.handle(Event::LeaseRequested { peer: "d".into() }, 0)[0], Action::NoWork { finished: false, .. }));
-    assert_eq!(verdict(&submit(&mut m, "a", &grants[0], 10)), Verdict::Accepted);
-    assert_eq!(verdict(&submit(&mut m, "b", &grants[1], 10)), Verdict::Accepted);
+    assert!(matches!(
+        m.handle(Event::LeaseRequested { peer: "d".into() }, 0)[0],
+        Action::NoWork {
+            finished: false,
+            ..
+        }
+    ));
+    assert_eq!(
+        verdict(&submit(&mut m, "a", &grants[0], 10)),
+        Verdict::Accepted
+    );
+    assert_eq!(
+        verdict(&submit(&mut m, "b", &grants[1], 10)),
+        Verdict::Accepted
+    );
     let last = submit(&mut m, "c", &grants[2], 10);
-    let Some(Action::Aggregate { round, accepted }) = last.last() else { panic!("{last:?}") };
+    let Some(Action::Aggregate { round, accepted }) = last.last() else {
+        panic!("{last:?}")
+    };
     assert_eq!((*round, accepted.len()), (Round(0), 3));
     // While aggregating there is no work.
-    assert!(matches!(m.handle(Event::LeaseRequested { peer: "a".into() }, 20)[0], Action::NoWork { finished: false, .. }));
-    let opened = m.handle(Event::Aggregated { round: Round(0), adapter: adapter(1) }, 30);
-    assert_eq!(opened, vec![Action::RoundOpened { round: Round(1), adapter: adapter(1) }]);
+    assert!(matches!(
+        m.handle(Event::LeaseRequested { peer: "a".into() }, 20)[0],
+        Action::NoWork {
+            finished: false,
+            ..
+        }
+    ));
+    let opened = m.handle(
+        Event::Aggregated {
+            round: Round(0),
+            adapter: adapter(1),
+        },
+        30,
+    );
+    assert_eq!(
+        opened,
+        vec![Action::RoundOpened {
+            round: Round(1),
+            adapter: adapter(1)
+        }]
+    );
     let g = grant(&mut m, "a", 40);
     assert_eq!((g.round, g.base_adapter), (Round(1), adapter(1)));
-    assert_ne!(g.ranges, grants[0].ranges, "a new round trains on new examples");
+    assert_ne!(
+        g.ranges, grants[0].ranges,
+        "a new round trains on new examples"
+    );
     // Finish round 1 and the run.
     let rest: Vec<Grant> = ["b", "c"].iter().map(|p| grant(&mut m, p, 40)).collect();
     submit(&mut m, "a", &g, 50);
     submit(&mut m, "b", &rest[0], 50);
     submit(&mut m, "c", &rest[1], 50);
-    assert_eq!(m.handle(Event::Aggregated { round: Round(1), adapter: adapter(2) }, 60), vec![Action::Finished { rounds: 2 }]);
-    assert!(matches!(m.handle(Event::LeaseRequested { peer: "a".into() }, 70)[0], Action::NoWork { finished: true, .. }));
+    assert_eq!(
+        m.handle(
+            Event::Aggregated {
+                round: Round(1),
+                adapter: adapter(2)
+            },
+            60
+        ),
+        vec![Action::Finished { rounds: 2 }]
+    );
+    assert!(matches!(
+        m.handle(Event::LeaseRequested { peer: "a".into() }, 70)[0],
+        Action::NoWork { finished: true, .. }
+    ));
 }
 
 #[test]
@@ -75,12 +136,25 @@ fn expired_leases_are_reissued_and_late_results_rejected() {
     let mut m = RoundMachine::new(cfg(1, 1, 5), adapter(0));
     let first = grant(&mut m, "slow", 0);
     let actions = m.handle(Event::Tick, 1000);
-    assert_eq!(actions, vec![Action::LeaseExpired { peer: "slow".into(), lease: first.lease, shard: ShardId(0) }]);
+    assert_eq!(
+        actions,
+        vec![Action::LeaseExpired {
+            peer: "slow".into(),
+            lease: first.lease,
+            shard: ShardId(0)
+        }]
+    );
     let second = grant(&mut m, "fast", 1001);
     assert_eq!(second.shard, first.shard);
     assert_ne!(second.lease, first.lease);
-    assert_eq!(verdict(&submit(&mut m, "slow", &first, 1002)), Verdict::Rejected(RejectReason::ExpiredLease));
-    assert_eq!(verdict(&submit(&mut m, "fast", &second, 1003)), Verdict::Accepted);
+    assert_eq!(
+        verdict(&submit(&mut m, "slow", &first, 1002)),
+        Verdict::Rejected(RejectReason::ExpiredLease)
+    );
+    assert_eq!(
+        verdict(&submit(&mut m, "fast", &second, 1003)),
+        Verdict::Accepted
+    );
 }
 
 #[test]
@@ -88,13 +162,34 @@ fn submissions_are_bound_to_their_lease() {
     let mut m = RoundMachine::new(cfg(2, 2, 3), adapter(0));
     let g = grant(&mut m, "a", 0);
     let reject = |m: &mut RoundMachine, peer: &str, g: &Grant| verdict(&submit(m, peer, g, 1));
-    assert_eq!(reject(&mut m, "mallory", &g), Verdict::Rejected(RejectReason::NotYourLease));
-    let unknown = Grant { lease: LeaseId(999), ..g.clone() };
-    assert_eq!(reject(&mut m, "a", &unknown), Verdict::Rejected(RejectReason::UnknownLease));
-    let wrong_base = Grant { base_adapter: adapter(9), ..g.clone() };
-    assert_eq!(reject(&mut m, "a", &wrong_base), Verdict::Rejected(RejectReason::WrongBaseAdapter));
-    let wrong_shard = Grant { shard: ShardId(1), ..g.clone() };
-    assert_eq!(reject(&mut m, "a", &wrong_shard), Verdict::Rejected(RejectReason::LeaseMismatch));
+    assert_eq!(
+        reject(&mut m, "mallory", &g),
+        Verdict::Rejected(RejectReason::NotYourLease)
+    );
+    let unknown = Grant {
+        lease: LeaseId(999),
+        ..g.clone()
+    };
+    assert_eq!(
+        reject(&mut m, "a", &unknown),
+        Verdict::Rejected(RejectReason::UnknownLease)
+    );
+    let wrong_base = Grant {
+        base_adapter: adapter(9),
+        ..g.clone()
+    };
+    assert_eq!(
+        reject(&mut m, "a", &wrong_base),
+        Verdict::Rejected(RejectReason::WrongBaseAdapter)
+    );
+    let wrong_shard = Grant {
+        shard: ShardId(1),
+        ..g.clone()
+    };
+    assert_eq!(
+        reject(&mut m, "a", &wrong_shard),
+        Verdict::Rejected(RejectReason::LeaseMismatch)
+    );
     let bad = m.handle(
         Event::Submitted {
             peer: "a".into(),
@@ -108,8 +203,15 @@ fn submissions_are_bound_to_their_lease() {
         1,
     );
     assert_eq!(verdict(&bad), Verdict::Rejected(RejectReason::BadSignature));
-    assert_eq!(reject(&mut m, "a", &g), Verdict::Accepted, "rejections leave the lease live");
-    assert_eq!(reject(&mut m, "a", &g), Verdict::Rejected(RejectReason::Duplicate));
+    assert_eq!(
+        reject(&mut m, "a", &g),
+        Verdict::Accepted,
+        "rejections leave the lease live"
+    );
+    assert_eq!(
+        reject(&mut m, "a", &g),
+        Verdict::Rejected(RejectReason::Duplicate)
+    );
 }
 
 #[test]
@@ -118,29 +220,75 @@ fn leases_of_a_closed_round_are_stale() {
     let a = grant(&mut m, "a", 0);
     let b = grant(&mut m, "b", 0);
     submit(&mut m, "a", &a, 1);
-    m.handle(Event::Aggregated { round: Round(0), adapter: adapter(1) }, 2);
-    assert_eq!(verdict(&submit(&mut m, "b", &b, 3)), Verdict::Rejected(RejectReason::StaleRound));
+    m.handle(
+        Event::Aggregated {
+            round: Round(0),
+            adapter: adapter(1),
+        },
+        2,
+    );
+    assert_eq!(
+        verdict(&submit(&mut m, "b", &b, 3)),
+        Verdict::Rejected(RejectReason::StaleRound)
+    );
 }
 
 #[test]
 fn returned_leases_are_reissued_at_once() {
     let mut m = RoundMachine::new(cfg(1, 1, 1), adapter(0));
     let g = grant(&mut m, "a", 0);
-    let back = m.handle(Event::Returned { peer: "a".into(), lease: g.lease }, 5);
-    assert_eq!(back, vec![Action::Returned { peer: "a".into(), lease: g.lease, released: true }]);
+    let back = m.handle(
+        Event::Returned {
+            peer: "a".into(),
+            lease: g.lease,
+        },
+        5,
+    );
+    assert_eq!(
+        back,
+        vec![Action::Returned {
+            peer: "a".into(),
+            lease: g.lease,
+            released: true
+        }]
+    );
     assert_eq!(grant(&mut m, "b", 6).shard, g.shard);
-    let again = m.handle(Event::Returned { peer: "a".into(), lease: g.lease }, 7);
-    assert!(matches!(again[0], Action::Returned { released: false, .. }));
+    let again = m.handle(
+        Event::Returned {
+            peer: "a".into(),
+            lease: g.lease,
+        },
+        7,
+    );
+    assert!(matches!(
+        again[0],
+        Action::Returned {
+            released: false,
+            ..
+        }
+    ));
 }
 
 #[test]
 fn shards_cover_the_data_and_wrap() {
     let m = RoundMachine::new(cfg(3, 3, 10), adapter(0));
-    assert_eq!(m.shard_ranges(Round(0), ShardId(1)), vec![SampleRange { start: 10, end: 20 }]);
+    assert_eq!(
+        m.shard_ranges(Round(0), ShardId(1)),
+        vec![SampleRange { start: 10, end: 20 }]
+    );
     // Round 3, shard 1: slice 10 of 10-example slices over 100 examples wraps to the start.
-    assert_eq!(m.shard_ranges(Round(3), ShardId(1)), vec![SampleRange { start: 0, end: 10 }]);
-    assert_ne!(m.shard_seed(Round(0), ShardId(0)), m.shard_seed(Round(0), ShardId(1)));
-    assert_ne!(m.shard_seed(Round(0), ShardId(0)), m.shard_seed(Round(1), ShardId(0)));
+    assert_eq!(
+        m.shard_ranges(Round(3), ShardId(1)),
+        vec![SampleRange { start: 0, end: 10 }]
+    );
+    assert_ne!(
+        m.shard_seed(Round(0), ShardId(0)),
+        m.shard_seed(Round(0), ShardId(1))
+    );
+    assert_ne!(
+        m.shard_seed(Round(0), ShardId(0)),
+        m.shard_seed(Round(1), ShardId(0))
+    );
 }
 
 #[test]
@@ -149,7 +297,15 @@ fn thousands_of_simulated_peers_with_failures_complete_every_round() {
     // loop is bounded; the run must finish all rounds with each round's quorum accepted.
     let peers: Vec<String> = (0..2000).map(|i| format!("p{i}")).collect();
     let mut m = RoundMachine::new(
-        MachineConfig { shards: 64, quorum: 48, lease_ms: 50, rounds: 20, data_len: 10_000, samples_per_shard: 8, seed: 1 },
+        MachineConfig {
+            shards: 64,
+            quorum: 48,
+            lease_ms: 50,
+            rounds: 20,
+            data_len: 10_000,
+            samples_per_shard: 8,
+            seed: 1,
+        },
         adapter(0),
     );
     let mut now = 0u64;
@@ -165,7 +321,13 @@ fn thousands_of_simulated_peers_with_failures_complete_every_round() {
                         if let Action::Aggregate { round, accepted } = a {
                             assert_eq!(accepted.len(), 48);
                             aggregated += 1;
-                            let next = m.handle(Event::Aggregated { round, adapter: adapter(round.0 as u8 + 1) }, now);
+                            let next = m.handle(
+                                Event::Aggregated {
+                                    round,
+                                    adapter: adapter(round.0 as u8 + 1),
+                                },
+                                now,
+                            );
                             if matches!(next.last(), Some(Action::Finished { .. })) {
                                 break 'outer;
                             }

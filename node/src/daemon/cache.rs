@@ -40,7 +40,11 @@ impl BlobCache {
         let mut offset = 0u64;
         let mut total = None;
         loop {
-            let request = BlobRequest { id: *id, offset, len: BLOB_CHUNK_BYTES };
+            let request = BlobRequest {
+                id: *id,
+                offset,
+                len: BLOB_CHUNK_BYTES,
+            };
             let (size, bytes) = match client.blob(request).await? {
                 BlobResponse::Chunk { total, bytes } => (total, bytes),
                 BlobResponse::NotFound => bail!("the coordinator does not have blob {id}"),
@@ -51,7 +55,10 @@ impl BlobCache {
             total = Some(size);
             let expected = (size - offset.min(size)).min(BLOB_CHUNK_BYTES as u64);
             if bytes.len() as u64 != expected {
-                bail!("blob {id}: chunk at {offset} has {} bytes, expected {expected}", bytes.len());
+                bail!(
+                    "blob {id}: chunk at {offset} has {} bytes, expected {expected}",
+                    bytes.len()
+                );
             }
             hasher.update(&bytes);
             file.write_all(&bytes)?;
@@ -74,10 +81,20 @@ impl BlobCache {
 
     /// A model dir (`config.json`, `model.safetensors`, `tokenizer.json`) assembled from cached
     /// blobs by hard link (copy where links are not possible).
-    pub fn model_dir(&self, config: &Path, weights: &Path, tokenizer: &Path, key: &ContentId) -> Result<PathBuf> {
+    pub fn model_dir(
+        &self,
+        config: &Path,
+        weights: &Path,
+        tokenizer: &Path,
+        key: &ContentId,
+    ) -> Result<PathBuf> {
         let dir = self.dir.join("models").join(key.to_hex());
         std::fs::create_dir_all(&dir)?;
-        for (src, name) in [(config, "config.json"), (weights, "model.safetensors"), (tokenizer, "tokenizer.json")] {
+        for (src, name) in [
+            (config, "config.json"),
+            (weights, "model.safetensors"),
+            (tokenizer, "tokenizer.json"),
+        ] {
             let dst = dir.join(name);
             if !dst.exists() && std::fs::hard_link(src, &dst).is_err() {
                 std::fs::copy(src, &dst)?;

@@ -59,7 +59,9 @@ async fn run_async(args: RunArgs) -> Result<()> {
         .parse()
         .with_context(|| format!("--coordinator `{}` is not a multiaddr", args.coordinator))?;
     let Some(coordinator) = pinned_peer(&addr) else {
-        bail!("--coordinator must end with /p2p/<PeerId> so the node knows whom it talks to (the coordinator prints its full address at start)");
+        bail!(
+            "--coordinator must end with /p2p/<PeerId> so the node knows whom it talks to (the coordinator prints its full address at start)"
+        );
     };
     let data_dir = args.data_dir.clone().unwrap_or_else(default_data_dir);
     let keypair = load_or_create_identity(&data_dir.join("identity.key"))?;

@@ -26,8 +26,14 @@ pub enum NetFailure {
 type Reply<T> = oneshot::Sender<Result<T, NetFailure>>;
 
 enum Command {
-    Rpc { request: RpcRequest, reply: Reply<RpcResponse> },
-    Blob { request: BlobRequest, reply: Reply<BlobResponse> },
+    Rpc {
+        request: RpcRequest,
+        reply: Reply<RpcResponse>,
+    },
+    Blob {
+        request: BlobRequest,
+        reply: Reply<BlobResponse>,
+    },
 }
 
 /// Sends requests to the coordinator.
@@ -39,13 +45,19 @@ pub struct Client {
 impl Client {
     pub async fn rpc(&self, request: RpcRequest) -> Result<RpcResponse, NetFailure> {
         let (reply, rx) = oneshot::channel();
-        self.tx.send(Command::Rpc { request, reply }).await.map_err(|_| NetFailure::Stopped)?;
+        self.tx
+            .send(Command::Rpc { request, reply })
+            .await
+            .map_err(|_| NetFailure::Stopped)?;
         rx.await.map_err(|_| NetFailure::Stopped)?
     }
 
     pub async fn blob(&self, request: BlobRequest) -> Result<BlobResponse, NetFailure> {
         let (reply, rx) = oneshot::channel();
-        self.tx.send(Command::Blob { request, reply }).await.map_err(|_| NetFailure::Stopped)?;
+        self.tx
+            .send(Command::Blob { request, reply })
+            .await
+            .map_err(|_| NetFailure::Stopped)?;
         rx.await.map_err(|_| NetFailure::Stopped)?
     }
 }
@@ -95,11 +107,19 @@ impl EventLoop {
     fn on_command(&mut self, command: Command) {
         match command {
             Command::Rpc { request, reply } => {
-                let id = self.swarm.behaviour_mut().rpc.send_request(&self.coordinator, request);
+                let id = self
+                    .swarm
+                    .behaviour_mut()
+                    .rpc
+                    .send_request(&self.coordinator, request);
                 self.pending_rpc.insert(id, reply);
             }
             Command::Blob { request, reply } => {
-                let id = self.swarm.behaviour_mut().blob.send_request(&self.coordinator, request);
+                let id = self
+                    .swarm
+                    .behaviour_mut()
+                    .blob
+                    .send_request(&self.coordinator, request);
                 self.pending_blob.insert(id, reply);
             }
         }
@@ -108,7 +128,9 @@ impl EventLoop {
     fn failure(&self, error: &request_response::OutboundFailure) -> NetFailure {
         match error {
             request_response::OutboundFailure::DialFailure => NetFailure::Unreachable(
-                self.last_dial_error.clone().unwrap_or_else(|| "dial failed".into()),
+                self.last_dial_error
+                    .clone()
+                    .unwrap_or_else(|| "dial failed".into()),
             ),
             other => NetFailure::Failed(other.to_string()),
         }
@@ -120,7 +142,11 @@ impl EventLoop {
                 tracing::info!(peer = %peer_id, "connected to the coordinator");
                 self.last_dial_error = None;
             }
-            SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } if peer_id == self.coordinator => {
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                num_established: 0,
+                ..
+            } if peer_id == self.coordinator => {
                 tracing::warn!("disconnected from the coordinator");
             }
             SwarmEvent::OutgoingConnectionError { error, .. } => {
@@ -128,14 +154,20 @@ impl EventLoop {
             }
             SwarmEvent::Behaviour(BehaviourEvent::Rpc(event)) => match event {
                 request_response::Event::Message {
-                    message: request_response::Message::Response { request_id, response },
+                    message:
+                        request_response::Message::Response {
+                            request_id,
+                            response,
+                        },
                     ..
                 } => {
                     if let Some(reply) = self.pending_rpc.remove(&request_id) {
                         let _ = reply.send(Ok(response));
                     }
                 }
-                request_response::Event::OutboundFailure { request_id, error, .. } => {
+                request_response::Event::OutboundFailure {
+                    request_id, error, ..
+                } => {
                     let failure = self.failure(&error);
                     if let Some(reply) = self.pending_rpc.remove(&request_id) {
                         let _ = reply.send(Err(failure));
@@ -145,14 +177,20 @@ impl EventLoop {
             },
             SwarmEvent::Behaviour(BehaviourEvent::Blob(event)) => match event {
                 request_response::Event::Message {
-                    message: request_response::Message::Response { request_id, response },
+                    message:
+                        request_response::Message::Response {
+                            request_id,
+                            response,
+                        },
                     ..
                 } => {
                     if let Some(reply) = self.pending_blob.remove(&request_id) {
                         let _ = reply.send(Ok(response));
                     }
                 }
-                request_response::Event::OutboundFailure { request_id, error, .. } => {
+                request_response::Event::OutboundFailure {
+                    request_id, error, ..
+                } => {
                     let failure = self.failure(&error);
                     if let Some(reply) = self.pending_blob.remove(&request_id) {
                         let _ = reply.send(Err(failure));
@@ -163,7 +201,11 @@ impl EventLoop {
                     ..
                 } => {
                     // Serving blobs to other nodes comes with peer-to-peer downloads.
-                    let _ = self.swarm.behaviour_mut().blob.send_response(channel, BlobResponse::NotFound);
+                    let _ = self
+                        .swarm
+                        .behaviour_mut()
+                        .blob
+                        .send_response(channel, BlobResponse::NotFound);
                 }
                 _ => {}
             },

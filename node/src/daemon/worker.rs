@@ -4,13 +4,13 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
+use herd_model::Llama;
 use herd_model::data::{Dataset, indices_of};
 use herd_model::delta::lora_delta;
 use herd_model::lora::{Lora, LoraConfig, Target};
 use herd_model::peft::load_adapter_weights;
 use herd_model::tokenizer::TextTokenizer;
 use herd_model::train::{LrSchedule, TrainConfig, train_lora};
-use herd_model::Llama;
 use herd_protocol::ContentId;
 use herd_protocol::messages::{Lease, RunAssets, Submission};
 use herd_protocol::signing::submission_bytes;
@@ -43,22 +43,37 @@ pub struct Worker {
 
 impl Worker {
     pub fn new(cache_dir: PathBuf, device: tch::Device) -> Result<Self> {
-        Ok(Worker { cache: BlobCache::new(cache_dir)?, device, loaded: None })
+        Ok(Worker {
+            cache: BlobCache::new(cache_dir)?,
+            device,
+            loaded: None,
+        })
     }
 
     /// Trains `lease` and returns the signed submission.
-    pub async fn work(&mut self, client: &Client, keypair: &Keypair, lease: &Lease) -> Result<Outcome> {
+    pub async fn work(
+        &mut self,
+        client: &Client,
+        keypair: &Keypair,
+        lease: &Lease,
+    ) -> Result<Outcome> {
         let a = &lease.assets;
         let config = self.cache.fetch(client, &a.config).await?;
         let weights = self.cache.fetch(client, &a.weights).await?;
         let tokenizer = self.cache.fetch(client, &a.tokenizer).await?;
         let data = self.cache.fetch(client, &a.data).await?;
         let adapter = self.cache.fetch(client, &lease.base_adapter).await?;
-        let stale = self.loaded.as_ref().is_none_or(|l| l.assets != *a || l.max_seq_len != lease.max_seq_len);
+        let stale = self
+            .loaded
+            .as_ref()
+            .is_none_or(|l| l.assets != *a || l.max_seq_len != lease.max_seq_len);
         let loaded = if stale {
-            let dir = self.cache.model_dir(&config, &weights, &tokenizer, &a.weights)?;
+            let dir = self
+                .cache
+                .model_dir(&config, &weights, &tokenizer, &a.weights)?;
             let (device, max_seq_len, assets) = (self.device, lease.max_seq_len, a.clone());
-            tokio::task::spawn_blocking(move || load(dir, data, device, max_seq_len, assets)).await??
+            tokio::task::spawn_blocking(move || load(dir, data, device, max_seq_len, assets))
+                .await??
         } else {
             self.loaded.take().expect("checked above")
         };
@@ -72,7 +87,13 @@ impl Worker {
         self.loaded = Some(loaded);
         let (payload, loss_before, loss_after, tokens) = result?;
         let payload_hash = ContentId::of(&payload);
-        let signed = submission_bytes(&lease.run, lease.round, lease.shard, &lease.base_adapter, &payload_hash);
+        let signed = submission_bytes(
+            &lease.run,
+            lease.round,
+            lease.shard,
+            &lease.base_adapter,
+            &payload_hash,
+        );
         let submission = Submission {
             lease: lease.id,
             run: lease.run.clone(),
@@ -87,22 +108,42 @@ impl Worker {
             public_key: keypair.public().encode_protobuf(),
             signature: keypair.sign(&signed).context("signing the submission")?,
         };
-        Ok(Outcome { submission, loss_before, loss_after, seconds: started.elapsed().as_secs_f64() })
+        Ok(Outcome {
+            submission,
+            loss_before,
+            loss_after,
+            seconds: started.elapsed().as_secs_f64(),
+        })
     }
 }
 
-fn load(dir: PathBuf, data: PathBuf, device: tch::Device, max_seq_len: u32, assets: RunAssets) -> Result<Loaded> {
+fn load(
+    dir: PathBuf,
+    data: PathBuf,
+    device: tch::Device,
+    max_seq_len: u32,
+    assets: RunAssets,
+) -> Result<Loaded> {
     let model = Llama::load(&dir, device)?;
     let tok = TextTokenizer::from_dir(&dir)?;
     let cfg = model.config();
     let max_len = (max_seq_len as usize).min(cfg.max_position_embeddings as usize);
     let data = Dataset::load(&data, &tok, max_len, cfg.eos_id(), cfg.vocab_size)?;
     tracing::info!(examples = data.len(), "run loaded");
-    Ok(Loaded { assets, max_seq_len, model, data })
+    Ok(Loaded {
+        assets,
+        max_seq_len,
+        model,
+        data,
+    })
 }
 
 /// Trains from the lease's adapter; returns the encoded delta, losses and tokens.
-fn train(loaded: &Loaded, lease: &Lease, adapter: &std::path::Path) -> Result<(Vec<u8>, f64, f64, u64)> {
+fn train(
+    loaded: &Loaded,
+    lease: &Lease,
+    adapter: &std::path::Path,
+) -> Result<(Vec<u8>, f64, f64, u64)> {
     let spec = &lease.lora;
     let cfg = LoraConfig {
         rank: spec.rank,
@@ -127,7 +168,19 @@ fn train(loaded: &Loaded, lease: &Lease, adapter: &std::path::Path) -> Result<(V
         schedule: LrSchedule::Constant,
         measure_loss: true,
     };
-    let report = train_lora(&loaded.model, &lora, &loaded.data, &indices, &train_cfg, |_| {})?;
+    let report = train_lora(
+        &loaded.model,
+        &lora,
+        &loaded.data,
+        &indices,
+        &train_cfg,
+        |_| {},
+    )?;
     let payload = lora_delta(&before, &lora)?.encode()?;
-    Ok((payload, report.loss_before, report.loss_after, report.tokens))
+    Ok((
+        payload,
+        report.loss_before,
+        report.loss_after,
+        report.tokens,
+    ))
 }
