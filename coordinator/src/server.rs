@@ -28,6 +28,15 @@ use crate::engine::{Engine, RoundResult, count_examples, lora_spec};
 use crate::round::{Action, Event, MachineConfig, RoundMachine};
 use crate::status::{PeerStatus, RejectRecord, Status};
 
+/// Prints a line for the operator (and for scripts that read addresses from stdout). A closed
+/// stdout must not take the coordinator down, so write errors are ignored.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 /// How long a finished coordinator keeps answering "run finished" before it exits.
 const LINGER_AFTER_FINISH: Duration = Duration::from_secs(3);
 const RECENT_REJECTS: usize = 50;
@@ -76,7 +85,7 @@ pub async fn serve(cfg: RunConfig, shutdown: impl std::future::Future<Output = (
     };
     let adapter = blobs.put_bytes(&engine.adapter_bytes()?)?;
     let loss0 = engine.heldout_loss()?;
-    println!("round 0: held-out loss {loss0:.4} (before training)");
+    say!("round 0: held-out loss {loss0:.4} (before training)");
     let data_len = count_examples(&cfg.data)?;
     let samples_per_shard = cfg
         .round
@@ -106,7 +115,7 @@ pub async fn serve(cfg: RunConfig, shutdown: impl std::future::Future<Output = (
     let listener = tokio::net::TcpListener::bind(&cfg.http)
         .await
         .with_context(|| format!("binding HTTP on {}", cfg.http))?;
-    println!("http: http://{}", listener.local_addr()?);
+    say!("http: http://{}", listener.local_addr()?);
     let (http_stop_tx, http_stop_rx) = tokio::sync::oneshot::channel::<()>();
     let app = crate::http::router(status_rx, checkpoints_dir.clone());
     let http: JoinHandle<std::io::Result<()>> = tokio::spawn(async move {
@@ -137,7 +146,7 @@ pub async fn serve(cfg: RunConfig, shutdown: impl std::future::Future<Output = (
     http.await.context("HTTP task")??;
     result?;
     let summary = shell.write_summary()?;
-    println!("summary: {}", summary.display());
+    say!("summary: {}", summary.display());
     Ok(())
 }
 
@@ -200,7 +209,7 @@ impl Shell {
     fn on_swarm_event(&mut self, swarm: &mut Swarm<Behaviour>, event: SwarmEvent<BehaviourEvent>) {
         match event {
             SwarmEvent::NewListenAddr { address, .. } => {
-                println!("listening: {address}/p2p/{}", swarm.local_peer_id());
+                say!("listening: {address}/p2p/{}", swarm.local_peer_id());
             }
             SwarmEvent::ConnectionEstablished { peer_id, .. } => {
                 let p = self.peers.entry(peer_id).or_insert_with(|| PeerStatus {
@@ -485,7 +494,7 @@ impl Shell {
                     }
                 }
                 Action::Finished { rounds } => {
-                    println!("run finished after {rounds} rounds");
+                    say!("run finished after {rounds} rounds");
                     self.finished_at = Some(tokio::time::Instant::now());
                     self.status_tx.send_modify(|s| s.finished = true);
                 }
@@ -502,7 +511,7 @@ impl Shell {
         result: RoundResult,
     ) -> Result<()> {
         let adapter = self.blobs.put_bytes(&result.adapter_bytes)?;
-        println!(
+        say!(
             "round {}: held-out loss {:.4}",
             round.0 + 1,
             result.heldout_loss

@@ -101,3 +101,147 @@ pub fn edit_safetensors(
     std::fs::write(path, out)?;
     Ok(())
 }
+
+/// Polls `check` every 200 ms until it returns `Some`, for at most `timeout`.
+pub fn wait_until<T>(
+    timeout: std::time::Duration,
+    what: &str,
+    mut check: impl FnMut() -> Option<T>,
+) -> T {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
+/// GET `url` as JSON, or `None` when the server is not answering (yet).
+pub fn get_json(url: &str) -> Option<Value> {
+    let mut resp = ureq::get(url).call().ok()?;
+    serde_json::from_str(&resp.body_mut().read_to_string().ok()?).ok()
+}
+
+/// GET `url` as bytes.
+pub fn get_bytes(url: &str) -> Result<Vec<u8>> {
+    let mut resp = ureq::get(url).call()?;
+    Ok(resp.body_mut().with_config().limit(1 << 30).read_to_vec()?)
+}
+
+/// A running `herd-coordinator serve`, killed on drop.
+#[derive(Debug)]
+pub struct Coordinator {
+    pub child: std::process::Child,
+    /// Its TCP multiaddr, ending in `/p2p/<PeerId>`.
+    pub addr: String,
+    pub http: String,
+    /// Where its stderr goes.
+    pub log: PathBuf,
+}
+
+impl Coordinator {
+    /// Writes `run.toml` (the given body after run/model/data lines) into `dir` and starts it on
+    /// 127.0.0.1 port 0, waiting (bounded) for its addresses.
+    pub fn start(dir: &Path, body: &str) -> Coordinator {
+        use std::io::BufRead;
+        let config = dir.join("run.toml");
+        let text = format!(
+            "run = \"test\"\nbase_model = {:?}\ndata = {:?}\nheldout = {:?}\ndata_dir = \"coordinator\"\n\
+             listen = [\"/ip4/127.0.0.1/tcp/0\"]\nhttp = \"127.0.0.1:0\"\n{body}",
+            default_asset("base"),
+            default_asset("data/train.jsonl"),
+            default_asset("data/heldout.jsonl"),
+        );
+        std::fs::write(&config, text).unwrap();
+        let log = dir.join("coordinator.log");
+        let mut child = bin("herd-coordinator")
+            .args(["serve", "--config"])
+            .arg(&config)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            // Keep draining after the test stops listening, so the coordinator never sees a
+            // closed pipe.
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                let _ = tx.send(line);
+            }
+        });
+        let (mut addr, mut http) = (None, None);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while addr.is_none() || http.is_none() {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let line = rx.recv_timeout(left).unwrap_or_else(|_| {
+                panic!(
+                    "coordinator did not start: {}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                )
+            });
+            if let Some(a) = line.strip_prefix("listening: ") {
+                addr = Some(a.to_string());
+            } else if let Some(u) = line.strip_prefix("http: ") {
+                http = Some(u.to_string());
+            }
+        }
+        Coordinator {
+            child,
+            addr: addr.unwrap(),
+            http: http.unwrap(),
+            log,
+        }
+    }
+
+    pub fn status(&self) -> Option<Value> {
+        get_json(&format!("{}/v1/status", self.http))
+    }
+
+    /// Starts a node for this coordinator with its own data dir; stderr to `<data_dir>.log`.
+    pub fn start_node(&self, data_dir: &Path) -> std::process::Child {
+        let log = data_dir.with_extension("log");
+        bin("herd-node")
+            .args([
+                "run",
+                "--threads",
+                "1",
+                "--coordinator",
+                &self.addr,
+                "--data-dir",
+            ])
+            .arg(data_dir)
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(std::fs::File::create(log.with_extension("err")).unwrap())
+            .spawn()
+            .unwrap()
+    }
+}
+
+impl Drop for Coordinator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Child processes killed on drop (so a failing test leaves nothing running).
+#[derive(Debug)]
+pub struct Reaper(pub Vec<std::process::Child>);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}

@@ -42,7 +42,8 @@ pub struct DemoArgs {
 
 pub fn run(root: &Path, args: DemoArgs) -> Result<()> {
     libtorch::setup(root, false)?;
-    util::cargo(&["build", "-p", "herd-node", "-p", "herd-coordinator"])?;
+    // Same build as `cargo xtask test` (all bins, one feature set), so nothing is built twice.
+    util::cargo(&["build", "--workspace", "--bins"])?;
     let started = Instant::now();
     let stamp = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
     let run_dir = root.join(&args.runs).join(format!("demo-{stamp}"));
