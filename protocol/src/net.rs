@@ -71,8 +71,15 @@ where
     where
         T: AsyncRead + Unpin + Send,
     {
-        let body = read_frame(io, REQ).await?;
-        Ok(decode::<Req, REQ>(&body)?)
+        // Log refusals here: libp2p drops inbound read errors without an event.
+        let request = match read_frame(io, REQ).await {
+            Ok(body) => decode::<Req, REQ>(&body).map_err(std::io::Error::from),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = &request {
+            tracing::warn!(error = %e, "refused an inbound request");
+        }
+        request
     }
 
     async fn read_response<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<Resp>
