@@ -4,9 +4,8 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use herd_model::eval::evaluate;
-use herd_model::peft::load_adapter;
 
-use super::{ComputeArgs, load_data, load_model};
+use super::{ComputeArgs, load_data, load_with_adapter};
 
 #[derive(Debug, clap::Args)]
 pub struct EvalArgs {
@@ -32,13 +31,7 @@ pub struct EvalArgs {
 }
 
 pub fn run(args: EvalArgs) -> Result<()> {
-    let device = args.compute.apply()?;
-    let loaded = load_model(&args.model, device)?;
-    let lora = args
-        .adapter
-        .as_deref()
-        .map(|dir| load_adapter(dir, loaded.model.config(), device))
-        .transpose()?;
+    let (loaded, lora) = load_with_adapter(&args.model, args.adapter.as_deref(), &args.compute)?;
     let data = load_data(&loaded, &args.data, args.max_seq_len)?;
     let examples: Vec<_> = data.examples.iter().collect();
     let report = evaluate(&loaded.model, lora.as_ref(), &examples, args.batch_size)?;

@@ -6,10 +6,9 @@ use anyhow::Result;
 use clap::ValueEnum;
 use herd_model::data::{Record, alpaca_prompt, read_records};
 use herd_model::generate::generate_greedy;
-use herd_model::peft::load_adapter;
 use serde_json::json;
 
-use super::{ComputeArgs, load_model};
+use super::{ComputeArgs, load_with_adapter};
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum Template {
@@ -44,13 +43,7 @@ pub struct GenerateArgs {
 }
 
 pub fn run(args: GenerateArgs) -> Result<()> {
-    let device = args.compute.apply()?;
-    let loaded = load_model(&args.model, device)?;
-    let lora = args
-        .adapter
-        .as_deref()
-        .map(|dir| load_adapter(dir, loaded.model.config(), device))
-        .transpose()?;
+    let (loaded, lora) = load_with_adapter(&args.model, args.adapter.as_deref(), &args.compute)?;
     let complete = |text: &str| -> Result<String> {
         let ids = loaded.tokenizer.encode(text, true)?;
         let eos = loaded.model.config().eos_id();

@@ -43,6 +43,20 @@ pub struct Loaded {
     pub tokenizer: TextTokenizer,
 }
 
+/// Applies the compute options, then loads a model and, if given, an adapter for it.
+pub fn load_with_adapter(
+    model: &Path,
+    adapter: Option<&Path>,
+    compute: &ComputeArgs,
+) -> Result<(Loaded, Option<herd_model::Lora>)> {
+    let device = compute.apply()?;
+    let loaded = load_model(model, device)?;
+    let lora = adapter
+        .map(|dir| herd_model::peft::load_adapter(dir, loaded.model.config(), device))
+        .transpose()?;
+    Ok((loaded, lora))
+}
+
 pub fn load_model(dir: &Path, device: tch::Device) -> Result<Loaded> {
     let model = Llama::load(dir, device)?;
     let tokenizer = TextTokenizer::from_dir(dir)?;

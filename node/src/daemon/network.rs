@@ -125,17 +125,6 @@ impl EventLoop {
         }
     }
 
-    fn failure(&self, error: &request_response::OutboundFailure) -> NetFailure {
-        match error {
-            request_response::OutboundFailure::DialFailure => NetFailure::Unreachable(
-                self.last_dial_error
-                    .clone()
-                    .unwrap_or_else(|| "dial failed".into()),
-            ),
-            other => NetFailure::Failed(other.to_string()),
-        }
-    }
-
     fn on_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
         match event {
             SwarmEvent::ConnectionEstablished { peer_id, .. } if peer_id == self.coordinator => {
@@ -152,54 +141,17 @@ impl EventLoop {
             SwarmEvent::OutgoingConnectionError { error, .. } => {
                 self.last_dial_error = Some(error.to_string());
             }
-            SwarmEvent::Behaviour(BehaviourEvent::Rpc(event)) => match event {
-                request_response::Event::Message {
-                    message:
-                        request_response::Message::Response {
-                            request_id,
-                            response,
-                        },
-                    ..
-                } => {
-                    if let Some(reply) = self.pending_rpc.remove(&request_id) {
-                        let _ = reply.send(Ok(response));
-                    }
-                }
-                request_response::Event::OutboundFailure {
-                    request_id, error, ..
-                } => {
-                    let failure = self.failure(&error);
-                    if let Some(reply) = self.pending_rpc.remove(&request_id) {
-                        let _ = reply.send(Err(failure));
-                    }
-                }
-                _ => {}
-            },
-            SwarmEvent::Behaviour(BehaviourEvent::Blob(event)) => match event {
-                request_response::Event::Message {
-                    message:
-                        request_response::Message::Response {
-                            request_id,
-                            response,
-                        },
-                    ..
-                } => {
-                    if let Some(reply) = self.pending_blob.remove(&request_id) {
-                        let _ = reply.send(Ok(response));
-                    }
-                }
-                request_response::Event::OutboundFailure {
-                    request_id, error, ..
-                } => {
-                    let failure = self.failure(&error);
-                    if let Some(reply) = self.pending_blob.remove(&request_id) {
-                        let _ = reply.send(Err(failure));
-                    }
-                }
-                request_response::Event::Message {
-                    message: request_response::Message::Request { channel, .. },
-                    ..
-                } => {
+            SwarmEvent::Behaviour(BehaviourEvent::Rpc(event)) => {
+                let dial = self.last_dial_error.clone();
+                let failure =
+                    |e: &request_response::OutboundFailure| outbound_failure(dial.as_deref(), e);
+                let _ = settle(&mut self.pending_rpc, event, failure);
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Blob(event)) => {
+                let dial = self.last_dial_error.clone();
+                let failure =
+                    |e: &request_response::OutboundFailure| outbound_failure(dial.as_deref(), e);
+                if let Some(channel) = settle(&mut self.pending_blob, event, failure) {
                     // Serving blobs to other nodes comes with peer-to-peer downloads.
                     let _ = self
                         .swarm
@@ -207,9 +159,58 @@ impl EventLoop {
                         .blob
                         .send_response(channel, BlobResponse::NotFound);
                 }
-                _ => {}
-            },
+            }
             _ => {}
         }
+    }
+}
+
+/// A request failure as the node reports it; a failed dial says why the dial failed.
+fn outbound_failure(
+    last_dial_error: Option<&str>,
+    error: &request_response::OutboundFailure,
+) -> NetFailure {
+    match error {
+        request_response::OutboundFailure::DialFailure => {
+            NetFailure::Unreachable(last_dial_error.unwrap_or("dial failed").to_string())
+        }
+        other => NetFailure::Failed(other.to_string()),
+    }
+}
+
+/// Hands a response (or failure) to whoever waits for it; returns the channel of an inbound
+/// request, which the caller must answer.
+fn settle<Req, Resp>(
+    pending: &mut HashMap<OutboundRequestId, Reply<Resp>>,
+    event: request_response::Event<Req, Resp>,
+    failure: impl Fn(&request_response::OutboundFailure) -> NetFailure,
+) -> Option<request_response::ResponseChannel<Resp>> {
+    match event {
+        request_response::Event::Message {
+            message:
+                request_response::Message::Response {
+                    request_id,
+                    response,
+                },
+            ..
+        } => {
+            if let Some(reply) = pending.remove(&request_id) {
+                let _ = reply.send(Ok(response));
+            }
+            None
+        }
+        request_response::Event::OutboundFailure {
+            request_id, error, ..
+        } => {
+            if let Some(reply) = pending.remove(&request_id) {
+                let _ = reply.send(Err(failure(&error)));
+            }
+            None
+        }
+        request_response::Event::Message {
+            message: request_response::Message::Request { channel, .. },
+            ..
+        } => Some(channel),
+        _ => None,
     }
 }
