@@ -66,6 +66,10 @@ pub fn run(root: &Path, args: DemoArgs) -> Result<()> {
     std::fs::create_dir_all(&logs)?;
     let abs = |p: &Path| root.join(p);
     let config = run_dir.join("run.toml");
+    let samples_per_shard = match args.samples_per_shard {
+        Some(n) => n,
+        None => count_records(&abs(&args.data))?,
+    };
     std::fs::write(
         &config,
         format!(
@@ -81,7 +85,8 @@ rounds = {rounds}
 serve_after_finish = {serve}
 
 [round]
-shards = {shards}{samples}
+shards = {shards}
+samples_per_shard = {samples}
 inner_steps = {steps}
 lr = 3e-3
 batch_size = {batch}
@@ -99,13 +104,7 @@ checkpoint_every = 5
             shards = args.nodes,
             steps = args.inner_steps,
             batch = args.batch_size,
-            samples = format!(
-                "\nsamples_per_shard = {}",
-                match args.samples_per_shard {
-                    Some(n) => n,
-                    None => count_records(&abs(&args.data))?,
-                }
-            ),
+            samples = samples_per_shard,
             outer_lr = args.outer_lr,
             outer_momentum = args.outer_momentum,
         ),
