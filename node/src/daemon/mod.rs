@@ -68,6 +68,9 @@ async fn run_async(args: RunArgs) -> Result<()> {
     tracing::info!(peer = %keypair.public().to_peer_id(), data_dir = %data_dir.display(), "herd node starting");
     let mut swarm = build_swarm(keypair.clone(), Role::Node)?;
     swarm.add_peer_address(coordinator, addr.clone());
+    // Round announcements: informative for now (leases carry everything needed to work).
+    let topic = libp2p::gossipsub::IdentTopic::new(herd_protocol::messages::ANNOUNCE_TOPIC);
+    swarm.behaviour_mut().gossipsub.subscribe(&topic)?;
     let (client, event_loop) = network::new(swarm, coordinator);
     let net = tokio::spawn(event_loop.run());
     let mut worker = Worker::new(data_dir.join("cache"), device)?;

@@ -5,7 +5,9 @@
 use std::collections::HashMap;
 
 use futures::StreamExt;
-use herd_protocol::messages::{BlobRequest, BlobResponse, RpcRequest, RpcResponse};
+use herd_protocol::messages::{
+    BlobRequest, BlobResponse, MAX_ANNOUNCE_BYTES, RoundAnnouncement, RpcRequest, RpcResponse,
+};
 use herd_protocol::net::{Behaviour, BehaviourEvent};
 use libp2p::request_response::{self, OutboundRequestId};
 use libp2p::swarm::SwarmEvent;
@@ -137,6 +139,18 @@ impl EventLoop {
                 ..
             } if peer_id == self.coordinator => {
                 tracing::warn!("disconnected from the coordinator");
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(
+                libp2p::gossipsub::Event::Message { message, .. },
+            )) => {
+                match herd_protocol::framing::decode::<RoundAnnouncement, MAX_ANNOUNCE_BYTES>(
+                    &message.data,
+                ) {
+                    Ok(ann) => {
+                        tracing::info!(run = %ann.run, round = %ann.round, adapter = %ann.adapter, "round announced")
+                    }
+                    Err(e) => tracing::debug!(error = %e, "ignored a malformed announcement"),
+                }
             }
             SwarmEvent::OutgoingConnectionError { error, .. } => {
                 self.last_dial_error = Some(error.to_string());
