@@ -9,7 +9,7 @@ use herd_model::Llama;
 use herd_model::data::{Dataset, read_records};
 use herd_model::delta::delta_layout;
 use herd_model::eval::evaluate;
-use herd_model::lora::{Lora, LoraConfig, Target};
+use herd_model::lora::{Lora, LoraConfig};
 use herd_model::peft::{adapter_weights_bytes, save_adapter};
 use herd_model::tokenizer::TextTokenizer;
 use herd_protocol::delta::{Delta, DeltaLayout};
@@ -42,9 +42,17 @@ impl Engine {
         let model = Llama::load(&cfg.base_model, tch::Device::Cpu)?;
         let tok = TextTokenizer::from_dir(&cfg.base_model)?;
         let mcfg = model.config();
-        let max_len = (cfg.round.max_seq_len as usize).min(mcfg.max_position_embeddings as usize);
-        let heldout = Dataset::load(&cfg.heldout, &tok, max_len, mcfg.eos_id(), mcfg.vocab_size)?;
-        let lora = Lora::new(mcfg, lora_config(cfg)?, tch::Device::Cpu)?;
+        let heldout = Dataset::for_model(
+            &cfg.heldout,
+            &tok,
+            mcfg,
+            Some(cfg.round.max_seq_len as usize),
+        )?;
+        let lora = Lora::new(
+            mcfg,
+            LoraConfig::try_from(&lora_spec(cfg))?,
+            tch::Device::Cpu,
+        )?;
         Ok(Engine {
             model,
             lora,
@@ -114,17 +122,6 @@ impl Engine {
             files,
         })
     }
-}
-
-fn lora_config(cfg: &RunConfig) -> Result<LoraConfig> {
-    Ok(LoraConfig {
-        rank: cfg.lora.rank,
-        alpha: cfg.lora.alpha,
-        targets: Target::parse_list(&cfg.lora.targets.join(","))?,
-        train_a: cfg.lora.train_a,
-        use_rslora: false,
-        init_seed: cfg.seed,
-    })
 }
 
 /// The LoRA shape nodes are told to use.

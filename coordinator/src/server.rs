@@ -277,7 +277,8 @@ impl Shell {
         channel: ResponseChannel<RpcResponse>,
     ) {
         let key = peer.to_string();
-        let (event, reply_only) = match request {
+        // A delta that passed the stateless checks; moved into the round's set if accepted.
+        let (event, mut checked_delta) = match request {
             RpcRequest::Lease(req) => {
                 if req.version != PROTOCOL_VERSION {
                     tracing::warn!(%peer, version = req.version, "refused a node speaking another protocol version");
@@ -315,7 +316,7 @@ impl Shell {
                     tokens,
                     checked: checked.as_ref().map(|_| ()).map_err(Clone::clone),
                 };
-                (event, checked.ok().map(|d| (sub.lease, d, tokens)))
+                (event, checked.ok().map(|d| (d, tokens)))
             }
         };
         let actions = self.machine.handle(event, now_ms());
@@ -336,12 +337,8 @@ impl Shell {
                     finished: *finished,
                     reason: reason.clone(),
                 }),
-                Action::Verdict {
-                    lease,
-                    verdict,
-                    peer: p,
-                } => {
-                    self.record_verdict(&peer, p, *lease, verdict, &reply_only);
+                Action::Verdict { lease, verdict, .. } => {
+                    self.record_verdict(&peer, *lease, verdict, checked_delta.take());
                     Some(RpcResponse::Verdict(verdict.clone()))
                 }
                 Action::Returned { .. } => Some(RpcResponse::Returned),
@@ -359,15 +356,15 @@ impl Shell {
             }
         }
         self.perform(swarm, rest);
+        self.publish_status(); // a grant or return changed the leases even without other actions
     }
 
     fn record_verdict(
         &mut self,
         peer: &PeerId,
-        _key: &str,
         lease: LeaseId,
         verdict: &Verdict,
-        accepted: &Option<(LeaseId, Delta, u64)>,
+        accepted: Option<(Delta, u64)>,
     ) {
         let round = self.machine.round().0;
         let p = self.peers.entry(*peer).or_insert_with(|| PeerStatus {
@@ -376,13 +373,13 @@ impl Shell {
         });
         match verdict {
             Verdict::Accepted => {
-                let Some((_, delta, tokens)) = accepted else {
+                let Some((delta, tokens)) = accepted else {
                     return;
                 };
                 p.accepted += 1;
                 p.tokens += tokens;
                 tracing::info!(%peer, %lease, round, tokens, "accepted delta");
-                self.deltas.insert(lease, (delta.clone(), *tokens));
+                self.deltas.insert(lease, (delta, tokens));
             }
             Verdict::Rejected(reason) => {
                 p.rejected += 1;
@@ -458,6 +455,9 @@ impl Shell {
 
     /// Side effects of actions that answer no request.
     fn perform(&mut self, swarm: &mut Swarm<Behaviour>, actions: Vec<Action>) {
+        if actions.is_empty() {
+            return; // most ticks: nothing changed, nothing to republish
+        }
         for action in actions {
             match action {
                 Action::LeaseExpired { peer, lease, shard } => {

@@ -201,6 +201,19 @@ impl Dataset {
         })
     }
 
+    /// Reads `path` for `cfg`'s model: sequences capped at `max_len` or, when absent or
+    /// longer, the model's context; EOS and vocabulary from the config.
+    pub fn for_model(
+        path: &Path,
+        tok: &TextTokenizer,
+        cfg: &crate::LlamaConfig,
+        max_len: Option<usize>,
+    ) -> Result<Self> {
+        let context = cfg.max_position_embeddings as usize;
+        let max_len = max_len.unwrap_or(context).min(context);
+        Self::load(path, tok, max_len, cfg.eos_id(), cfg.vocab_size)
+    }
+
     pub fn len(&self) -> usize {
         self.examples.len()
     }

@@ -137,6 +137,22 @@ impl Default for LoraConfig {
     }
 }
 
+impl TryFrom<&herd_protocol::messages::LoraSpec> for LoraConfig {
+    type Error = ModelError;
+
+    /// The adapter a run's lease describes (every node and the coordinator build it this way).
+    fn try_from(spec: &herd_protocol::messages::LoraSpec) -> Result<Self> {
+        Ok(LoraConfig {
+            rank: spec.rank,
+            alpha: spec.alpha,
+            targets: Target::parse_list(&spec.targets.join(","))?,
+            train_a: spec.train_a,
+            use_rslora: false,
+            init_seed: spec.init_seed,
+        })
+    }
+}
+
 impl LoraConfig {
     /// The factor PEFT multiplies `B·A x` by.
     pub fn scale(&self) -> f64 {

@@ -190,7 +190,8 @@ pub fn load_adapter(dir: &Path, model: &LlamaConfig, device: Device) -> Result<L
             hint: hint.into(),
         });
     }
-    let meta = SafetensorsFiles::open(std::slice::from_ref(&weights_path))?.metadata()?;
+    let files = SafetensorsFiles::open(std::slice::from_ref(&weights_path))?;
+    let meta = files.metadata()?;
     let lora_cfg = LoraConfig {
         rank: cfg.r,
         alpha: cfg.lora_alpha,
@@ -203,7 +204,7 @@ pub fn load_adapter(dir: &Path, model: &LlamaConfig, device: Device) -> Result<L
             .unwrap_or(0),
     };
     let mut lora = Lora::new(model, lora_cfg, device)?;
-    load_adapter_weights(&mut lora, &weights_path, model.num_hidden_layers)?;
+    fill_factors(&mut lora, &files, &weights_path, model.num_hidden_layers)?;
     Ok(lora)
 }
 
@@ -211,6 +212,15 @@ pub fn load_adapter(dir: &Path, model: &LlamaConfig, device: Device) -> Result<L
 /// exactly this adapter's factors with matching shapes.
 pub fn load_adapter_weights(lora: &mut Lora, weights_path: &Path, layers: i64) -> Result<()> {
     let files = SafetensorsFiles::open(&[weights_path.to_path_buf()])?;
+    fill_factors(lora, &files, weights_path, layers)
+}
+
+fn fill_factors(
+    lora: &mut Lora,
+    files: &SafetensorsFiles,
+    weights_path: &Path,
+    layers: i64,
+) -> Result<()> {
     let names: Vec<&str> = lora.config().targets.iter().map(|t| t.name()).collect();
     let weights_path = weights_path.to_path_buf();
     let expected: std::collections::HashSet<String> = lora

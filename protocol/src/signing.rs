@@ -25,6 +25,41 @@ pub fn submission_bytes(
     out
 }
 
+impl crate::messages::Submission {
+    /// A submission of `payload` for `lease`, signed by `key` over [`submission_bytes`].
+    pub fn signed(
+        lease: &crate::messages::Lease,
+        payload: Vec<u8>,
+        loss_before: f64,
+        loss_after: f64,
+        tokens: u64,
+        key: &libp2p::identity::Keypair,
+    ) -> Result<Self, libp2p::identity::SigningError> {
+        let payload_hash = ContentId::of(&payload);
+        let signed = submission_bytes(
+            &lease.run,
+            lease.round,
+            lease.shard,
+            &lease.base_adapter,
+            &payload_hash,
+        );
+        Ok(crate::messages::Submission {
+            lease: lease.id,
+            run: lease.run.clone(),
+            round: lease.round,
+            shard: lease.shard,
+            base_adapter: lease.base_adapter,
+            payload,
+            payload_hash,
+            loss_before,
+            loss_after,
+            tokens,
+            public_key: key.public().encode_protobuf(),
+            signature: key.sign(&signed)?,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -5,11 +5,10 @@
 use std::time::Duration;
 
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, StreamExt};
+use herd_protocol::LeaseId;
 use herd_protocol::delta::{Codec as DeltaCodec, Delta, DeltaTensor};
 use herd_protocol::framing::{decode, encode};
 use herd_protocol::messages::*;
-use herd_protocol::signing::submission_bytes;
-use herd_protocol::{ContentId, LeaseId};
 use herd_tests::Coordinator;
 use libp2p::identity::Keypair;
 use libp2p::request_response::{self, OutboundFailure, ProtocolSupport};
@@ -187,31 +186,11 @@ impl Adversary {
         }
         .encode()
         .unwrap();
-        let payload_hash = ContentId::of(&payload);
-        let mut signed = submission_bytes(
-            &lease.run,
-            lease.round,
-            lease.shard,
-            &lease.base_adapter,
-            &payload_hash,
-        );
+        let mut sub = Submission::signed(lease, payload, 1.0, 0.5, 100, &self.key).unwrap();
         if !sign_correctly {
-            signed.push(0);
+            sub.signature = self.key.sign(b"something else").unwrap();
         }
-        Submission {
-            lease: lease.id,
-            run: lease.run.clone(),
-            round: lease.round,
-            shard: lease.shard,
-            base_adapter: lease.base_adapter,
-            payload,
-            payload_hash,
-            loss_before: 1.0,
-            loss_after: 0.5,
-            tokens: 100,
-            public_key: self.key.public().encode_protobuf(),
-            signature: self.key.sign(&signed).unwrap(),
-        }
+        sub
     }
 
     async fn submit(&mut self, sub: Submission) -> Verdict {

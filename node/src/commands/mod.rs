@@ -65,14 +65,10 @@ pub fn load_model(dir: &Path, device: tch::Device) -> Result<Loaded> {
 
 /// Tokenizes a data file for `loaded`'s model, sequences capped at `max_len` (or the model's context).
 pub fn load_data(loaded: &Loaded, path: &Path, max_len: Option<usize>) -> Result<Dataset> {
-    let cfg = loaded.model.config();
-    let context = cfg.max_position_embeddings as usize;
-    let max_len = max_len.unwrap_or(context).min(context);
-    Ok(Dataset::load(
+    Ok(Dataset::for_model(
         path,
         &loaded.tokenizer,
+        loaded.model.config(),
         max_len,
-        cfg.eos_id(),
-        cfg.vocab_size,
     )?)
 }

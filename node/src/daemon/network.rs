@@ -46,18 +46,18 @@ pub struct Client {
 
 impl Client {
     pub async fn rpc(&self, request: RpcRequest) -> Result<RpcResponse, NetFailure> {
-        let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Command::Rpc { request, reply })
-            .await
-            .map_err(|_| NetFailure::Stopped)?;
-        rx.await.map_err(|_| NetFailure::Stopped)?
+        self.request(|reply| Command::Rpc { request, reply }).await
     }
 
     pub async fn blob(&self, request: BlobRequest) -> Result<BlobResponse, NetFailure> {
+        self.request(|reply| Command::Blob { request, reply }).await
+    }
+
+    /// Hands the event loop a command carrying a reply channel and waits for the answer.
+    async fn request<T>(&self, command: impl FnOnce(Reply<T>) -> Command) -> Result<T, NetFailure> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Command::Blob { request, reply })
+            .send(command(reply))
             .await
             .map_err(|_| NetFailure::Stopped)?;
         rx.await.map_err(|_| NetFailure::Stopped)?

@@ -7,13 +7,11 @@ use anyhow::{Context, Result};
 use herd_model::Llama;
 use herd_model::data::{Dataset, indices_of};
 use herd_model::delta::lora_delta;
-use herd_model::lora::{Lora, LoraConfig, Target};
+use herd_model::lora::{Lora, LoraConfig};
 use herd_model::peft::load_adapter_weights;
 use herd_model::tokenizer::TextTokenizer;
 use herd_model::train::{LrSchedule, TrainConfig, train_lora};
-use herd_protocol::ContentId;
 use herd_protocol::messages::{Lease, RunAssets, Submission};
-use herd_protocol::signing::submission_bytes;
 use libp2p::identity::Keypair;
 
 use super::cache::BlobCache;
@@ -86,28 +84,9 @@ impl Worker {
         .await?;
         self.loaded = Some(loaded);
         let (payload, loss_before, loss_after, tokens) = result?;
-        let payload_hash = ContentId::of(&payload);
-        let signed = submission_bytes(
-            &lease.run,
-            lease.round,
-            lease.shard,
-            &lease.base_adapter,
-            &payload_hash,
-        );
-        let submission = Submission {
-            lease: lease.id,
-            run: lease.run.clone(),
-            round: lease.round,
-            shard: lease.shard,
-            base_adapter: lease.base_adapter,
-            payload,
-            payload_hash,
-            loss_before,
-            loss_after,
-            tokens,
-            public_key: keypair.public().encode_protobuf(),
-            signature: keypair.sign(&signed).context("signing the submission")?,
-        };
+        let submission =
+            Submission::signed(lease, payload, loss_before, loss_after, tokens, keypair)
+                .context("signing the submission")?;
         Ok(Outcome {
             submission,
             loss_before,
@@ -126,9 +105,7 @@ fn load(
 ) -> Result<Loaded> {
     let model = Llama::load(&dir, device)?;
     let tok = TextTokenizer::from_dir(&dir)?;
-    let cfg = model.config();
-    let max_len = (max_seq_len as usize).min(cfg.max_position_embeddings as usize);
-    let data = Dataset::load(&data, &tok, max_len, cfg.eos_id(), cfg.vocab_size)?;
+    let data = Dataset::for_model(&data, &tok, model.config(), Some(max_seq_len as usize))?;
     tracing::info!(examples = data.len(), "run loaded");
     Ok(Loaded {
         assets,
@@ -144,15 +121,7 @@ fn train(
     lease: &Lease,
     adapter: &std::path::Path,
 ) -> Result<(Vec<u8>, f64, f64, u64)> {
-    let spec = &lease.lora;
-    let cfg = LoraConfig {
-        rank: spec.rank,
-        alpha: spec.alpha,
-        targets: Target::parse_list(&spec.targets.join(","))?,
-        train_a: spec.train_a,
-        use_rslora: false,
-        init_seed: spec.init_seed,
-    };
+    let cfg = LoraConfig::try_from(&lease.lora)?;
     let model_cfg = loaded.model.config();
     let mut lora = Lora::new(model_cfg, cfg, loaded.model.device())?;
     load_adapter_weights(&mut lora, adapter, model_cfg.num_hidden_layers)?;
