@@ -3,6 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
+use herd_protocol::codec::CodecSpec;
 use serde::Deserialize;
 
 /// A whole run.
@@ -35,6 +36,10 @@ pub struct RunConfig {
     pub lora: LoraSection,
     #[serde(default)]
     pub round: RoundSection,
+    #[serde(default)]
+    pub verify: VerifySection,
+    #[serde(default)]
+    pub aggregate: AggregateSection,
 }
 
 /// The adapter every node trains.
@@ -81,6 +86,75 @@ pub struct RoundSection {
     pub outer_momentum: f64,
     /// Publish a checkpoint every k rounds (and after the last).
     pub checkpoint_every: u64,
+    /// Delta codec: `topk[:FRACTION[:BLOCK]]`, `int8[:BLOCK]` or `raw`.
+    #[serde(default, deserialize_with = "codec_from_str")]
+    pub codec: CodecSpec,
+}
+
+fn codec_from_str<'de, D: serde::Deserializer<'de>>(d: D) -> Result<CodecSpec, D::Error> {
+    let text = String::deserialize(d)?;
+    text.parse().map_err(serde::de::Error::custom)
+}
+
+/// How submissions are checked (see `verify`). The replay tolerance comes from
+/// `cargo xtask calibrate`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VerifySection {
+    /// Reject deltas with a norm above this multiple of the median accepted norm.
+    pub norm_multiple: f64,
+    /// Examples of the shard the effect check evaluates.
+    pub effect_samples: usize,
+    /// The measured loss drop on those must be at least this fraction of the claimed one.
+    pub effect_min_fraction: f64,
+    /// Held-out loss may rise by at most this fraction when the delta is applied alone.
+    pub heldout_max_rise: f64,
+    /// Replay probability for new and suspect peers, and for trusted ones.
+    pub replay_new: f64,
+    pub replay_trusted: f64,
+    /// Passed replays after which a peer with no recent strike is trusted.
+    pub trusted_after: u32,
+    /// Honest replays agree at least this well (sketch cosine, relative error).
+    pub replay_min_cosine: f64,
+    pub replay_max_rel_error: f64,
+    /// Strikes within the last 20 verdicts that ban a peer (a failed replay bans at once).
+    pub ban_after: u32,
+}
+
+impl Default for VerifySection {
+    fn default() -> Self {
+        VerifySection {
+            norm_multiple: 4.0,
+            effect_samples: 16,
+            effect_min_fraction: 0.05,
+            heldout_max_rise: 0.02,
+            replay_new: 1.0,
+            replay_trusted: 0.1,
+            trusted_after: 3,
+            replay_min_cosine: 0.99,
+            replay_max_rel_error: 0.1,
+            ban_after: 3,
+        }
+    }
+}
+
+/// Robust aggregation: norm clipping, then a coordinate-wise trimmed mean.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AggregateSection {
+    /// Deltas are scaled down to at most this multiple of the round's median norm.
+    pub clip_multiple: f64,
+    /// Fraction of a coordinate's sent values cut from each end before averaging.
+    pub trim_fraction: f64,
+}
+
+impl Default for AggregateSection {
+    fn default() -> Self {
+        AggregateSection {
+            clip_multiple: 2.0,
+            trim_fraction: 0.1,
+        }
+    }
 }
 
 impl Default for RoundSection {
@@ -97,6 +171,7 @@ impl Default for RoundSection {
             outer_lr: 0.7,
             outer_momentum: 0.9,
             checkpoint_every: 1,
+            codec: CodecSpec::default(),
         }
     }
 }
@@ -147,6 +222,25 @@ impl RunConfig {
         }
         if !(r.lr > 0.0 && r.outer_lr > 0.0 && (0.0..1.0).contains(&r.outer_momentum)) {
             bail!("round.lr and outer_lr must be positive, outer_momentum in [0, 1)");
+        }
+        let v = &self.verify;
+        if !(v.norm_multiple > 1.0
+            && (0.0..=1.0).contains(&v.replay_new)
+            && (0.0..=1.0).contains(&v.replay_trusted)
+            && (-1.0..=1.0).contains(&v.replay_min_cosine)
+            && v.replay_max_rel_error > 0.0
+            && v.effect_min_fraction >= 0.0
+            && v.heldout_max_rise >= 0.0
+            && v.effect_samples > 0
+            && v.ban_after > 0)
+        {
+            bail!(
+                "verify: norm_multiple > 1, replay rates in [0, 1], replay_min_cosine in [-1, 1], positive replay_max_rel_error, effect_samples and ban_after, non-negative effect_min_fraction and heldout_max_rise"
+            );
+        }
+        let a = &self.aggregate;
+        if !(a.clip_multiple > 0.0 && (0.0..0.5).contains(&a.trim_fraction)) {
+            bail!("aggregate: clip_multiple > 0 and trim_fraction in [0, 0.5)");
         }
         if self.run.is_empty() || self.run.len() > herd_protocol::messages::MAX_TEXT_BYTES {
             bail!("run name must be 1..=256 bytes");

@@ -1,23 +1,28 @@
-//! The tensor side of the coordinator: the base model, the global adapter, the outer optimizer
-//! and held-out evaluation. Owned by one task at a time and moved into `spawn_blocking` for
-//! work, so the async side never blocks on a tensor.
+//! The tensor side of the coordinator: the base model, the global adapter θ_r, the outer
+//! optimizer, held-out evaluation, and the tensor layers of verification (effect, replay).
+//! Owned by one task at a time and moved into `spawn_blocking` for work, so the async side
+//! never blocks on a tensor.
 
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use anyhow::{Context, Result};
 use herd_model::Llama;
-use herd_model::data::{Dataset, read_records};
+use herd_model::data::{Dataset, Example, indices_of, read_records};
 use herd_model::delta::delta_layout;
 use herd_model::eval::evaluate;
 use herd_model::lora::{Lora, LoraConfig};
 use herd_model::peft::{adapter_weights_bytes, save_adapter};
 use herd_model::tokenizer::TextTokenizer;
 use herd_protocol::delta::{Delta, DeltaLayout};
-use herd_protocol::messages::LoraSpec;
+use herd_protocol::messages::{Lease, LoraSpec, RejectReason};
+use herd_protocol::sketch::Agreement;
 
-use crate::aggregate::{OuterOptimizer, weighted_mean};
+use crate::aggregate::{OuterOptimizer, RobustReport, Robustness, robust_mean};
 use crate::config::RunConfig;
 use crate::status::{Checkpoint, CheckpointFile};
+use crate::verify::effect::{self, EffectConfig, EffectReport};
+use crate::verify::replay::{self, ReplayTolerance};
 
 /// Model, adapter and optimizer state.
 #[derive(Debug)]
@@ -25,7 +30,11 @@ pub struct Engine {
     model: Llama,
     lora: Lora,
     outer: OuterOptimizer,
+    robustness: Robustness,
+    data: Dataset,
     heldout: Dataset,
+    /// Held-out loss of the current θ_r.
+    heldout_loss: f64,
     base_model: PathBuf,
 }
 
@@ -35,6 +44,37 @@ pub struct RoundResult {
     pub adapter_bytes: Vec<u8>,
     pub heldout_loss: f64,
     pub checkpoint: Option<Checkpoint>,
+    pub robust: RobustReport,
+}
+
+/// A submission that passed the cheap layers, for the tensor layers.
+#[derive(Debug)]
+pub struct VerifyJob {
+    pub lease: Lease,
+    pub delta: Delta,
+    pub sketch: Vec<f32>,
+    pub claimed_drop: f64,
+    pub replay: bool,
+    pub effect_samples: usize,
+    pub effect: EffectConfig,
+    pub tolerance: ReplayTolerance,
+}
+
+/// What the tensor layers found.
+#[derive(Debug)]
+pub struct VerifyOutcome {
+    pub result: Result<(), RejectReason>,
+    pub detail: VerifyDetail,
+}
+
+/// The figures behind a verdict, for the verdict log.
+#[derive(Debug, Clone, Default)]
+pub struct VerifyDetail {
+    pub effect: Option<EffectReport>,
+    /// Present when the shard was replayed.
+    pub replay: Option<Agreement>,
+    pub effect_seconds: f64,
+    pub replay_seconds: f64,
 }
 
 impl Engine {
@@ -42,24 +82,29 @@ impl Engine {
         let model = Llama::load(&cfg.base_model, tch::Device::Cpu)?;
         let tok = TextTokenizer::from_dir(&cfg.base_model)?;
         let mcfg = model.config();
-        let heldout = Dataset::for_model(
-            &cfg.heldout,
-            &tok,
-            mcfg,
-            Some(cfg.round.max_seq_len as usize),
-        )?;
+        let max_len = Some(cfg.round.max_seq_len as usize);
+        let heldout = Dataset::for_model(&cfg.heldout, &tok, mcfg, max_len)?;
+        let data = Dataset::for_model(&cfg.data, &tok, mcfg, max_len)?;
         let lora = Lora::new(
             mcfg,
             LoraConfig::try_from(&lora_spec(cfg))?,
             tch::Device::Cpu,
         )?;
-        Ok(Engine {
+        let mut engine = Engine {
             model,
             lora,
             outer: OuterOptimizer::new(cfg.round.outer_lr, cfg.round.outer_momentum),
+            robustness: Robustness {
+                clip_multiple: cfg.aggregate.clip_multiple,
+                trim_fraction: cfg.aggregate.trim_fraction,
+            },
+            data,
             heldout,
+            heldout_loss: f64::NAN,
             base_model: cfg.base_model.clone(),
-        })
+        };
+        engine.heldout_loss = engine.evaluate_heldout(&engine.lora)?;
+        Ok(engine)
     }
 
     pub fn layout(&self) -> DeltaLayout {
@@ -70,12 +115,72 @@ impl Engine {
         Ok(adapter_weights_bytes(&self.lora)?)
     }
 
-    pub fn heldout_loss(&self) -> Result<f64> {
-        let ex: Vec<_> = self.heldout.examples.iter().collect();
-        Ok(evaluate(&self.model, Some(&self.lora), &ex, 32)?.loss)
+    /// Held-out loss of the current adapter.
+    pub fn heldout_loss(&self) -> f64 {
+        self.heldout_loss
     }
 
-    /// Averages `deltas` (token-weighted), takes the outer step, evaluates, and writes a
+    fn evaluate_heldout(&self, lora: &Lora) -> Result<f64> {
+        let ex: Vec<&Example> = self.heldout.examples.iter().collect();
+        Ok(evaluate(&self.model, Some(lora), &ex, 32)?.loss)
+    }
+
+    /// Effect check, then (if drawn) replay; cheap first, stops at the first failure.
+    pub fn verify(&self, job: &VerifyJob) -> VerifyOutcome {
+        let mut out = VerifyOutcome {
+            result: Ok(()),
+            detail: VerifyDetail::default(),
+        };
+        let started = Instant::now();
+        let effect = self.measure_effect(job);
+        out.detail.effect_seconds = started.elapsed().as_secs_f64();
+        match effect {
+            Ok(report) => {
+                out.result = effect::judge(&report, &job.effect);
+                out.detail.effect = Some(report);
+            }
+            Err(e) => {
+                out.result = Err(RejectReason::Malformed(format!("cannot evaluate: {e:#}")));
+            }
+        }
+        if out.result.is_err() || !job.replay {
+            return out;
+        }
+        let started = Instant::now();
+        match replay::replay(&self.model, &self.lora, &self.data, &job.lease) {
+            Ok(replayed) => {
+                let (agreement, result) =
+                    replay::judge(&job.sketch, &replayed, job.lease.seed, &job.tolerance);
+                out.detail.replay = Some(agreement);
+                out.result = result;
+            }
+            Err(e) => {
+                // Our failure, not the node's: accept on the earlier layers and say so.
+                tracing::error!(error = %e, lease = %job.lease.id, "replay failed");
+            }
+        }
+        out.detail.replay_seconds = started.elapsed().as_secs_f64();
+        out
+    }
+
+    fn measure_effect(&self, job: &VerifyJob) -> Result<EffectReport> {
+        let indices = indices_of(&job.lease.ranges, self.data.len())?;
+        let sample = effect::shard_sample(&indices, job.effect_samples, job.lease.seed);
+        let shard: Vec<&Example> = sample.iter().map(|&i| &self.data.examples[i]).collect();
+        let heldout: Vec<&Example> = self.heldout.examples.iter().collect();
+        let scale = job.effect.scale;
+        let losses = effect::measure(&self.model, &self.lora, &job.delta, scale, &shard, &heldout)?;
+        Ok(EffectReport {
+            shard_before: losses.shard_before,
+            shard_after: losses.shard_after,
+            claimed_drop: job.claimed_drop,
+            scale,
+            heldout_before: self.heldout_loss,
+            heldout_after: losses.heldout_after,
+        })
+    }
+
+    /// Robust mean of `deltas` (token-weighted), the outer step, evaluation, and a
     /// checkpoint into `checkpoint_dir` when given.
     pub fn finish_round(
         &mut self,
@@ -84,16 +189,17 @@ impl Engine {
         checkpoint_dir: Option<&Path>,
     ) -> Result<RoundResult> {
         let weighted: Vec<(&Delta, u64)> = deltas.iter().map(|(d, w)| (d, *w)).collect();
-        let mean = weighted_mean(&weighted)?;
+        let (mean, robust) = robust_mean(&weighted, self.robustness)?;
         self.outer.step(&self.lora, &mean)?;
-        let heldout_loss = self.heldout_loss()?;
+        self.heldout_loss = self.evaluate_heldout(&self.lora)?;
         let checkpoint = checkpoint_dir
-            .map(|dir| self.write_checkpoint(dir, round, heldout_loss))
+            .map(|dir| self.write_checkpoint(dir, round, self.heldout_loss))
             .transpose()?;
         Ok(RoundResult {
             adapter_bytes: self.adapter_bytes()?,
-            heldout_loss,
+            heldout_loss: self.heldout_loss,
             checkpoint,
+            robust,
         })
     }
 

@@ -5,7 +5,9 @@
 //! - [`round`]: the pure round state machine (events + time in, actions out).
 //! - [`server`]: the I/O shell around it (libp2p, HTTP, blobs, the engine).
 //! - [`engine`]: model, global adapter, outer optimizer, evaluation (tch, off the runtime).
-//! - [`aggregate`]: token-weighted mean and DiLoCo's outer Nesterov step.
+//! - [`verify`]: the layers a submission passes (envelope, structure, effect, replay,
+//!   reputation) and the durable verdict log.
+//! - [`aggregate`]: robust token-weighted mean and DiLoCo's outer Nesterov step.
 //! - [`blobs`]: content-addressed blob store; [`http`]: the HTTP API; [`status`]: what it shows.
 //! - [`config`]: the `run.toml` of a run.
 
@@ -17,3 +19,4 @@ pub mod http;
 pub mod round;
 pub mod server;
 pub mod status;
+pub mod verify;

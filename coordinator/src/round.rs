@@ -3,9 +3,12 @@
 //! That keeps every rule about leases and rounds testable with thousands of simulated peers.
 //!
 //! A round has `shards` shards. A peer asking for work gets an exclusive lease on an open
-//! shard; the lease expires after `lease_ms` and the shard is reissued. The round closes when
-//! `quorum` shards are accepted; then the shell aggregates and reports back, and the next
-//! round opens.
+//! shard; the lease expires after `lease_ms` and the shard is reissued. A submission that
+//! passes the lease rules and the shell's stateless checks is handed to verification (the
+//! lease then no longer expires); the verification's outcome decides the verdict, and a
+//! rejected shard is reissued at once. The round closes when `quorum` shards are accepted;
+//! then the shell aggregates and reports back, and the next round opens. A banned peer's
+//! accepted shards of the open round are dropped and reissued.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -50,6 +53,16 @@ pub enum Event {
         peer: PeerKey,
         lease: LeaseId,
     },
+    /// Verification of a submission asked for with [`Action::Verify`] finished.
+    Verified {
+        lease: LeaseId,
+        result: Result<(), RejectReason>,
+    },
+    /// The peer was banned: drop its accepted shards of the open round and its live leases.
+    Banned {
+        peer: PeerKey,
+        reason: String,
+    },
     /// The shell finished aggregating `round` into `adapter`.
     Aggregated {
         round: Round,
@@ -92,10 +105,22 @@ pub enum Action {
         finished: bool,
         reason: String,
     },
+    /// The submission passed the lease rules: verify it, then report [`Event::Verified`].
+    Verify {
+        peer: PeerKey,
+        lease: LeaseId,
+        round: Round,
+        shard: ShardId,
+    },
     Verdict {
         peer: PeerKey,
         lease: LeaseId,
         verdict: Verdict,
+    },
+    /// An accepted delta no longer counts (its peer was banned); its shard is open again.
+    Excluded {
+        peer: PeerKey,
+        lease: LeaseId,
     },
     /// Answer to a return: `true` if the lease was live and its shard is open again.
     Returned {
@@ -125,7 +150,12 @@ pub enum Action {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum LeaseState {
     Active,
+    /// Submitted and being verified; does not expire.
+    Verifying,
+    /// Verified and accepted.
     Submitted,
+    /// Submitted and rejected; the shard was reissued.
+    Rejected,
     Expired,
     Returned,
 }
@@ -137,6 +167,8 @@ struct LeaseRecord {
     shard: ShardId,
     expires_at_ms: u64,
     state: LeaseState,
+    /// Tokens the submission claims (known once submitted).
+    tokens: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -257,53 +289,41 @@ impl RoundMachine {
                 tokens,
                 checked,
             } => {
-                let verdict = match self.check_submission(
-                    &peer,
-                    lease,
-                    round,
-                    shard,
-                    base_adapter,
-                    checked,
-                ) {
+                let lease_ok = self.check_lease(&peer, lease, round, shard, base_adapter);
+                match lease_ok.and_then(|()| checked.map_err(|r| (r, true))) {
                     Ok(()) => {
                         let record = self.leases.get_mut(&lease).expect("checked above");
-                        record.state = LeaseState::Submitted;
-                        self.holders[shard.0 as usize] = None;
-                        self.accepted.insert(
+                        record.state = LeaseState::Verifying;
+                        record.tokens = tokens;
+                        actions.push(Action::Verify {
+                            peer,
+                            lease,
+                            round,
                             shard,
-                            Accepted {
-                                lease,
-                                peer: peer.clone(),
-                                shard,
-                                tokens,
-                            },
-                        );
-                        Verdict::Accepted
+                        });
                     }
-                    Err(reason) => Verdict::Rejected(reason),
-                };
-                let accepted = verdict == Verdict::Accepted;
-                actions.push(Action::Verdict {
-                    peer,
-                    lease,
-                    verdict,
-                });
-                if accepted && self.accepted.len() >= self.cfg.quorum as usize {
-                    actions.extend(self.close_round());
+                    Err((reason, lease_was_live)) => {
+                        if lease_was_live {
+                            self.end_lease(lease, LeaseState::Rejected);
+                        }
+                        actions.push(Action::Verdict {
+                            peer,
+                            lease,
+                            verdict: Verdict::Rejected(reason),
+                        });
+                    }
                 }
             }
+            Event::Verified { lease, result } => actions.extend(self.verified(lease, result)),
+            Event::Banned { peer, reason } => actions.extend(self.ban(&peer, &reason)),
             Event::Returned { peer, lease } => {
-                let released = match self.leases.get_mut(&lease) {
-                    Some(r) if r.peer == peer && r.state == LeaseState::Active => {
-                        r.state = LeaseState::Returned;
-                        if r.round == self.round && self.holders[r.shard.0 as usize] == Some(lease)
-                        {
-                            self.holders[r.shard.0 as usize] = None;
-                        }
-                        true
-                    }
-                    _ => false,
-                };
+                let released = matches!(
+                    self.leases.get(&lease),
+                    Some(r) if r.peer == peer && r.state == LeaseState::Active
+                );
+                if released {
+                    self.end_lease(lease, LeaseState::Returned);
+                }
                 actions.push(Action::Returned {
                     peer,
                     lease,
@@ -319,35 +339,141 @@ impl RoundMachine {
         actions
     }
 
-    fn check_submission(
+    /// The lease rules. The error says whether the lease was live and the peer's (then a
+    /// rejection ends it and the shard is reissued).
+    fn check_lease(
         &self,
         peer: &PeerKey,
         lease: LeaseId,
         round: Round,
         shard: ShardId,
         base_adapter: ContentId,
-        checked: Result<(), RejectReason>,
-    ) -> Result<(), RejectReason> {
-        let record = self.leases.get(&lease).ok_or(RejectReason::UnknownLease)?;
+    ) -> Result<(), (RejectReason, bool)> {
+        let record = self
+            .leases
+            .get(&lease)
+            .ok_or((RejectReason::UnknownLease, false))?;
         if &record.peer != peer {
-            return Err(RejectReason::NotYourLease);
+            return Err((RejectReason::NotYourLease, false));
         }
         if record.round != round || record.shard != shard {
-            return Err(RejectReason::LeaseMismatch);
+            return Err((RejectReason::LeaseMismatch, false));
         }
         match record.state {
-            LeaseState::Submitted => return Err(RejectReason::Duplicate),
-            _ if record.round != self.round || self.phase != Phase::Open => {
-                return Err(RejectReason::StaleRound);
+            LeaseState::Verifying | LeaseState::Submitted | LeaseState::Rejected => {
+                return Err((RejectReason::Duplicate, false));
             }
-            LeaseState::Expired => return Err(RejectReason::ExpiredLease),
-            LeaseState::Returned => return Err(RejectReason::UnknownLease),
+            _ if record.round != self.round || self.phase != Phase::Open => {
+                return Err((RejectReason::StaleRound, false));
+            }
+            LeaseState::Expired => return Err((RejectReason::ExpiredLease, false)),
+            LeaseState::Returned => return Err((RejectReason::UnknownLease, false)),
             LeaseState::Active => {}
         }
         if base_adapter != self.adapter {
-            return Err(RejectReason::WrongBaseAdapter);
+            return Err((RejectReason::WrongBaseAdapter, true));
         }
-        checked
+        Ok(())
+    }
+
+    /// Marks `lease` finished in `state` and frees its shard if it still holds it.
+    fn end_lease(&mut self, lease: LeaseId, state: LeaseState) {
+        let Some(r) = self.leases.get_mut(&lease) else {
+            return;
+        };
+        r.state = state;
+        if r.round == self.round && self.holders[r.shard.0 as usize] == Some(lease) {
+            self.holders[r.shard.0 as usize] = None;
+        }
+    }
+
+    fn verified(&mut self, lease: LeaseId, result: Result<(), RejectReason>) -> Vec<Action> {
+        let Some(record) = self.leases.get(&lease) else {
+            return Vec::new();
+        };
+        if record.state != LeaseState::Verifying {
+            return Vec::new(); // e.g. its peer was banned meanwhile
+        }
+        let (peer, shard, tokens) = (record.peer.clone(), record.shard, record.tokens);
+        let current = record.round == self.round && self.phase == Phase::Open;
+        let verdict = match result {
+            Ok(()) if current => {
+                self.end_lease(lease, LeaseState::Submitted);
+                self.accepted.insert(
+                    shard,
+                    Accepted {
+                        lease,
+                        peer: peer.clone(),
+                        shard,
+                        tokens,
+                    },
+                );
+                Verdict::Accepted
+            }
+            Ok(()) => {
+                self.end_lease(lease, LeaseState::Rejected);
+                Verdict::Rejected(RejectReason::StaleRound)
+            }
+            Err(reason) => {
+                self.end_lease(lease, LeaseState::Rejected);
+                Verdict::Rejected(reason)
+            }
+        };
+        let close = verdict == Verdict::Accepted && self.accepted.len() >= self.cfg.quorum as usize;
+        let mut actions = vec![Action::Verdict {
+            peer,
+            lease,
+            verdict,
+        }];
+        if close {
+            actions.extend(self.close_round());
+        }
+        actions
+    }
+
+    fn ban(&mut self, peer: &PeerKey, reason: &str) -> Vec<Action> {
+        let mut actions = Vec::new();
+        // Submissions still being verified are decided now.
+        let mut verifying: Vec<LeaseId> = self
+            .leases
+            .iter()
+            .filter(|(_, r)| &r.peer == peer && r.state == LeaseState::Verifying)
+            .map(|(id, _)| *id)
+            .collect();
+        verifying.sort();
+        for lease in verifying {
+            self.end_lease(lease, LeaseState::Rejected);
+            actions.push(Action::Verdict {
+                peer: peer.clone(),
+                lease,
+                verdict: Verdict::Rejected(RejectReason::Banned(reason.to_string())),
+            });
+        }
+        if self.phase == Phase::Open {
+            let dropped: Vec<ShardId> = self
+                .accepted
+                .iter()
+                .filter(|(_, a)| &a.peer == peer)
+                .map(|(s, _)| *s)
+                .collect();
+            for shard in dropped {
+                let a = self.accepted.remove(&shard).expect("listed above");
+                actions.push(Action::Excluded {
+                    peer: a.peer,
+                    lease: a.lease,
+                });
+            }
+        }
+        let live: Vec<LeaseId> = self
+            .leases
+            .iter()
+            .filter(|(_, r)| &r.peer == peer && r.state == LeaseState::Active)
+            .map(|(id, _)| *id)
+            .collect();
+        for lease in live {
+            self.end_lease(lease, LeaseState::Returned);
+        }
+        actions
     }
 
     fn grant(&mut self, peer: PeerKey, now_ms: u64) -> Action {
@@ -400,6 +526,7 @@ impl RoundMachine {
                 shard,
                 expires_at_ms,
                 state: LeaseState::Active,
+                tokens: 0,
             },
         );
         self.holders[shard.0 as usize] = Some(lease);
@@ -456,7 +583,8 @@ impl RoundMachine {
         self.accepted.clear();
         self.holders = vec![None; self.cfg.shards as usize];
         // Leases of the closed round can only be rejected now; forget the finished ones.
-        self.leases.retain(|_, r| r.state == LeaseState::Active);
+        self.leases
+            .retain(|_, r| matches!(r.state, LeaseState::Active | LeaseState::Verifying));
         if self.round.0 >= self.cfg.rounds {
             self.phase = Phase::Finished;
             return vec![Action::Finished {

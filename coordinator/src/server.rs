@@ -4,7 +4,7 @@
 //! Shutdown order: the swarm loop ends (finished run, or Ctrl-C), then the HTTP server is told
 //! to stop and awaited, then `summary.json` is written.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
@@ -12,9 +12,7 @@ use futures::StreamExt;
 use herd_protocol::delta::{Delta, DeltaLayout};
 use herd_protocol::messages::*;
 use herd_protocol::net::{Behaviour, BehaviourEvent, Role, build_swarm, load_or_create_identity};
-use herd_protocol::signing::submission_bytes;
-use herd_protocol::{ContentId, LeaseId, Round};
-use libp2p::identity::PublicKey;
+use herd_protocol::{LeaseId, Round};
 use libp2p::request_response::{self, ResponseChannel};
 use libp2p::swarm::SwarmEvent;
 use libp2p::{Multiaddr, PeerId, Swarm, gossipsub};
@@ -24,9 +22,17 @@ use tokio::task::JoinHandle;
 
 use crate::blobs::BlobStore;
 use crate::config::RunConfig;
-use crate::engine::{Engine, RoundResult, count_examples, lora_spec};
+use crate::engine::{
+    Engine, RoundResult, VerifyDetail, VerifyJob, VerifyOutcome, count_examples, lora_spec,
+};
 use crate::round::{Action, Event, MachineConfig, RoundMachine};
 use crate::status::{PeerStatus, RejectRecord, Status};
+use crate::verify::effect::EffectConfig;
+use crate::verify::envelope;
+use crate::verify::log::{VerdictLog, VerdictRecord};
+use crate::verify::replay::ReplayTolerance;
+use crate::verify::reputation::{Reputation, ReputationConfig};
+use crate::verify::structure::{Checked, StructureState};
 
 /// Prints a line for the operator (and for scripts that read addresses from stdout). A closed
 /// stdout must not take the coordinator down, so write errors are ignored.
@@ -84,7 +90,7 @@ pub async fn serve(cfg: RunConfig, shutdown: impl std::future::Future<Output = (
         data: blobs.put_file(&cfg.data)?,
     };
     let adapter = blobs.put_bytes(&engine.adapter_bytes()?)?;
-    let loss0 = engine.heldout_loss()?;
+    let loss0 = engine.heldout_loss();
     say!("round 0: held-out loss {loss0:.4} (before training)");
     let data_len = count_examples(&cfg.data)?;
     let samples_per_shard = cfg
@@ -126,6 +132,17 @@ pub async fn serve(cfg: RunConfig, shutdown: impl std::future::Future<Output = (
             .await
     });
 
+    let v = &cfg.verify;
+    let reputation = Reputation::new(
+        ReputationConfig {
+            replay_new: v.replay_new,
+            replay_trusted: v.replay_trusted,
+            trusted_after: v.trusted_after,
+            ban_after: v.ban_after,
+        },
+        cfg.seed,
+    );
+    let verdicts = VerdictLog::open(&cfg.data_dir.join("verdicts.jsonl"))?;
     let mut shell = Shell {
         cfg,
         assets,
@@ -133,8 +150,14 @@ pub async fn serve(cfg: RunConfig, shutdown: impl std::future::Future<Output = (
         machine,
         blobs,
         engine: Some(engine),
-        aggregation: None,
+        engine_task: None,
         deltas: HashMap::new(),
+        leases: HashMap::new(),
+        pending: HashMap::new(),
+        queue: VecDeque::new(),
+        structure: StructureState::default(),
+        reputation,
+        verdicts,
         status_tx,
         checkpoints_dir,
         peers: HashMap::new(),
@@ -150,8 +173,35 @@ pub async fn serve(cfg: RunConfig, shutdown: impl std::future::Future<Output = (
     Ok(())
 }
 
-/// The pieces of an aggregation running in `spawn_blocking`: the engine comes back with it.
-type AggregationTask = JoinHandle<(Engine, Round, Result<RoundResult>)>;
+/// Work the engine does in `spawn_blocking`; the engine comes back with the result.
+enum EngineDone {
+    Verified(LeaseId, Box<VerifyOutcome>),
+    Aggregated(Round, Result<RoundResult>),
+}
+
+type EngineTask = JoinHandle<(Engine, EngineDone)>;
+
+/// A submission that passed the cheap layers, waiting for the tensor layers, with the
+/// channel its verdict goes back on.
+struct Pending {
+    channel: ResponseChannel<RpcResponse>,
+    checked: Checked,
+    facts: SubmissionFacts,
+    claimed_drop: f64,
+    replay: bool,
+    detail: VerifyDetail,
+}
+
+/// What the verdict log records of a submission.
+#[derive(Clone, Default)]
+struct SubmissionFacts {
+    round: u64,
+    shard: u32,
+    payload_hash: Option<String>,
+    payload_bytes: u64,
+    tokens: u64,
+    norm: Option<f64>,
+}
 
 struct Shell {
     cfg: RunConfig,
@@ -159,11 +209,19 @@ struct Shell {
     layout: DeltaLayout,
     machine: RoundMachine,
     blobs: BlobStore,
-    /// `None` while an aggregation owns it.
+    /// `None` while a task owns it.
     engine: Option<Engine>,
-    aggregation: Option<AggregationTask>,
+    engine_task: Option<EngineTask>,
     /// Accepted deltas of the current round, with their token weights.
     deltas: HashMap<LeaseId, (Delta, u64)>,
+    /// Leases granted and not yet decided, as sent (replays need them).
+    leases: HashMap<LeaseId, Lease>,
+    pending: HashMap<LeaseId, Pending>,
+    /// Verifications waiting for the engine, in arrival order.
+    queue: VecDeque<LeaseId>,
+    structure: StructureState,
+    reputation: Reputation,
+    verdicts: VerdictLog,
     status_tx: watch::Sender<Status>,
     checkpoints_dir: std::path::PathBuf,
     peers: HashMap<PeerId, PeerStatus>,
@@ -192,11 +250,15 @@ impl Shell {
                         return Ok(());
                     }
                 }
-                joined = async { self.aggregation.as_mut().expect("guarded").await }, if self.aggregation.is_some() => {
-                    self.aggregation = None;
-                    let (engine, round, result) = joined.context("aggregation task panicked")?;
+                joined = async { self.engine_task.as_mut().expect("guarded").await }, if self.engine_task.is_some() => {
+                    self.engine_task = None;
+                    let (engine, done) = joined.context("engine task panicked")?;
                     self.engine = Some(engine);
-                    self.on_round_result(swarm, round, result?)?;
+                    match done {
+                        EngineDone::Verified(lease, outcome) => self.on_verified(swarm, lease, *outcome),
+                        EngineDone::Aggregated(round, result) => self.on_round_result(swarm, round, result?)?,
+                    }
+                    self.start_verification();
                 }
                 () = &mut shutdown => {
                     tracing::info!("shutting down");
@@ -277,15 +339,20 @@ impl Shell {
         channel: ResponseChannel<RpcResponse>,
     ) {
         let key = peer.to_string();
-        // A delta that passed the stateless checks; moved into the round's set if accepted.
-        let (event, mut checked_delta) = match request {
+        let event = match request {
             RpcRequest::Lease(req) => {
-                if req.version != PROTOCOL_VERSION {
+                let refused = if req.version != PROTOCOL_VERSION {
                     tracing::warn!(%peer, version = req.version, "refused a node speaking another protocol version");
-                    let reason = format!(
+                    Some(format!(
                         "protocol version {} is not supported; this coordinator speaks {PROTOCOL_VERSION}",
                         req.version
-                    );
+                    ))
+                } else {
+                    self.reputation
+                        .banned(&key)
+                        .map(|why| format!("this node is banned from the run: {why}"))
+                };
+                if let Some(reason) = refused {
                     let _ = swarm
                         .behaviour_mut()
                         .rpc
@@ -295,29 +362,10 @@ impl Shell {
                 let p = self.peers.entry(peer).or_default();
                 p.peer = key.clone();
                 p.device = req.device.chars().take(MAX_TEXT_BYTES).collect();
-                (Event::LeaseRequested { peer: key }, None)
+                Event::LeaseRequested { peer: key }
             }
-            RpcRequest::Return { lease } => (Event::Returned { peer: key, lease }, None),
-            RpcRequest::Submit(sub) => {
-                let checked = self.check_submission(&peer, &sub);
-                let tokens = sub.tokens.min(self.max_tokens_per_shard());
-                if let Ok(delta) = &checked {
-                    self.status_tx.send_modify(|s| {
-                        s.bytes_uploaded += sub.payload.len() as u64;
-                        s.bytes_dense_fp32 += delta.dense_fp32_bytes();
-                    });
-                }
-                let event = Event::Submitted {
-                    peer: key,
-                    lease: sub.lease,
-                    round: sub.round,
-                    shard: sub.shard,
-                    base_adapter: sub.base_adapter,
-                    tokens,
-                    checked: checked.as_ref().map(|_| ()).map_err(Clone::clone),
-                };
-                (event, checked.ok().map(|d| (d, tokens)))
-            }
+            RpcRequest::Return { lease } => Event::Returned { peer: key, lease },
+            RpcRequest::Submit(sub) => return self.on_submission(swarm, peer, *sub, channel),
         };
         let actions = self.machine.handle(event, now_ms());
         let mut channel = Some(channel);
@@ -325,7 +373,9 @@ impl Shell {
         for action in actions {
             let response = match &action {
                 Action::Grant { grant, .. } => {
-                    Some(RpcResponse::Lease(Box::new(self.lease_message(grant))))
+                    let lease = self.lease_message(grant);
+                    self.leases.insert(lease.id, lease.clone());
+                    Some(RpcResponse::Lease(Box::new(lease)))
                 }
                 Action::NoWork {
                     retry_after_ms,
@@ -337,10 +387,6 @@ impl Shell {
                     finished: *finished,
                     reason: reason.clone(),
                 }),
-                Action::Verdict { lease, verdict, .. } => {
-                    self.record_verdict(&peer, *lease, verdict, checked_delta.take());
-                    Some(RpcResponse::Verdict(verdict.clone()))
-                }
                 Action::Returned { .. } => Some(RpcResponse::Returned),
                 _ => None,
             };
@@ -359,34 +405,229 @@ impl Shell {
         self.publish_status(); // a grant or return changed the leases even without other actions
     }
 
-    fn record_verdict(
+    /// The cheap layers here, the lease rules in the machine; what passes both waits for the
+    /// engine. Everything else is answered at once.
+    fn on_submission(
         &mut self,
-        peer: &PeerId,
-        lease: LeaseId,
-        verdict: &Verdict,
-        accepted: Option<(Delta, u64)>,
+        swarm: &mut Swarm<Behaviour>,
+        peer: PeerId,
+        sub: Submission,
+        channel: ResponseChannel<RpcResponse>,
     ) {
-        let round = self.machine.round().0;
-        let p = self.peers.entry(*peer).or_insert_with(|| PeerStatus {
-            peer: peer.to_string(),
-            ..Default::default()
+        let key = peer.to_string();
+        let tokens = sub.tokens.min(self.max_tokens_per_shard());
+        let mut facts = SubmissionFacts {
+            round: sub.round.0,
+            shard: sub.shard.0,
+            payload_hash: Some(sub.payload_hash.to_hex()),
+            payload_bytes: sub.payload.len() as u64,
+            tokens,
+            norm: None,
+        };
+        if let Some(why) = self.reputation.banned(&key) {
+            let verdict = Verdict::Rejected(RejectReason::Banned(why.to_string()));
+            self.decide(swarm, &key, sub.lease, verdict, Some((channel, facts)));
+            return;
+        }
+        let checked = envelope::check(&self.cfg.run, &peer, &sub).and_then(|()| {
+            self.structure.check(
+                sub.lease,
+                sub.payload_hash,
+                &sub.payload,
+                &self.layout,
+                self.cfg.round.codec,
+                self.cfg.verify.norm_multiple,
+            )
         });
-        match verdict {
+        let event = Event::Submitted {
+            peer: key.clone(),
+            lease: sub.lease,
+            round: sub.round,
+            shard: sub.shard,
+            base_adapter: sub.base_adapter,
+            tokens,
+            checked: checked.as_ref().map(|_| ()).map_err(Clone::clone),
+        };
+        let actions = self.machine.handle(event, now_ms());
+        let mut answer = Some((channel, facts.clone()));
+        let mut checked = checked.ok();
+        let mut rest = Vec::new();
+        for action in actions {
+            match action {
+                Action::Verify { lease, .. } => {
+                    let (channel, _) = answer.take().expect("one answer per request");
+                    let checked = checked.take().expect("verification follows passed checks");
+                    facts.norm = Some(checked.norm);
+                    self.pending.insert(
+                        lease,
+                        Pending {
+                            channel,
+                            checked,
+                            facts: facts.clone(),
+                            claimed_drop: sub.loss_before - sub.loss_after,
+                            replay: self.reputation.should_replay(&key, lease),
+                            detail: VerifyDetail::default(),
+                        },
+                    );
+                    self.queue.push_back(lease);
+                }
+                Action::Verdict { lease, verdict, .. } => {
+                    self.decide(swarm, &key, lease, verdict, answer.take());
+                }
+                other => rest.push(other),
+            }
+        }
+        self.perform(swarm, rest);
+        self.start_verification();
+    }
+
+    /// Hands the next queued verification to the engine, if it is free.
+    fn start_verification(&mut self) {
+        while self.engine_task.is_none() {
+            let Some(lease) = self.queue.pop_front() else {
+                return;
+            };
+            let (Some(p), Some(lease_msg)) = (self.pending.get(&lease), self.leases.get(&lease))
+            else {
+                continue; // decided meanwhile (its peer was banned)
+            };
+            let v = &self.cfg.verify;
+            let job = VerifyJob {
+                lease: lease_msg.clone(),
+                delta: p.checked.decoded.delta.clone(),
+                sketch: p.checked.decoded.sketch.clone(),
+                claimed_drop: p.claimed_drop,
+                replay: p.replay,
+                effect_samples: v.effect_samples,
+                effect: EffectConfig {
+                    scale: self.cfg.round.outer_lr / self.cfg.quorum() as f64,
+                    min_fraction: v.effect_min_fraction,
+                    heldout_max_rise: v.heldout_max_rise,
+                },
+                tolerance: ReplayTolerance {
+                    min_cosine: v.replay_min_cosine,
+                    max_rel_error: v.replay_max_rel_error,
+                },
+            };
+            let engine = self
+                .engine
+                .take()
+                .expect("the engine is free when no task runs");
+            self.engine_task = Some(tokio::task::spawn_blocking(move || {
+                let outcome = engine.verify(&job);
+                (engine, EngineDone::Verified(lease, Box::new(outcome)))
+            }));
+        }
+    }
+
+    fn on_verified(
+        &mut self,
+        swarm: &mut Swarm<Behaviour>,
+        lease: LeaseId,
+        outcome: VerifyOutcome,
+    ) {
+        if let Some(p) = self.pending.get_mut(&lease) {
+            p.detail = outcome.detail;
+        }
+        let actions = self.machine.handle(
+            Event::Verified {
+                lease,
+                result: outcome.result,
+            },
+            now_ms(),
+        );
+        self.perform(swarm, actions);
+    }
+
+    /// Records a verdict durably, updates the peer's standing, then answers the node: on
+    /// `answer` for a request decided at once, or on the channel of its pending verification.
+    fn decide(
+        &mut self,
+        swarm: &mut Swarm<Behaviour>,
+        key: &str,
+        lease: LeaseId,
+        verdict: Verdict,
+        answer: Option<(ResponseChannel<RpcResponse>, SubmissionFacts)>,
+    ) {
+        let (channel, facts, detail, accepted) = match self.pending.remove(&lease) {
+            Some(p) => (
+                Some(p.channel),
+                p.facts,
+                p.detail,
+                Some((p.checked.decoded.delta, p.checked.norm)),
+            ),
+            None => match answer {
+                Some((channel, facts)) => (Some(channel), facts, VerifyDetail::default(), None),
+                None => return, // nobody is waiting and nothing was checked: nothing to record
+            },
+        };
+        self.leases.remove(&lease);
+        let record = VerdictRecord {
+            time_ms: now_ms(),
+            peer: key.to_string(),
+            lease: lease.0,
+            round: facts.round,
+            shard: facts.shard,
+            verdict: match &verdict {
+                Verdict::Accepted => "accepted".into(),
+                Verdict::Rejected(r) => r.label().into(),
+            },
+            reason: match &verdict {
+                Verdict::Accepted => String::new(),
+                Verdict::Rejected(r) => r.to_string(),
+            },
+            payload_hash: facts.payload_hash.clone(),
+            payload_bytes: facts.payload_bytes,
+            tokens: facts.tokens,
+            norm: facts.norm,
+            effect: detail.effect.clone(),
+            replay: detail.replay,
+            verify_seconds: detail.effect_seconds,
+            replay_seconds: detail.replay_seconds,
+        };
+        if let Err(e) = self.verdicts.append(&record) {
+            // Without a durable record the verdict is not given: the node's request times out
+            // and its lease is reissued.
+            tracing::error!(error = %e, "cannot record a verdict; not answering");
+            return;
+        }
+        let replayed = detail.replay.is_some();
+        let round = self.machine.round().0;
+        let peer_id: Option<PeerId> = key.parse().ok();
+        let p = peer_id.map(|id| {
+            self.peers.entry(id).or_insert_with(|| PeerStatus {
+                peer: key.to_string(),
+                ..Default::default()
+            })
+        });
+        match &verdict {
             Verdict::Accepted => {
-                let Some((delta, tokens)) = accepted else {
-                    return;
-                };
-                p.accepted += 1;
-                p.tokens += tokens;
-                tracing::info!(%peer, %lease, round, tokens, "accepted delta");
-                self.deltas.insert(lease, (delta, tokens));
+                if let Some(p) = p {
+                    p.accepted += 1;
+                    p.tokens += facts.tokens;
+                }
+                tracing::info!(peer = key, %lease, round, tokens = facts.tokens, replayed, "accepted delta");
+                if let Some((delta, norm)) = accepted {
+                    self.structure.accepted(norm);
+                    self.status_tx.send_modify(|s| {
+                        s.bytes_uploaded += facts.payload_bytes;
+                        s.bytes_dense_fp32 += delta.dense_fp32_bytes();
+                        s.accepted_deltas += 1;
+                    });
+                    self.deltas.insert(lease, (delta, facts.tokens));
+                }
             }
             Verdict::Rejected(reason) => {
-                p.rejected += 1;
-                tracing::warn!(%peer, %lease, round, reason = %reason, "rejected submission");
+                if let Some(p) = p {
+                    p.rejected += 1;
+                }
+                tracing::warn!(peer = key, %lease, round, reason = %reason, "rejected submission");
                 self.status_tx.send_modify(|s| {
+                    *s.rejects_by_reason
+                        .entry(reason.label().to_string())
+                        .or_default() += 1;
                     s.recent_rejects.push(RejectRecord {
-                        peer: peer.to_string(),
+                        peer: key.to_string(),
                         round,
                         reason: reason.to_string(),
                     });
@@ -396,35 +637,30 @@ impl Shell {
                 });
             }
         }
+        self.status_tx.send_modify(|s| {
+            s.verify_seconds += detail.effect_seconds;
+            s.replay_seconds += detail.replay_seconds;
+            s.replays += replayed as u64;
+        });
+        let banned = self.reputation.record(key, &verdict, replayed);
+        if let Some(ch) = channel {
+            let _ = swarm
+                .behaviour_mut()
+                .rpc
+                .send_response(ch, RpcResponse::Verdict(verdict));
+        }
+        if let Some(why) = banned {
+            tracing::warn!(peer = key, reason = %why, "peer banned");
+            let actions = self.machine.handle(
+                Event::Banned {
+                    peer: key.to_string(),
+                    reason: why,
+                },
+                now_ms(),
+            );
+            self.perform(swarm, actions);
+        }
         self.publish_status();
-    }
-
-    /// Stateless checks of a submission: signature by the sending peer's key, payload hash,
-    /// and a payload that decodes to a delta of the run's layout.
-    fn check_submission(&self, peer: &PeerId, sub: &Submission) -> Result<Delta, RejectReason> {
-        if sub.run != self.cfg.run {
-            return Err(RejectReason::LeaseMismatch);
-        }
-        let key = PublicKey::try_decode_protobuf(&sub.public_key)
-            .map_err(|_| RejectReason::BadSignature)?;
-        if key.to_peer_id() != *peer {
-            return Err(RejectReason::BadSignature);
-        }
-        if ContentId::of(&sub.payload) != sub.payload_hash {
-            return Err(RejectReason::PayloadHashMismatch);
-        }
-        let signed = submission_bytes(
-            &sub.run,
-            sub.round,
-            sub.shard,
-            &sub.base_adapter,
-            &sub.payload_hash,
-        );
-        if !key.verify(&signed, &sub.signature) {
-            return Err(RejectReason::BadSignature);
-        }
-        Delta::decode(&sub.payload, &self.layout)
-            .map_err(|e| RejectReason::Malformed(e.to_string()))
     }
 
     /// The most tokens one shard can hold; claims above it are cut to it.
@@ -449,6 +685,7 @@ impl Shell {
             expires_at_ms: grant.expires_at_ms,
             assets: self.assets.clone(),
             lora: lora_spec(&self.cfg),
+            codec: self.cfg.round.codec,
             base_adapter: grant.base_adapter,
         }
     }
@@ -462,6 +699,16 @@ impl Shell {
             match action {
                 Action::LeaseExpired { peer, lease, shard } => {
                     tracing::warn!(%peer, %lease, %shard, "lease expired; shard reissued");
+                    self.leases.remove(&lease);
+                }
+                Action::Verdict {
+                    peer,
+                    lease,
+                    verdict,
+                } => self.decide(swarm, &peer, lease, verdict, None),
+                Action::Excluded { peer, lease } => {
+                    tracing::warn!(%peer, %lease, "accepted delta excluded: its peer was banned");
+                    self.deltas.remove(&lease);
                 }
                 Action::Aggregate { round, accepted } => {
                     let deltas: Vec<(Delta, u64)> = accepted
@@ -469,14 +716,15 @@ impl Shell {
                         .filter_map(|a| self.deltas.remove(&a.lease))
                         .collect();
                     self.deltas.clear();
-                    let mut engine = self.engine.take().expect("one aggregation at a time");
+                    // Quorum is reached right after a verification returned the engine.
+                    let mut engine = self.engine.take().expect("the engine is free at quorum");
                     let dir = (round.0 + 1 == self.cfg.rounds
                         || (round.0 + 1) % self.cfg.checkpoint_every() == 0)
                         .then(|| self.checkpoints_dir.clone());
                     tracing::info!(round = round.0, deltas = deltas.len(), "aggregating");
-                    self.aggregation = Some(tokio::task::spawn_blocking(move || {
+                    self.engine_task = Some(tokio::task::spawn_blocking(move || {
                         let result = engine.finish_round(&deltas, round.0 + 1, dir.as_deref());
-                        (engine, round, result)
+                        (engine, EngineDone::Aggregated(round, result))
                     }));
                 }
                 Action::RoundOpened { round, adapter } => {
@@ -547,6 +795,11 @@ impl Shell {
             .checkpoints
             .last()
             .map(|c| self.checkpoints_dir.join(&c.id));
+        let per_delta = |bytes: u64| bytes as f64 / s.accepted_deltas.max(1) as f64;
+        // A replay runs the node's training code on the same shard, so the mean replay time
+        // is the training compute of one shard on this machine.
+        let shard_seconds = s.replay_seconds / s.replays.max(1) as f64;
+        let training_seconds = shard_seconds * s.accepted_deltas as f64;
         let summary = json!({
             "run": s.run,
             "rounds_completed": s.rounds_completed,
@@ -555,6 +808,24 @@ impl Shell {
             "final_adapter": final_adapter,
             "bytes_uploaded": s.bytes_uploaded,
             "bytes_dense_fp32": s.bytes_dense_fp32,
+            "compression": {
+                "codec": self.cfg.round.codec.to_string(),
+                "accepted_deltas": s.accepted_deltas,
+                "bytes_per_delta": per_delta(s.bytes_uploaded),
+                "dense_fp32_bytes_per_delta": per_delta(s.bytes_dense_fp32),
+                "ratio": s.bytes_dense_fp32 as f64 / s.bytes_uploaded.max(1) as f64,
+            },
+            "verification": {
+                "replays": s.replays,
+                "replay_seconds": s.replay_seconds,
+                "effect_seconds": s.verify_seconds,
+                "cost_vs_training": if s.replays > 0 {
+                    (s.replay_seconds + s.verify_seconds) / training_seconds
+                } else {
+                    f64::NAN
+                },
+                "rejects_by_reason": s.rejects_by_reason,
+            },
             "peers": s.peers,
             "checkpoints": s.checkpoints,
         });

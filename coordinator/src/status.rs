@@ -52,8 +52,16 @@ pub struct Status {
     pub heldout_loss: Vec<f64>,
     pub accepted_this_round: u64,
     pub active_leases: u64,
+    /// Payload bytes of accepted deltas, and what they would be as dense fp32.
     pub bytes_uploaded: u64,
     pub bytes_dense_fp32: u64,
+    pub accepted_deltas: u64,
+    /// Rejections so far, by reason label.
+    pub rejects_by_reason: std::collections::BTreeMap<String, u64>,
+    /// Seconds spent on effect checks and on replays, and replays done.
+    pub verify_seconds: f64,
+    pub replay_seconds: f64,
+    pub replays: u64,
     pub peers: Vec<PeerStatus>,
     pub recent_rejects: Vec<RejectRecord>,
     pub checkpoints: Vec<Checkpoint>,

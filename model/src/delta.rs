@@ -1,7 +1,7 @@
 //! Between tensors and the wire: a LoRA update as a protocol [`Delta`], and the layout a run
 //! expects deltas to have.
 
-use herd_protocol::delta::{Codec, Delta, DeltaLayout, DeltaTensor};
+use herd_protocol::delta::{Delta, DeltaLayout, DeltaTensor};
 use tch::{Kind, Tensor};
 
 use crate::error::{ModelError, Result};
@@ -40,8 +40,5 @@ pub fn lora_delta(before: &[(String, Tensor)], lora: &Lora) -> Result<Delta> {
             })
         })
         .collect::<Result<Vec<_>>>()?;
-    Ok(Delta {
-        codec: Codec::RawF32,
-        tensors,
-    })
+    Ok(Delta { tensors })
 }

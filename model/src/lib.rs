@@ -7,7 +7,8 @@
 //! - [`safetensors_io`]: memory-mapped (sharded) safetensors in, atomic safetensors out.
 //! - [`llama`]: the model; [`lora`]: adapters; [`peft`]: adapter dirs; [`merge`]: folding in.
 //! - [`tokenizer`], [`data`]: `tokenizer.json`, records, examples, shards, batches.
-//! - [`train`], [`eval`], [`generate`]: what is done with a model.
+//! - [`train`], [`eval`], [`generate`]: what is done with a model; [`shard`]: one lease.
+//! - [`delta`]: adapters as protocol deltas.
 //! - [`device`]: CPU / CUDA selection.
 
 pub mod config;
@@ -22,6 +23,7 @@ pub mod lora;
 pub mod merge;
 pub mod peft;
 pub mod safetensors_io;
+pub mod shard;
 pub mod tokenizer;
 pub mod train;
 

@@ -300,6 +300,21 @@ impl Lora {
         Ok(())
     }
 
+    /// An independent adapter with the same config and values (e.g. for a replay that must
+    /// not touch the coordinator's θ).
+    pub fn try_clone(&self, model: &LlamaConfig) -> Result<Lora> {
+        let mut copy = Lora::new(model, self.cfg.clone(), self.vs.device())?;
+        let factors = self.named_factors();
+        copy.load_factors(|name, _| {
+            factors
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, t)| t.shallow_clone())
+                .ok_or_else(|| ModelError::Argument(format!("no LoRA factor `{name}`")))
+        })?;
+        Ok(copy)
+    }
+
     /// A deep copy of every factor (for "before" snapshots and deltas).
     pub fn snapshot(&self) -> Result<Vec<(String, Tensor)>> {
         self.named_factors()

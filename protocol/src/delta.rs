@@ -1,22 +1,25 @@
-//! The payload of a submission: a LoRA update, tensor by tensor. Decoding trusts nothing:
-//! counts, names, shapes and finiteness are checked against what the run expects.
+//! The payload of a submission: a LoRA update, compressed tensor by tensor with the run's
+//! codec, plus the sketch of the uncompressed update (see [`crate::sketch`]). Decoding trusts
+//! nothing: size, codec, counts, indices and finiteness are checked against the run's layout.
+//!
+//! Error feedback: the sender compresses `Δ + residual` and keeps what did not travel for its
+//! next delta ([`Feedback`]); if the coordinator rejects the delta, nothing of it was applied
+//! and the whole sum stays in the residual.
 
 use serde::{Deserialize, Serialize};
 
+use crate::codec::{CodecError, CodecSpec, Values};
 use crate::framing::{FrameError, decode, encode};
+use crate::sketch::{count_sketch, sketch_len};
 
 /// Most tensors a delta may hold (a 100-layer model with 7 targets, A and B, is 1400).
 pub const MAX_DELTA_TENSORS: usize = 4096;
 /// Most bytes an encoded delta may take (the RPC request cap leaves room for the envelope).
 pub const MAX_DELTA_BYTES: usize = crate::messages::MAX_RPC_REQUEST_BYTES - (1 << 16);
+/// The sketch always travels as int8 in blocks of this size.
+const SKETCH_CODEC: CodecSpec = CodecSpec::DenseInt8 { block: 64 };
 
-/// How the values are encoded. Only raw fp32 so far; compressed codecs come with verification.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Codec {
-    RawF32,
-}
-
-/// One tensor's update.
+/// One tensor's update, dense.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DeltaTensor {
     /// herd key, e.g. `model.layers.0.self_attn.q_proj.lora_B.weight`.
@@ -25,10 +28,9 @@ pub struct DeltaTensor {
     pub values: Vec<f32>,
 }
 
-/// A whole update `θ' − θ_r`.
+/// A whole update `θ' − θ_r`, dense, in layout order.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Delta {
-    pub codec: Codec,
     pub tensors: Vec<DeltaTensor>,
 }
 
@@ -36,34 +38,69 @@ pub struct Delta {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeltaLayout(pub Vec<(String, Vec<u32>)>);
 
+impl DeltaLayout {
+    pub fn numel(&self) -> usize {
+        self.0
+            .iter()
+            .map(|(_, s)| s.iter().map(|&d| d as usize).product::<usize>())
+            .sum()
+    }
+
+    /// Largest payload an honest node can send for this layout: raw fp32 plus framing.
+    pub fn payload_cap(&self) -> usize {
+        (self.numel() * 4 + self.0.len() * 16 + sketch_len(self.numel()) * 2 + 4096)
+            .min(MAX_DELTA_BYTES)
+    }
+}
+
+/// The wire form of a delta.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Payload {
+    pub codec: CodecSpec,
+    /// In layout order; names and shapes come from the layout.
+    pub tensors: Vec<Values>,
+    /// Sketch of the uncompressed update, without the residual.
+    pub sketch: Values,
+}
+
+/// A payload that passed every check.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decoded {
+    /// What the coordinator applies: the decompressed values.
+    pub delta: Delta,
+    /// The node's sketch of its uncompressed update.
+    pub sketch: Vec<f32>,
+}
+
 /// Why a payload was refused.
 #[derive(Debug, thiserror::Error, PartialEq)]
 #[non_exhaustive]
 pub enum DeltaError {
+    #[error("payload of {bytes} bytes exceeds the cap of {cap} bytes")]
+    TooLarge { bytes: usize, cap: usize },
     #[error("{0}")]
     Frame(String),
     #[error("holds {found} tensors, expected {expected}")]
     Count { found: usize, expected: usize },
-    #[error("tensor {index} is `{found}`, expected `{expected}`")]
-    Name {
-        index: usize,
-        found: String,
-        expected: String,
-    },
-    #[error("tensor `{name}` has shape {found:?}, expected {expected:?}")]
-    Shape {
-        name: String,
-        found: Vec<u32>,
-        expected: Vec<u32>,
-    },
-    #[error("tensor `{name}` holds {found} values for shape {shape:?}")]
-    Length {
-        name: String,
-        found: usize,
-        shape: Vec<u32>,
-    },
-    #[error("tensor `{name}` has a non-finite value at {index}")]
-    NonFinite { name: String, index: usize },
+    #[error("{0}")]
+    Codec(CodecError),
+    #[error("tensor `{name}`: {error}")]
+    Tensor { name: String, error: CodecError },
+    #[error("sketch: {0}")]
+    Sketch(CodecError),
+}
+
+impl DeltaError {
+    /// Whether the payload was refused for NaN or infinite values (its own reject reason).
+    pub fn is_non_finite(&self) -> bool {
+        matches!(
+            self,
+            DeltaError::Tensor {
+                error: CodecError::NonFinite(_),
+                ..
+            } | DeltaError::Sketch(CodecError::NonFinite(_))
+        )
+    }
 }
 
 impl From<FrameError> for DeltaError {
@@ -72,127 +109,165 @@ impl From<FrameError> for DeltaError {
     }
 }
 
-impl Delta {
-    pub fn encode(&self) -> Result<Vec<u8>, DeltaError> {
-        Ok(encode(self)?)
+/// A delta ready to send and what to keep as the residual afterwards.
+#[derive(Debug, Clone)]
+pub struct Feedback {
+    /// The bytes to submit.
+    pub payload: Vec<u8>,
+    /// `Δ + residual`, per tensor.
+    total: Vec<Vec<f32>>,
+    /// What the coordinator will decode, per tensor.
+    sent: Vec<Vec<f32>>,
+}
+
+impl Feedback {
+    /// The residual to keep once the delta was accepted: what did not travel.
+    pub fn residual_if_accepted(&self) -> Vec<Vec<f32>> {
+        self.total
+            .iter()
+            .zip(&self.sent)
+            .map(|(t, s)| t.iter().zip(s).map(|(t, s)| t - s).collect())
+            .collect()
     }
 
-    /// Decodes and checks `bytes` against `layout`: same tensors in the same order, same
-    /// shapes, as many values as the shape says, all finite.
-    pub fn decode(bytes: &[u8], layout: &DeltaLayout) -> Result<Self, DeltaError> {
-        let delta: Delta = decode::<_, MAX_DELTA_BYTES>(bytes)?;
-        if delta.tensors.len() != layout.0.len() || delta.tensors.len() > MAX_DELTA_TENSORS {
+    /// The residual to keep when it was rejected or lost: all of it.
+    pub fn residual_if_rejected(self) -> Vec<Vec<f32>> {
+        self.total
+    }
+}
+
+impl Delta {
+    /// Encodes `self + residual` with `codec` and the sketch of `self` under `sketch_seed`.
+    /// A residual of another shape (another run, another layout) is ignored.
+    pub fn encode(
+        &self,
+        codec: CodecSpec,
+        residual: Option<&[Vec<f32>]>,
+        sketch_seed: u64,
+    ) -> Result<Feedback, DeltaError> {
+        codec.validate().map_err(DeltaError::Codec)?;
+        let residual = residual.filter(|r| {
+            r.len() == self.tensors.len()
+                && r.iter()
+                    .zip(&self.tensors)
+                    .all(|(r, t)| r.len() == t.values.len())
+        });
+        let total: Vec<Vec<f32>> = match residual {
+            Some(r) => self
+                .tensors
+                .iter()
+                .zip(r)
+                .map(|(t, r)| t.values.iter().zip(r).map(|(v, r)| v + r).collect())
+                .collect(),
+            None => self.tensors.iter().map(|t| t.values.clone()).collect(),
+        };
+        let (tensors, sent): (Vec<Values>, Vec<Vec<f32>>) = total
+            .iter()
+            .map(|values| Values::compress(values, codec))
+            .unzip();
+        let sketch = count_sketch(
+            self.tensors.iter().map(|t| t.values.as_slice()),
+            sketch_seed,
+        );
+        let payload = Payload {
+            codec,
+            tensors,
+            sketch: Values::compress(&sketch, SKETCH_CODEC).0,
+        };
+        Ok(Feedback {
+            payload: encode(&payload)?,
+            total,
+            sent,
+        })
+    }
+
+    /// Decodes and checks `bytes` against `layout` and the run's `codec`: size within the
+    /// layout's cap, the same codec, as many tensors as the layout, each with exactly the
+    /// values its shape and the codec allow, all finite; a sketch of the right length.
+    pub fn decode(
+        bytes: &[u8],
+        layout: &DeltaLayout,
+        codec: CodecSpec,
+    ) -> Result<Decoded, DeltaError> {
+        let cap = layout.payload_cap();
+        if bytes.len() > cap {
+            return Err(DeltaError::TooLarge {
+                bytes: bytes.len(),
+                cap,
+            });
+        }
+        let payload: Payload = decode::<_, MAX_DELTA_BYTES>(bytes)?;
+        if payload.codec != codec {
+            return Err(DeltaError::Codec(CodecError::Spec(format!(
+                "sent with {}, but the run uses {codec}",
+                payload.codec
+            ))));
+        }
+        if payload.tensors.len() != layout.0.len() || payload.tensors.len() > MAX_DELTA_TENSORS {
             return Err(DeltaError::Count {
-                found: delta.tensors.len(),
+                found: payload.tensors.len(),
                 expected: layout.0.len(),
             });
         }
-        for (index, (t, (name, shape))) in delta.tensors.iter().zip(&layout.0).enumerate() {
-            if &t.name != name {
-                return Err(DeltaError::Name {
-                    index,
-                    found: t.name.chars().take(200).collect(),
-                    expected: name.clone(),
-                });
-            }
-            if &t.shape != shape {
-                return Err(DeltaError::Shape {
+        let mut tensors = Vec::with_capacity(layout.0.len());
+        for (values, (name, shape)) in payload.tensors.iter().zip(&layout.0) {
+            let numel = shape.iter().map(|&d| d as usize).product();
+            let values = values
+                .decompress(codec, numel)
+                .map_err(|error| DeltaError::Tensor {
                     name: name.clone(),
-                    found: t.shape.iter().copied().take(8).collect(),
-                    expected: shape.clone(),
-                });
-            }
-            let numel: u64 = shape.iter().map(|&d| d as u64).product();
-            if t.values.len() as u64 != numel {
-                return Err(DeltaError::Length {
-                    name: name.clone(),
-                    found: t.values.len(),
-                    shape: shape.clone(),
-                });
-            }
-            if let Some(index) = t.values.iter().position(|v| !v.is_finite()) {
-                return Err(DeltaError::NonFinite {
-                    name: name.clone(),
-                    index,
-                });
-            }
+                    error,
+                })?;
+            tensors.push(DeltaTensor {
+                name: name.clone(),
+                shape: shape.clone(),
+                values,
+            });
         }
-        Ok(delta)
+        let sketch = payload
+            .sketch
+            .decompress(SKETCH_CODEC, sketch_len(layout.numel()))
+            .map_err(DeltaError::Sketch)?;
+        Ok(Decoded {
+            delta: Delta { tensors },
+            sketch,
+        })
     }
 
     /// Bytes the same values would take as dense fp32.
     pub fn dense_fp32_bytes(&self) -> u64 {
         self.tensors.iter().map(|t| t.values.len() as u64 * 4).sum()
     }
+
+    /// Global L2 norm.
+    pub fn norm(&self) -> f64 {
+        self.tensors
+            .iter()
+            .flat_map(|t| &t.values)
+            .map(|&v| v as f64 * v as f64)
+            .sum::<f64>()
+            .sqrt()
+    }
+
+    /// The sketch of these values under `seed` (what an honest node sends for them).
+    pub fn sketch(&self, seed: u64) -> Vec<f32> {
+        count_sketch(self.tensors.iter().map(|t| t.values.as_slice()), seed)
+    }
+
+    /// `self · factor`, for tests and attack simulations.
+    pub fn scaled(&self, factor: f32) -> Delta {
+        Delta {
+            tensors: self
+                .tensors
+                .iter()
+                .map(|t| DeltaTensor {
+                    values: t.values.iter().map(|v| v * factor).collect(),
+                    ..t.clone()
+                })
+                .collect(),
+        }
+    }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn layout() -> DeltaLayout {
-        DeltaLayout(vec![("a".into(), vec![2, 2]), ("b".into(), vec![3])])
-    }
-
-    fn delta() -> Delta {
-        Delta {
-            codec: Codec::RawF32,
-            tensors: vec![
-                DeltaTensor {
-                    name: "a".into(),
-                    shape: vec![2, 2],
-                    values: vec![1.0, 2.0, 3.0, 4.0],
-                },
-                DeltaTensor {
-                    name: "b".into(),
-                    shape: vec![3],
-                    values: vec![0.5; 3],
-                },
-            ],
-        }
-    }
-
-    #[test]
-    fn round_trips_and_checks_layout() {
-        let bytes = delta().encode().unwrap();
-        assert_eq!(Delta::decode(&bytes, &layout()).unwrap(), delta());
-        let mut wrong = delta();
-        wrong.tensors[0].shape = vec![4, 1];
-        assert!(matches!(
-            Delta::decode(&wrong.encode().unwrap(), &layout()),
-            Err(DeltaError::Shape { .. })
-        ));
-        let mut nan = delta();
-        nan.tensors[1].values[2] = f32::NAN;
-        assert!(matches!(
-            Delta::decode(&nan.encode().unwrap(), &layout()),
-            Err(DeltaError::NonFinite { index: 2, .. })
-        ));
-        let mut short = delta();
-        short.tensors[1].values.pop();
-        assert!(matches!(
-            Delta::decode(&short.encode().unwrap(), &layout()),
-            Err(DeltaError::Length { .. })
-        ));
-        let mut renamed = delta();
-        renamed.tensors.swap(0, 1);
-        assert!(Delta::decode(&renamed.encode().unwrap(), &layout()).is_err());
-    }
-
-    #[test]
-    fn arbitrary_bytes_never_panic() {
-        // A cheap property test: every prefix and every single-byte corruption of a valid
-        // payload decodes to an error or a checked delta, never a panic.
-        let bytes = delta().encode().unwrap();
-        for cut in 0..bytes.len() {
-            let _ = Delta::decode(&bytes[..cut], &layout());
-        }
-        for i in 0..bytes.len() {
-            for v in [0u8, 1, 0x7f, 0x80, 0xfb, 0xfc, 0xfd, 0xff] {
-                let mut b = bytes.clone();
-                b[i] = v;
-                let _ = Delta::decode(&b, &layout());
-            }
-        }
-    }
-}
+mod tests;

@@ -4,17 +4,23 @@
 //! - [`ids`]: content ids (blake3), rounds, shards, leases, sample ranges.
 //! - [`messages`]: versioned requests and responses, with their size caps.
 //! - [`delta`]: the payload of a submission (a LoRA update) and its checked decoding.
+//! - [`codec`]: how one tensor's values travel (top-k + int8, dense int8, raw fp32).
+//! - [`sketch`]: the CountSketch of an uncompressed delta that replays are compared with.
+//! - [`fuzz`]: mutation fuzzing of every decoder (run by a test and by `cargo xtask fuzz`).
 //! - [`signing`]: the canonical bytes a submission signature covers.
 //! - [`framing`]: length-prefixed bincode with caps checked before allocating.
 //! - [`net`]: the libp2p behaviour both sides run.
 //!
 //! Everything but `net` is pure data: no I/O, no tch, so each decoder can be fuzzed alone.
 
+pub mod codec;
 pub mod delta;
 pub mod framing;
+pub mod fuzz;
 pub mod ids;
 pub mod messages;
 pub mod net;
 pub mod signing;
+pub mod sketch;
 
 pub use ids::{ContentId, LeaseId, ParseContentIdError, Round, SampleRange, ShardId};

@@ -3,6 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::codec::CodecSpec;
 use crate::ids::{ContentId, LeaseId, Round, SampleRange, ShardId};
 
 /// Bumped on any incompatible change of the messages below (and of the protocol names).
@@ -98,6 +99,8 @@ pub struct Lease {
     pub expires_at_ms: u64,
     pub assets: RunAssets,
     pub lora: LoraSpec,
+    /// How the delta must be encoded.
+    pub codec: CodecSpec,
     /// The adapter θ_r to start from (a safetensors blob).
     pub base_adapter: ContentId,
 }
@@ -110,12 +113,12 @@ pub struct Submission {
     pub round: Round,
     pub shard: ShardId,
     pub base_adapter: ContentId,
-    /// An encoded [`crate::delta::Delta`].
+    /// An encoded [`crate::delta::Payload`].
     pub payload: Vec<u8>,
     pub payload_hash: ContentId,
     pub loss_before: f64,
     pub loss_after: f64,
-    /// Real tokens trained on; the delta's weight in the average.
+    /// Real tokens trained on; the delta's weight in the average (signed).
     pub tokens: u64,
     /// The signer's libp2p public key (protobuf encoding); must match the sending PeerId.
     pub public_key: Vec<u8>,
@@ -130,7 +133,8 @@ pub enum Verdict {
     Rejected(RejectReason),
 }
 
-/// Why a submission was refused. Each reaches the node, the logs and the metrics.
+/// Why a submission was refused. Each reaches the node, the logs, the metrics and the
+/// verdict log. Floats are kept as sent in the verdict for operators to read.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub enum RejectReason {
@@ -145,10 +149,43 @@ pub enum RejectReason {
     LeaseMismatch,
     BadSignature,
     PayloadHashMismatch,
-    /// The payload does not decode, or has wrong names, shapes or non-finite values.
+    /// Bigger than any honest encoding of the run's layout.
+    PayloadTooLarge {
+        bytes: u64,
+        cap: u64,
+    },
+    /// The payload does not decode, or has the wrong codec, counts or indices.
     Malformed(String),
-    /// This lease already has an accepted submission.
+    /// NaN or infinite values.
+    NonFinite(String),
+    /// This lease already has a submission.
     Duplicate,
+    /// All zeros: nothing was trained.
+    ZeroDelta,
+    /// Larger than the allowed multiple of the median accepted norm.
+    NormTooLarge {
+        norm: f64,
+        bound: f64,
+    },
+    /// The same payload as another submission.
+    CopiedDelta,
+    /// Applied alone, the delta did not lower the loss on the shard's own data enough.
+    NoImprovement {
+        measured: f64,
+        required: f64,
+    },
+    /// Applied alone, the delta raised the held-out loss past the threshold.
+    HeldoutRegression {
+        before: f64,
+        after: f64,
+    },
+    /// The coordinator recomputed the shard and got something else.
+    ReplayMismatch {
+        cosine: f64,
+        rel_error: f64,
+    },
+    /// This peer is banned; the text says why.
+    Banned(String),
 }
 
 impl std::fmt::Display for RejectReason {
@@ -164,8 +201,29 @@ impl std::fmt::Display for RejectReason {
             }
             RejectReason::BadSignature => f.write_str("bad signature"),
             RejectReason::PayloadHashMismatch => f.write_str("payload hash mismatch"),
+            RejectReason::PayloadTooLarge { bytes, cap } => {
+                write!(f, "payload of {bytes} bytes is over the cap of {cap} bytes")
+            }
             RejectReason::Malformed(why) => write!(f, "malformed delta: {why}"),
+            RejectReason::NonFinite(why) => write!(f, "non-finite values: {why}"),
             RejectReason::Duplicate => f.write_str("duplicate submission"),
+            RejectReason::ZeroDelta => f.write_str("the delta is all zeros"),
+            RejectReason::NormTooLarge { norm, bound } => {
+                write!(f, "delta norm {norm:.4} is over the bound {bound:.4}")
+            }
+            RejectReason::CopiedDelta => f.write_str("copy of another submission's payload"),
+            RejectReason::NoImprovement { measured, required } => write!(
+                f,
+                "loss on the shard dropped by {measured:.4}, at least {required:.4} required"
+            ),
+            RejectReason::HeldoutRegression { before, after } => {
+                write!(f, "held-out loss rose from {before:.4} to {after:.4}")
+            }
+            RejectReason::ReplayMismatch { cosine, rel_error } => write!(
+                f,
+                "replay differs: cosine {cosine:.4}, relative error {rel_error:.4}"
+            ),
+            RejectReason::Banned(why) => write!(f, "banned: {why}"),
         }
     }
 }
@@ -182,9 +240,32 @@ impl RejectReason {
             RejectReason::LeaseMismatch => "lease_mismatch",
             RejectReason::BadSignature => "bad_signature",
             RejectReason::PayloadHashMismatch => "payload_hash_mismatch",
+            RejectReason::PayloadTooLarge { .. } => "payload_too_large",
             RejectReason::Malformed(_) => "malformed",
+            RejectReason::NonFinite(_) => "non_finite",
             RejectReason::Duplicate => "duplicate",
+            RejectReason::ZeroDelta => "zero_delta",
+            RejectReason::NormTooLarge { .. } => "norm_too_large",
+            RejectReason::CopiedDelta => "copied_delta",
+            RejectReason::NoImprovement { .. } => "no_improvement",
+            RejectReason::HeldoutRegression { .. } => "heldout_regression",
+            RejectReason::ReplayMismatch { .. } => "replay_mismatch",
+            RejectReason::Banned(_) => "banned",
         }
+    }
+
+    /// Whether this says something about the peer's honesty or health (a strike against its
+    /// standing) rather than about timing, which honest peers run into.
+    pub fn is_strike(&self) -> bool {
+        !matches!(
+            self,
+            RejectReason::UnknownLease
+                | RejectReason::ExpiredLease
+                | RejectReason::StaleRound
+                | RejectReason::WrongBaseAdapter
+                | RejectReason::Duplicate
+                | RejectReason::Banned(_)
+        )
     }
 }
 

@@ -3,18 +3,20 @@
 
 use crate::ids::{ContentId, Round, ShardId};
 
-/// Domain separation: these bytes mean "a herd submission, version 1" and nothing else.
-const DOMAIN: &[u8] = b"herd/submission/v1\0";
+/// Domain separation: these bytes mean "a herd submission, version 2" and nothing else.
+const DOMAIN: &[u8] = b"herd/submission/v2\0";
 
-/// `DOMAIN || len(run) u32 LE || run || round u64 LE || shard u32 LE || base || payload`.
+/// `DOMAIN || len(run) u32 LE || run || round u64 LE || shard u32 LE || base || payload ||
+/// tokens u64 LE`. The token count is signed because it weighs the delta in the average.
 pub fn submission_bytes(
     run: &str,
     round: Round,
     shard: ShardId,
     base_adapter: &ContentId,
     payload: &ContentId,
+    tokens: u64,
 ) -> Vec<u8> {
-    let mut out = Vec::with_capacity(DOMAIN.len() + 4 + run.len() + 8 + 4 + 64);
+    let mut out = Vec::with_capacity(DOMAIN.len() + 4 + run.len() + 8 + 4 + 64 + 8);
     out.extend_from_slice(DOMAIN);
     out.extend_from_slice(&(run.len() as u32).to_le_bytes());
     out.extend_from_slice(run.as_bytes());
@@ -22,6 +24,7 @@ pub fn submission_bytes(
     out.extend_from_slice(&shard.0.to_le_bytes());
     out.extend_from_slice(&base_adapter.0);
     out.extend_from_slice(&payload.0);
+    out.extend_from_slice(&tokens.to_le_bytes());
     out
 }
 
@@ -42,6 +45,7 @@ impl crate::messages::Submission {
             lease.shard,
             &lease.base_adapter,
             &payload_hash,
+            tokens,
         );
         Ok(crate::messages::Submission {
             lease: lease.id,
@@ -67,13 +71,14 @@ mod tests {
     #[test]
     fn every_field_changes_the_bytes() {
         let (a, b) = (ContentId::of(b"a"), ContentId::of(b"b"));
-        let base = submission_bytes("run", Round(1), ShardId(2), &a, &b);
+        let base = submission_bytes("run", Round(1), ShardId(2), &a, &b, 7);
         for other in [
-            submission_bytes("run2", Round(1), ShardId(2), &a, &b),
-            submission_bytes("run", Round(2), ShardId(2), &a, &b),
-            submission_bytes("run", Round(1), ShardId(3), &a, &b),
-            submission_bytes("run", Round(1), ShardId(2), &b, &b),
-            submission_bytes("run", Round(1), ShardId(2), &a, &a),
+            submission_bytes("run2", Round(1), ShardId(2), &a, &b, 7),
+            submission_bytes("run", Round(2), ShardId(2), &a, &b, 7),
+            submission_bytes("run", Round(1), ShardId(3), &a, &b, 7),
+            submission_bytes("run", Round(1), ShardId(2), &b, &b, 7),
+            submission_bytes("run", Round(1), ShardId(2), &a, &a, 7),
+            submission_bytes("run", Round(1), ShardId(2), &a, &b, 8),
         ] {
             assert_ne!(base, other);
         }

@@ -1,6 +1,8 @@
 //! Helpers for herd's workspace-level integration tests: find the real binaries that
 //! `cargo xtask test` built, copy fixtures, and damage files in controlled ways.
 
+pub mod adversary;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 

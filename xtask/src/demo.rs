@@ -47,6 +47,9 @@ pub struct DemoArgs {
     /// overshoots (held-out 1.05 vs 0.63 with 0.5, measured), so the demo uses 0.5.
     #[arg(long, default_value_t = 0.5)]
     outer_momentum: f64,
+    /// Delta codec: `topk[:FRACTION[:BLOCK]]`, `int8[:BLOCK]` or `raw`.
+    #[arg(long, default_value = "topk:0.04:64")]
+    codec: String,
     /// Keep the coordinator serving (HTTP, dashboard) after the last round, until Ctrl-C.
     #[arg(long)]
     serve: bool,
@@ -95,6 +98,7 @@ lease_secs = 60
 outer_lr = {outer_lr}
 outer_momentum = {outer_momentum}
 checkpoint_every = 5
+codec = {codec:?}
 "#,
             model = abs(&args.model),
             data = abs(&args.data),
@@ -107,6 +111,7 @@ checkpoint_every = 5
             samples = samples_per_shard,
             outer_lr = args.outer_lr,
             outer_momentum = args.outer_momentum,
+            codec = args.codec,
         ),
     )?;
     println!(
@@ -181,12 +186,23 @@ fn report(root: &Path, args: &DemoArgs, summary: &Value) -> Result<()> {
             100.0 * (1.0 - last / first)
         );
     }
-    let up = summary["bytes_uploaded"].as_u64().unwrap_or(0);
-    let dense = summary["bytes_dense_fp32"].as_u64().unwrap_or(0);
+    let c = &summary["compression"];
     println!(
-        "uploaded {} KiB of deltas ({} KiB as dense fp32)",
-        up / 1024,
-        dense / 1024
+        "codec {}: {} bytes per delta, {:.1}× smaller than dense fp32 ({} bytes)",
+        c["codec"].as_str().unwrap_or("?"),
+        c["bytes_per_delta"].as_f64().unwrap_or(0.0).round(),
+        c["ratio"].as_f64().unwrap_or(0.0),
+        c["dense_fp32_bytes_per_delta"]
+            .as_f64()
+            .unwrap_or(0.0)
+            .round(),
+    );
+    let v = &summary["verification"];
+    println!(
+        "verification: {} submissions replayed, cost {:.2}× the training compute; rejects {}",
+        v["replays"],
+        v["cost_vs_training"].as_f64().unwrap_or(f64::NAN),
+        v["rejects_by_reason"]
     );
     let Some(adapter) = summary["final_adapter"].as_str() else {
         return Ok(());

@@ -137,9 +137,8 @@ fn frozen_a_makes_aggregation_exact_and_training_a_does_not() {
 
 #[test]
 fn weighted_mean_weighs_by_tokens() {
-    use herd_protocol::delta::{Codec, DeltaTensor};
+    use herd_protocol::delta::DeltaTensor;
     let d = |v: f32| Delta {
-        codec: Codec::RawF32,
         tensors: vec![DeltaTensor {
             name: "x".into(),
             shape: vec![2],
@@ -150,4 +149,61 @@ fn weighted_mean_weighs_by_tokens() {
     let mean = weighted_mean(&[(&a, 3), (&b, 1)]).unwrap();
     assert_eq!(Vec::<f32>::try_from(&mean[0].1).unwrap(), vec![1.75, 3.5]);
     assert!(weighted_mean(&[]).is_err());
+}
+
+#[test]
+fn robust_mean_clips_trims_and_reduces_to_the_weighted_mean() {
+    use herd_protocol::delta::DeltaTensor;
+    let make = |values: Vec<f32>| Delta {
+        tensors: vec![DeltaTensor {
+            name: "t".into(),
+            shape: vec![values.len() as u32],
+            values,
+        }],
+    };
+    let honest: Vec<Delta> = (0..9)
+        .map(|i| make(vec![1.0 + i as f32 * 0.01, -1.0, 0.0, 0.5]))
+        .collect();
+    let attacker = make(vec![1000.0, 1000.0, 0.0, 0.5]);
+    let mut all: Vec<(&Delta, u64)> = honest.iter().map(|d| (d, 10)).collect();
+    // Plain settings reproduce the weighted mean.
+    let plain = Robustness {
+        clip_multiple: f64::INFINITY,
+        trim_fraction: 0.0,
+    };
+    let (a, _) = robust_mean(&all, plain).unwrap();
+    let (b, _) = (weighted_mean(&all).unwrap(), ());
+    assert!(a[0].1.allclose(&b[0].1, 1e-6, 1e-6, false));
+    all.push((&attacker, 10));
+    let (mean, report) = robust_mean(
+        &all,
+        Robustness {
+            clip_multiple: 2.0,
+            trim_fraction: 0.1,
+        },
+    )
+    .unwrap();
+    assert_eq!(report.clipped, 1);
+    assert_eq!(report.trimmed, 2 * 3); // one from each end of the three sent coordinates
+    let m = Vec::<f32>::try_from(&mean[0].1).unwrap();
+    // The attacker's values were clipped, then trimmed away: the mean stays honest.
+    assert!((m[0] - 1.04).abs() < 0.05, "{m:?}");
+    assert!((m[1] + 1.0).abs() < 0.05, "{m:?}");
+    assert_eq!(m[2], 0.0);
+    assert!((m[3] - 0.5).abs() < 1e-6);
+    // Sparse: a coordinate one peer of ten sent is averaged over all ten, not trimmed away.
+    let mut sparse: Vec<Delta> = (0..9).map(|_| make(vec![0.0; 4])).collect();
+    sparse.push(make(vec![0.0, 0.0, 5.0, 0.0]));
+    let weighted: Vec<(&Delta, u64)> = sparse.iter().map(|d| (d, 1)).collect();
+    let (mean, _) = robust_mean(
+        &weighted,
+        Robustness {
+            clip_multiple: f64::INFINITY,
+            trim_fraction: 0.1,
+        },
+    )
+    .unwrap();
+    let m = Vec::<f32>::try_from(&mean[0].1).unwrap();
+    assert!((m[2] - 0.5).abs() < 1e-6, "{m:?}");
+    assert_eq!(median(&[3.0, 1.0, 2.0, 10.0]), 2.5);
 }

@@ -28,8 +28,19 @@ fn grant(m: &mut RoundMachine, peer: &str, now: u64) -> Grant {
     }
 }
 
+/// Submits for `g` and, when the machine asks for verification, reports it passed.
 fn submit(m: &mut RoundMachine, peer: &str, g: &Grant, now: u64) -> Vec<Action> {
-    m.handle(
+    submit_verified(m, peer, g, now, Ok(()))
+}
+
+fn submit_verified(
+    m: &mut RoundMachine,
+    peer: &str,
+    g: &Grant,
+    now: u64,
+    result: Result<(), RejectReason>,
+) -> Vec<Action> {
+    let mut actions = m.handle(
         Event::Submitted {
             peer: peer.into(),
             lease: g.lease,
@@ -40,7 +51,11 @@ fn submit(m: &mut RoundMachine, peer: &str, g: &Grant, now: u64) -> Vec<Action> 
             checked: Ok(()),
         },
         now,
-    )
+    );
+    if let Some(Action::Verify { lease, .. }) = actions.last().cloned() {
+        actions.extend(m.handle(Event::Verified { lease, result }, now));
+    }
+    actions
 }
 
 fn verdict(actions: &[Action]) -> Verdict {
@@ -174,9 +189,10 @@ fn submissions_are_bound_to_their_lease() {
         reject(&mut m, "a", &unknown),
         Verdict::Rejected(RejectReason::UnknownLease)
     );
+    let g2 = grant(&mut m, "a", 0);
     let wrong_base = Grant {
         base_adapter: adapter(9),
-        ..g.clone()
+        ..g2.clone()
     };
     assert_eq!(
         reject(&mut m, "a", &wrong_base),
@@ -203,15 +219,94 @@ fn submissions_are_bound_to_their_lease() {
         1,
     );
     assert_eq!(verdict(&bad), Verdict::Rejected(RejectReason::BadSignature));
-    assert_eq!(
-        reject(&mut m, "a", &g),
-        Verdict::Accepted,
-        "rejections leave the lease live"
-    );
+    // A rejection ends the lease (resubmitting is a duplicate) and reissues the shard at once.
     assert_eq!(
         reject(&mut m, "a", &g),
         Verdict::Rejected(RejectReason::Duplicate)
     );
+    let again = grant(&mut m, "b", 2);
+    assert_eq!(again.shard, g.shard);
+    assert_eq!(verdict(&submit(&mut m, "b", &again, 3)), Verdict::Accepted);
+    assert_eq!(
+        reject(&mut m, "b", &again),
+        Verdict::Rejected(RejectReason::Duplicate)
+    );
+}
+
+#[test]
+fn verification_decides_and_failed_shards_are_reissued() {
+    let mut m = RoundMachine::new(cfg(2, 2, 1), adapter(0));
+    let a = grant(&mut m, "a", 0);
+    let b = grant(&mut m, "b", 0);
+    // While verifying, the lease does not expire and the shard is not handed out.
+    let pending = m.handle(
+        Event::Submitted {
+            peer: "a".into(),
+            lease: a.lease,
+            round: a.round,
+            shard: a.shard,
+            base_adapter: a.base_adapter,
+            tokens: 5,
+            checked: Ok(()),
+        },
+        1,
+    );
+    assert!(matches!(pending.as_slice(), [Action::Verify { .. }]));
+    let later = m.handle(Event::Tick, 5_000);
+    assert!(
+        later
+            .iter()
+            .all(|x| !matches!(x, Action::LeaseExpired { lease, .. } if *lease == a.lease)),
+        "{later:?}"
+    );
+    let failed = m.handle(
+        Event::Verified {
+            lease: a.lease,
+            result: Err(RejectReason::ZeroDelta),
+        },
+        5_001,
+    );
+    assert_eq!(verdict(&failed), Verdict::Rejected(RejectReason::ZeroDelta));
+    let again = grant(&mut m, "c", 5_002);
+    assert_eq!(again.shard, a.shard);
+    // b's lease expired at 1000: its late result is refused.
+    assert_eq!(
+        verdict(&submit(&mut m, "b", &b, 5_003)),
+        Verdict::Rejected(RejectReason::ExpiredLease)
+    );
+}
+
+#[test]
+fn a_banned_peer_loses_its_accepted_shards_and_leases() {
+    let mut m = RoundMachine::new(cfg(3, 3, 1), adapter(0));
+    let a = grant(&mut m, "a", 0);
+    let a2 = grant(&mut m, "a", 0);
+    let b = grant(&mut m, "b", 0);
+    assert_eq!(verdict(&submit(&mut m, "a", &a, 1)), Verdict::Accepted);
+    assert_eq!(verdict(&submit(&mut m, "b", &b, 1)), Verdict::Accepted);
+    let banned = m.handle(
+        Event::Banned {
+            peer: "a".into(),
+            reason: "test".into(),
+        },
+        2,
+    );
+    assert_eq!(
+        banned,
+        vec![Action::Excluded {
+            peer: "a".into(),
+            lease: a.lease
+        }]
+    );
+    assert_eq!(m.accepted_count(), 1);
+    // Both of a's shards are open again.
+    let c1 = grant(&mut m, "c", 3);
+    let c2 = grant(&mut m, "c", 3);
+    let mut shards = vec![c1.shard, c2.shard];
+    shards.sort();
+    let mut expected = vec![a.shard, a2.shard];
+    expected.sort();
+    assert_eq!(shards, expected);
 }
 
 #[test]

@@ -3,6 +3,7 @@
 
 mod cache;
 mod network;
+mod residual;
 mod worker;
 
 use std::path::PathBuf;
@@ -73,7 +74,7 @@ async fn run_async(args: RunArgs) -> Result<()> {
     swarm.behaviour_mut().gossipsub.subscribe(&topic)?;
     let (client, event_loop) = network::new(swarm, coordinator);
     let net = tokio::spawn(event_loop.run());
-    let mut worker = Worker::new(data_dir.join("cache"), device)?;
+    let mut worker = Worker::new(&data_dir, device)?;
     let device_text = format!("{device:?}, {} threads", tch::get_num_threads());
 
     let mut contacted = false;
@@ -132,6 +133,7 @@ async fn run_async(args: RunArgs) -> Result<()> {
             let bytes = outcome.submission.payload.len();
             let verdict = client.rpc(RpcRequest::Submit(Box::new(outcome.submission))).await;
             shards += 1;
+            let accepted = matches!(verdict, Ok(RpcResponse::Verdict(Verdict::Accepted)));
             match verdict {
                 Ok(RpcResponse::Verdict(Verdict::Accepted)) => tracing::info!(
                     lease = %lease.id, loss_before = format!("{:.4}", outcome.loss_before),
@@ -143,6 +145,15 @@ async fn run_async(args: RunArgs) -> Result<()> {
                 }
                 Ok(other) => tracing::warn!(?other, "unexpected answer to a submission"),
                 Err(e) => tracing::warn!(error = %e, "submission lost; the lease will expire and be reissued"),
+            }
+            // Error feedback: keep what did not reach the model for the next delta.
+            let residual = if accepted {
+                outcome.feedback.residual_if_accepted()
+            } else {
+                outcome.feedback.residual_if_rejected()
+            };
+            if let Err(e) = worker.residuals.save(&lease.run, residual) {
+                tracing::warn!(error = %e, "could not keep the error-feedback residual");
             }
         }
     }

@@ -1,21 +1,22 @@
 //! Doing one lease: fetch what is missing, train H steps from θ_r off the async runtime,
-//! and build the signed submission.
+//! compress `Δ + residual` with the run's codec and build the signed submission.
 
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use herd_model::Llama;
-use herd_model::data::{Dataset, indices_of};
-use herd_model::delta::lora_delta;
+use herd_model::data::Dataset;
 use herd_model::lora::{Lora, LoraConfig};
 use herd_model::peft::load_adapter_weights;
+use herd_model::shard::{ShardOutcome, train_shard};
 use herd_model::tokenizer::TextTokenizer;
-use herd_model::train::{LrSchedule, TrainConfig, train_lora};
+use herd_protocol::delta::Feedback;
 use herd_protocol::messages::{Lease, RunAssets, Submission};
 use libp2p::identity::Keypair;
 
 use super::cache::BlobCache;
 use super::network::Client;
+use super::residual::ResidualStore;
 
 /// A run's model and data, loaded once and reused across leases.
 struct Loaded {
@@ -28,6 +29,8 @@ struct Loaded {
 /// What a lease produced.
 pub struct Outcome {
     pub submission: Submission,
+    /// What to keep as the residual, depending on the verdict.
+    pub feedback: Feedback,
     pub loss_before: f64,
     pub loss_after: f64,
     pub seconds: f64,
@@ -35,14 +38,16 @@ pub struct Outcome {
 
 pub struct Worker {
     cache: BlobCache,
+    pub residuals: ResidualStore,
     device: tch::Device,
     loaded: Option<Loaded>,
 }
 
 impl Worker {
-    pub fn new(cache_dir: PathBuf, device: tch::Device) -> Result<Self> {
+    pub fn new(data_dir: &std::path::Path, device: tch::Device) -> Result<Self> {
         Ok(Worker {
-            cache: BlobCache::new(cache_dir)?,
+            cache: BlobCache::new(data_dir.join("cache"))?,
+            residuals: ResidualStore::new(data_dir.join("residual")),
             device,
             loaded: None,
         })
@@ -83,12 +88,25 @@ impl Worker {
         })
         .await?;
         self.loaded = Some(loaded);
-        let (payload, loss_before, loss_after, tokens) = result?;
-        let submission =
-            Submission::signed(lease, payload, loss_before, loss_after, tokens, keypair)
-                .context("signing the submission")?;
+        let shard = result?;
+        let residual = self.residuals.load(&lease.run);
+        let feedback = shard
+            .delta
+            .encode(lease.codec, residual.as_deref(), lease.seed)
+            .context("encoding the delta")?;
+        let submission = Submission::signed(
+            lease,
+            feedback.payload.clone(),
+            shard.loss_before,
+            shard.loss_after,
+            shard.tokens,
+            keypair,
+        )
+        .context("signing the submission")?;
+        let (loss_before, loss_after) = (shard.loss_before, shard.loss_after);
         Ok(Outcome {
             submission,
+            feedback,
             loss_before,
             loss_after,
             seconds: started.elapsed().as_secs_f64(),
@@ -115,41 +133,21 @@ fn load(
     })
 }
 
-/// Trains from the lease's adapter; returns the encoded delta, losses and tokens.
-fn train(
-    loaded: &Loaded,
-    lease: &Lease,
-    adapter: &std::path::Path,
-) -> Result<(Vec<u8>, f64, f64, u64)> {
-    let cfg = LoraConfig::try_from(&lease.lora)?;
+/// Trains from the lease's adapter; returns the raw delta, losses and tokens.
+fn train(loaded: &Loaded, lease: &Lease, adapter: &std::path::Path) -> Result<ShardOutcome> {
     let model_cfg = loaded.model.config();
-    let mut lora = Lora::new(model_cfg, cfg, loaded.model.device())?;
+    let mut lora = Lora::new(
+        model_cfg,
+        LoraConfig::try_from(&lease.lora)?,
+        loaded.model.device(),
+    )?;
     load_adapter_weights(&mut lora, adapter, model_cfg.num_hidden_layers)?;
-    let before = lora.snapshot()?;
-    let indices = indices_of(&lease.ranges, loaded.data.len())?;
-    let train_cfg = TrainConfig {
-        steps: lease.inner_steps as usize,
-        batch_size: lease.batch_size as usize,
-        lr: lease.lr,
-        weight_decay: 0.0,
-        max_grad_norm: 1.0,
-        seed: lease.seed,
-        schedule: LrSchedule::Constant,
-        measure_loss: true,
-    };
-    let report = train_lora(
+    Ok(train_shard(
         &loaded.model,
         &lora,
         &loaded.data,
-        &indices,
-        &train_cfg,
+        lease,
+        true,
         |_| {},
-    )?;
-    let payload = lora_delta(&before, &lora)?.encode()?;
-    Ok((
-        payload,
-        report.loss_before,
-        report.loss_after,
-        report.tokens,
-    ))
+    )?)
 }

@@ -1,0 +1,58 @@
+//! The verdict log: one JSON line per verdict with its reason and the figures behind it,
+//! appended and fsynced before the node is told, so no verdict is ever lost or rewritten.
+//! (`verdicts.jsonl` in the data dir; issue 5 moves the coordinator's state into redb.)
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+
+/// One verdict as recorded.
+#[derive(Debug, Clone, Serialize)]
+pub struct VerdictRecord {
+    pub time_ms: u64,
+    pub peer: String,
+    pub lease: u64,
+    pub round: u64,
+    pub shard: u32,
+    /// `accepted` or the reason's label.
+    pub verdict: String,
+    /// The reason in words (empty when accepted).
+    pub reason: String,
+    pub payload_hash: Option<String>,
+    pub payload_bytes: u64,
+    pub tokens: u64,
+    pub norm: Option<f64>,
+    pub effect: Option<crate::verify::effect::EffectReport>,
+    pub replay: Option<herd_protocol::sketch::Agreement>,
+    pub verify_seconds: f64,
+    pub replay_seconds: f64,
+}
+
+#[derive(Debug)]
+pub struct VerdictLog {
+    file: File,
+}
+
+impl VerdictLog {
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        Ok(VerdictLog { file })
+    }
+
+    /// Appends `record` and waits until it is on disk.
+    pub fn append(&mut self, record: &VerdictRecord) -> Result<()> {
+        let mut line = serde_json::to_vec(record)?;
+        line.push(b'\n');
+        self.file
+            .write_all(&line)
+            .context("writing the verdict log")?;
+        self.file.sync_data().context("syncing the verdict log")
+    }
+}

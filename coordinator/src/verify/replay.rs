@@ -1,0 +1,50 @@
+//! Layer 4: the coordinator trains the shard again, through the node's own code path
+//! ([`herd_model::shard::train_shard`]) from θ_r with the lease's seed, and compares the
+//! sketch of its delta with the sketch the node sent. Honest results differ only by
+//! floating-point noise, whose size `cargo xtask calibrate` measures; the tolerance in
+//! `run.toml` comes from there.
+
+use herd_model::Llama;
+use herd_model::data::Dataset;
+use herd_model::lora::Lora;
+use herd_model::shard::train_shard;
+use herd_protocol::delta::Delta;
+use herd_protocol::messages::{Lease, RejectReason};
+use herd_protocol::sketch::{Agreement, agreement};
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ReplayTolerance {
+    pub min_cosine: f64,
+    pub max_rel_error: f64,
+}
+
+/// The delta an honest node would have sent for `lease`, trained from a copy of `theta`.
+pub fn replay(
+    model: &Llama,
+    theta: &Lora,
+    data: &Dataset,
+    lease: &Lease,
+) -> herd_model::Result<Delta> {
+    let lora = theta.try_clone(model.config())?;
+    Ok(train_shard(model, &lora, data, lease, false, |_| {})?.delta)
+}
+
+/// Compares the node's sketch with the replay's under the lease's seed.
+pub fn judge(
+    submitted_sketch: &[f32],
+    replayed: &Delta,
+    seed: u64,
+    tol: &ReplayTolerance,
+) -> (Agreement, Result<(), RejectReason>) {
+    let a = agreement(submitted_sketch, &replayed.sketch(seed));
+    let ok = a.cosine >= tol.min_cosine && a.rel_error <= tol.max_rel_error;
+    let result = if ok {
+        Ok(())
+    } else {
+        Err(RejectReason::ReplayMismatch {
+            cosine: a.cosine,
+            rel_error: a.rel_error,
+        })
+    };
+    (a, result)
+}

@@ -1,0 +1,185 @@
+//! Layer 5: what the coordinator knows of each peer. New and suspect peers are replayed
+//! often, trusted ones rarely; strikes (rejections that speak to honesty or health, see
+//! [`RejectReason::is_strike`]) within a window ban a peer, and a failed replay or a copied
+//! delta bans at once. Pure: the replay draw is a hash of the run seed and the lease, so it is
+//! reproducible for tests and unpredictable for peers, who never see the seed.
+
+use std::collections::{HashMap, VecDeque};
+
+use herd_protocol::LeaseId;
+use herd_protocol::messages::{RejectReason, Verdict};
+use serde::Serialize;
+
+use crate::round::PeerKey;
+
+/// Verdicts the strike count looks back over.
+const STRIKE_WINDOW: usize = 20;
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ReputationConfig {
+    pub replay_new: f64,
+    pub replay_trusted: f64,
+    pub trusted_after: u32,
+    pub ban_after: u32,
+}
+
+/// A peer's standing, as operators see it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Standing {
+    New,
+    Trusted,
+    /// A strike within the window: replayed like a new peer.
+    Suspect,
+    Banned,
+}
+
+#[derive(Debug, Default)]
+struct Record {
+    /// `true` for a strike, newest last.
+    recent: VecDeque<bool>,
+    replays_passed: u32,
+    banned: Option<String>,
+}
+
+#[derive(Debug)]
+pub struct Reputation {
+    cfg: ReputationConfig,
+    seed: u64,
+    peers: HashMap<PeerKey, Record>,
+}
+
+impl Reputation {
+    pub fn new(cfg: ReputationConfig, seed: u64) -> Self {
+        Reputation {
+            cfg,
+            seed,
+            peers: HashMap::new(),
+        }
+    }
+
+    pub fn standing(&self, peer: &str) -> Standing {
+        match self.peers.get(peer) {
+            None => Standing::New,
+            Some(r) if r.banned.is_some() => Standing::Banned,
+            Some(r) if r.recent.contains(&true) => Standing::Suspect,
+            Some(r) if r.replays_passed >= self.cfg.trusted_after => Standing::Trusted,
+            Some(_) => Standing::New,
+        }
+    }
+
+    /// Why `peer` is banned, if it is.
+    pub fn banned(&self, peer: &str) -> Option<&str> {
+        self.peers.get(peer)?.banned.as_deref()
+    }
+
+    pub fn replay_rate(&self, peer: &str) -> f64 {
+        match self.standing(peer) {
+            Standing::Trusted => self.cfg.replay_trusted,
+            _ => self.cfg.replay_new,
+        }
+    }
+
+    /// Whether `lease` of `peer` is replayed: a draw at the peer's rate, fixed per lease.
+    pub fn should_replay(&self, peer: &str, lease: LeaseId) -> bool {
+        let mut h = blake3::Hasher::new();
+        h.update(b"herd/replay-draw");
+        h.update(&self.seed.to_le_bytes());
+        h.update(&lease.0.to_le_bytes());
+        let x = u64::from_le_bytes(h.finalize().as_bytes()[..8].try_into().expect("8 bytes"));
+        (x as f64 / u64::MAX as f64) < self.replay_rate(peer)
+    }
+
+    /// Records a verdict; returns the ban reason if this verdict banned the peer.
+    pub fn record(&mut self, peer: &str, verdict: &Verdict, replayed: bool) -> Option<String> {
+        let ban_after = self.cfg.ban_after as usize;
+        let r = self.peers.entry(peer.to_string()).or_default();
+        if r.banned.is_some() {
+            return None;
+        }
+        let strike = matches!(verdict, Verdict::Rejected(reason) if reason.is_strike());
+        if r.recent.len() == STRIKE_WINDOW {
+            r.recent.pop_front();
+        }
+        r.recent.push_back(strike);
+        if replayed && *verdict == Verdict::Accepted {
+            r.replays_passed += 1;
+        }
+        let ban = match verdict {
+            Verdict::Rejected(
+                reason @ (RejectReason::ReplayMismatch { .. } | RejectReason::CopiedDelta),
+            ) => Some(format!("{reason}")),
+            _ if r.recent.iter().filter(|s| **s).count() >= ban_after => Some(format!(
+                "{ban_after} rejected submissions within the last {STRIKE_WINDOW}"
+            )),
+            _ => None,
+        };
+        r.banned.clone_from(&ban);
+        ban
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> ReputationConfig {
+        ReputationConfig {
+            replay_new: 1.0,
+            replay_trusted: 0.1,
+            trusted_after: 2,
+            ban_after: 3,
+        }
+    }
+
+    #[test]
+    fn peers_earn_trust_and_lose_it() {
+        let mut r = Reputation::new(cfg(), 1);
+        assert_eq!(r.standing("a"), Standing::New);
+        assert!(r.should_replay("a", LeaseId(1)));
+        r.record("a", &Verdict::Accepted, true);
+        r.record("a", &Verdict::Accepted, false); // not replayed: no trust earned
+        assert_eq!(r.standing("a"), Standing::New);
+        r.record("a", &Verdict::Accepted, true);
+        assert_eq!(r.standing("a"), Standing::Trusted);
+        // Trusted peers are replayed at ~10%.
+        let drawn = (0..10_000)
+            .filter(|&l| r.should_replay("a", LeaseId(l)))
+            .count();
+        assert!((700..1300).contains(&drawn), "{drawn}");
+        // Timing rejections are no strike; a failed effect check is.
+        r.record("a", &Verdict::Rejected(RejectReason::StaleRound), false);
+        assert_eq!(r.standing("a"), Standing::Trusted);
+        r.record(
+            "a",
+            &Verdict::Rejected(RejectReason::NoImprovement {
+                measured: 0.0,
+                required: 0.1,
+            }),
+            false,
+        );
+        assert_eq!(r.standing("a"), Standing::Suspect);
+        assert_eq!(r.replay_rate("a"), 1.0);
+    }
+
+    #[test]
+    fn strikes_and_failed_replays_ban() {
+        let mut r = Reputation::new(cfg(), 1);
+        let zero = Verdict::Rejected(RejectReason::ZeroDelta);
+        assert_eq!(r.record("b", &zero, false), None);
+        assert_eq!(r.record("b", &zero, false), None);
+        assert!(r.record("b", &zero, false).is_some());
+        assert_eq!(r.standing("b"), Standing::Banned);
+        assert!(r.banned("b").unwrap().contains("3 rejected"));
+        let replay = Verdict::Rejected(RejectReason::ReplayMismatch {
+            cosine: 0.2,
+            rel_error: 0.9,
+        });
+        assert!(
+            r.record("c", &replay, true)
+                .unwrap()
+                .contains("replay differs")
+        );
+        assert_eq!(r.banned("d"), None);
+    }
+}

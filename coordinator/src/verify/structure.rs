@@ -1,0 +1,161 @@
+//! Layer 2: what the payload is, without running the model: it decodes within the layout's
+//! cap with the run's codec, every value is finite, it is not all zeros, its norm is within a
+//! multiple of the running median of accepted norms, and it is not a byte-for-byte copy of
+//! another submission.
+
+use std::collections::{HashMap, VecDeque};
+
+use herd_protocol::codec::CodecSpec;
+use herd_protocol::delta::{Decoded, Delta, DeltaError, DeltaLayout};
+use herd_protocol::messages::RejectReason;
+use herd_protocol::{ContentId, LeaseId};
+
+use crate::aggregate::median;
+
+/// Accepted norms the median is taken over.
+const NORM_WINDOW: usize = 64;
+/// Accepted norms needed before the norm bound applies (until then, effect and replay guard).
+const NORM_WARMUP: usize = 3;
+
+/// A payload that passed this layer.
+#[derive(Debug)]
+pub struct Checked {
+    pub decoded: Decoded,
+    pub norm: f64,
+}
+
+/// Run-wide memory of this layer: recent accepted norms and payload hashes seen.
+#[derive(Debug, Default)]
+pub struct StructureState {
+    norms: VecDeque<f64>,
+    seen: HashMap<ContentId, LeaseId>,
+}
+
+impl StructureState {
+    /// The norm bound now, if enough deltas were accepted to have one.
+    pub fn norm_bound(&self, multiple: f64) -> Option<f64> {
+        let norms: Vec<f64> = self.norms.iter().copied().collect();
+        (norms.len() >= NORM_WARMUP).then(|| multiple * median(&norms))
+    }
+
+    /// Remembers an accepted delta's norm.
+    pub fn accepted(&mut self, norm: f64) {
+        if self.norms.len() == NORM_WINDOW {
+            self.norms.pop_front();
+        }
+        self.norms.push_back(norm);
+    }
+
+    /// Checks `payload` (already hash-checked as `hash`) for `lease`.
+    pub fn check(
+        &mut self,
+        lease: LeaseId,
+        hash: ContentId,
+        payload: &[u8],
+        layout: &DeltaLayout,
+        codec: CodecSpec,
+        norm_multiple: f64,
+    ) -> Result<Checked, RejectReason> {
+        let decoded = Delta::decode(payload, layout, codec).map_err(|e| match e {
+            DeltaError::TooLarge { bytes, cap } => RejectReason::PayloadTooLarge {
+                bytes: bytes as u64,
+                cap: cap as u64,
+            },
+            e if e.is_non_finite() => RejectReason::NonFinite(e.to_string()),
+            e => RejectReason::Malformed(e.to_string()),
+        })?;
+        let norm = decoded.delta.norm();
+        if norm == 0.0 {
+            return Err(RejectReason::ZeroDelta);
+        }
+        // A copy: the same bytes were submitted for another lease (the same lease again is
+        // the round machine's "duplicate").
+        match self.seen.get(&hash) {
+            Some(first) if *first != lease => return Err(RejectReason::CopiedDelta),
+            _ => {
+                self.seen.insert(hash, lease);
+            }
+        }
+        if let Some(bound) = self.norm_bound(norm_multiple)
+            && norm > bound
+        {
+            return Err(RejectReason::NormTooLarge { norm, bound });
+        }
+        Ok(Checked { decoded, norm })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use herd_protocol::delta::DeltaTensor;
+
+    fn layout() -> DeltaLayout {
+        DeltaLayout(vec![("t".into(), vec![100])])
+    }
+
+    fn payload(values: Vec<f32>) -> Vec<u8> {
+        Delta {
+            tensors: vec![DeltaTensor {
+                name: "t".into(),
+                shape: vec![100],
+                values,
+            }],
+        }
+        .encode(CodecSpec::RawF32, None, 1)
+        .unwrap()
+        .payload
+    }
+
+    fn check(state: &mut StructureState, lease: u64, p: &[u8]) -> Result<Checked, RejectReason> {
+        state.check(
+            LeaseId(lease),
+            ContentId::of(p),
+            p,
+            &layout(),
+            CodecSpec::RawF32,
+            4.0,
+        )
+    }
+
+    #[test]
+    fn each_structural_fault_has_its_reason() {
+        let mut s = StructureState::default();
+        let honest = payload(vec![0.1; 100]);
+        assert!(check(&mut s, 1, &honest).is_ok());
+        // Same lease again is fine here (the machine calls it a duplicate); another is a copy.
+        assert!(check(&mut s, 1, &honest).is_ok());
+        assert_eq!(
+            check(&mut s, 2, &honest).unwrap_err(),
+            RejectReason::CopiedDelta
+        );
+        assert_eq!(
+            check(&mut s, 3, &payload(vec![0.0; 100])).unwrap_err(),
+            RejectReason::ZeroDelta
+        );
+        assert!(matches!(
+            check(&mut s, 4, &payload(vec![f32::NAN; 100])).unwrap_err(),
+            RejectReason::NonFinite(_)
+        ));
+        assert!(matches!(
+            check(&mut s, 5, &payload(vec![0.1; 99])).unwrap_err(),
+            RejectReason::Malformed(_)
+        ));
+        assert!(matches!(
+            check(&mut s, 6, &vec![0u8; 10_000]).unwrap_err(),
+            RejectReason::PayloadTooLarge { .. }
+        ));
+        // No bound until three norms are known; then 4 × the median.
+        assert_eq!(s.norm_bound(4.0), None);
+        for _ in 0..3 {
+            s.accepted(1.0);
+        }
+        assert_eq!(s.norm_bound(4.0), Some(4.0));
+        // 0.5 × 10 = 5 > 4.
+        assert!(matches!(
+            check(&mut s, 7, &payload(vec![0.5; 100])).unwrap_err(),
+            RejectReason::NormTooLarge { .. }
+        ));
+        assert!(check(&mut s, 8, &payload(vec![0.3; 100])).is_ok());
+    }
+}

@@ -1,0 +1,345 @@
+//! How one tensor's values travel: top-k by magnitude (blockwise int8 values, LEB128
+//! delta-encoded indices), dense blockwise int8, or raw fp32 (for tests and baselines).
+//!
+//! Names and shapes never travel: both sides know the run's layout, so a tensor is only its
+//! values. Decoding trusts nothing: every count, index and scale is checked against the
+//! expected number of values before anything is allocated for it.
+
+use serde::{Deserialize, Serialize};
+
+/// Largest quantization block accepted.
+pub const MAX_BLOCK: u32 = 1 << 16;
+
+/// A run's choice of codec, sent to nodes in each lease.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub enum CodecSpec {
+    /// Uncompressed fp32: for tests and as the baseline of benchmarks.
+    RawF32,
+    /// Every value, int8 with one absmax scale per `block` values (~3.9× smaller).
+    DenseInt8 { block: u32 },
+    /// The `fraction` of values largest in magnitude, int8 per `block` kept values, with
+    /// their positions as LEB128 gaps. What is not sent stays in the node's residual.
+    TopK { fraction: f32, block: u32 },
+}
+
+impl Default for CodecSpec {
+    /// 4% top-k: ~35× smaller than fp32 on the embedded default's adapter (see the README).
+    fn default() -> Self {
+        CodecSpec::TopK {
+            fraction: 0.04,
+            block: 64,
+        }
+    }
+}
+
+impl std::fmt::Display for CodecSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CodecSpec::RawF32 => f.write_str("raw"),
+            CodecSpec::DenseInt8 { block } => write!(f, "int8:{block}"),
+            CodecSpec::TopK { fraction, block } => write!(f, "topk:{fraction}:{block}"),
+        }
+    }
+}
+
+impl std::str::FromStr for CodecSpec {
+    type Err = CodecError;
+
+    /// `raw`, `int8[:block]`, `topk[:fraction[:block]]`.
+    fn from_str(s: &str) -> Result<Self, CodecError> {
+        let bad = || {
+            CodecError::Spec(format!(
+                "`{s}`: expected raw, int8[:BLOCK] or topk[:FRACTION[:BLOCK]]"
+            ))
+        };
+        let mut parts = s.split(':');
+        let spec = match parts.next() {
+            Some("raw") => CodecSpec::RawF32,
+            Some("int8") => CodecSpec::DenseInt8 {
+                block: parts.next().map_or(Ok(64), str::parse).map_err(|_| bad())?,
+            },
+            Some("topk") => CodecSpec::TopK {
+                fraction: parts
+                    .next()
+                    .map_or(Ok(0.04), str::parse)
+                    .map_err(|_| bad())?,
+                block: parts.next().map_or(Ok(64), str::parse).map_err(|_| bad())?,
+            },
+            _ => return Err(bad()),
+        };
+        if parts.next().is_some() {
+            return Err(bad());
+        }
+        spec.validate()?;
+        Ok(spec)
+    }
+}
+
+impl CodecSpec {
+    /// Refuses blocks outside `1..=MAX_BLOCK` and fractions outside `(0, 1]`.
+    pub fn validate(&self) -> Result<(), CodecError> {
+        let block = match *self {
+            CodecSpec::RawF32 => return Ok(()),
+            CodecSpec::DenseInt8 { block } => block,
+            CodecSpec::TopK { fraction, block } => {
+                if !(fraction > 0.0 && fraction <= 1.0) {
+                    return Err(CodecError::Spec(format!(
+                        "top-k fraction {fraction} is not in (0, 1]"
+                    )));
+                }
+                block
+            }
+        };
+        if block == 0 || block > MAX_BLOCK {
+            return Err(CodecError::Spec(format!(
+                "block {block} is not in 1..={MAX_BLOCK}"
+            )));
+        }
+        Ok(())
+    }
+
+    /// How many of `numel` values top-k keeps (at least one of a non-empty tensor).
+    pub fn kept(&self, numel: usize) -> usize {
+        match *self {
+            CodecSpec::TopK { fraction, .. } => {
+                // Rounded, not ceiled: 0.1f32 is a hair above 0.1 and must keep 100 of 1000.
+                ((numel as f64 * fraction as f64).round() as usize).clamp(numel.min(1), numel)
+            }
+            _ => numel,
+        }
+    }
+}
+
+/// One tensor's values on the wire.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Values {
+    Raw(Vec<f32>),
+    DenseInt8 {
+        scales: Vec<f32>,
+        q: Vec<i8>,
+    },
+    Sparse {
+        /// First index, then `next − previous − 1` for each following one, as LEB128.
+        gaps: Vec<u8>,
+        scales: Vec<f32>,
+        q: Vec<i8>,
+    },
+}
+
+/// Why values were refused.
+#[derive(Debug, Clone, thiserror::Error, PartialEq)]
+#[non_exhaustive]
+pub enum CodecError {
+    #[error("codec: {0}")]
+    Spec(String),
+    #[error("sent as {found}, but the run uses {expected}")]
+    WrongCodec {
+        found: &'static str,
+        expected: String,
+    },
+    #[error("{found} values, expected {expected}")]
+    Count { found: usize, expected: usize },
+    #[error("{found} scales for {values} values in blocks of {block}")]
+    Scales {
+        found: usize,
+        values: usize,
+        block: u32,
+    },
+    #[error("a non-finite value or scale at {0}")]
+    NonFinite(usize),
+    #[error("a negative scale at block {0}")]
+    NegativeScale(usize),
+    #[error("index {index} is outside {numel} values")]
+    Index { index: u64, numel: usize },
+    #[error("indices are truncated or overlong")]
+    Varint,
+}
+
+impl Values {
+    fn kind(&self) -> &'static str {
+        match self {
+            Values::Raw(_) => "raw",
+            Values::DenseInt8 { .. } => "int8",
+            Values::Sparse { .. } => "topk",
+        }
+    }
+
+    /// Encodes `values` with `spec`. Returns what travels and what the receiver will decode
+    /// from it, so the sender can keep the difference as its error-feedback residual.
+    pub fn compress(values: &[f32], spec: CodecSpec) -> (Values, Vec<f32>) {
+        match spec {
+            CodecSpec::RawF32 => (Values::Raw(values.to_vec()), values.to_vec()),
+            CodecSpec::DenseInt8 { block } => {
+                let (scales, q) = quantize(values, block);
+                let decoded = dequantize(&scales, &q, block);
+                (Values::DenseInt8 { scales, q }, decoded)
+            }
+            CodecSpec::TopK { block, .. } => {
+                let k = spec.kept(values.len());
+                let mut order: Vec<u32> = (0..values.len() as u32).collect();
+                if k < values.len() {
+                    order.select_nth_unstable_by(k, |&a, &b| {
+                        values[b as usize]
+                            .abs()
+                            .total_cmp(&values[a as usize].abs())
+                    });
+                    order.truncate(k);
+                }
+                order.sort_unstable();
+                let kept: Vec<f32> = order.iter().map(|&i| values[i as usize]).collect();
+                let (scales, q) = quantize(&kept, block);
+                let mut decoded = vec![0.0; values.len()];
+                for (&i, v) in order.iter().zip(dequantize(&scales, &q, block)) {
+                    decoded[i as usize] = v;
+                }
+                let mut gaps = Vec::with_capacity(k * 2);
+                let mut next = 0u32;
+                for &i in &order {
+                    write_leb128(&mut gaps, (i - next) as u64);
+                    next = i + 1;
+                }
+                (Values::Sparse { gaps, scales, q }, decoded)
+            }
+        }
+    }
+
+    /// Decodes `numel` values sent with `spec`, checking everything against it first.
+    pub fn decompress(&self, spec: CodecSpec, numel: usize) -> Result<Vec<f32>, CodecError> {
+        let wrong = || CodecError::WrongCodec {
+            found: self.kind(),
+            expected: spec.to_string(),
+        };
+        match (self, spec) {
+            (Values::Raw(v), CodecSpec::RawF32) => {
+                check_count(v.len(), numel)?;
+                if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+                    return Err(CodecError::NonFinite(i));
+                }
+                Ok(v.clone())
+            }
+            (Values::DenseInt8 { scales, q }, CodecSpec::DenseInt8 { block }) => {
+                check_count(q.len(), numel)?;
+                check_scales(scales, q.len(), block)?;
+                Ok(dequantize(scales, q, block))
+            }
+            (Values::Sparse { gaps, scales, q }, CodecSpec::TopK { block, .. }) => {
+                // A sparse tensor holds exactly as many values as top-k keeps: no more
+                // (that would be a dense update in disguise), no fewer than one.
+                check_count(q.len(), spec.kept(numel))?;
+                check_scales(scales, q.len(), block)?;
+                let mut out = vec![0.0f32; numel];
+                let mut cursor = 0usize;
+                let mut next: u64 = 0;
+                for v in dequantize(scales, q, block) {
+                    let gap = read_leb128(gaps, &mut cursor)?;
+                    let index = next.checked_add(gap).ok_or(CodecError::Varint)?;
+                    if index >= numel as u64 {
+                        return Err(CodecError::Index { index, numel });
+                    }
+                    out[index as usize] = v;
+                    next = index + 1;
+                }
+                if cursor != gaps.len() {
+                    return Err(CodecError::Varint);
+                }
+                Ok(out)
+            }
+            _ => Err(wrong()),
+        }
+    }
+
+    /// Bytes this takes on the wire, roughly (for figures; the payload's length is exact).
+    pub fn wire_len(&self) -> usize {
+        match self {
+            Values::Raw(v) => v.len() * 4,
+            Values::DenseInt8 { scales, q } => scales.len() * 4 + q.len(),
+            Values::Sparse { gaps, scales, q } => gaps.len() + scales.len() * 4 + q.len(),
+        }
+    }
+}
+
+fn check_count(found: usize, expected: usize) -> Result<(), CodecError> {
+    if found != expected {
+        return Err(CodecError::Count { found, expected });
+    }
+    Ok(())
+}
+
+fn check_scales(scales: &[f32], values: usize, block: u32) -> Result<(), CodecError> {
+    if scales.len() != values.div_ceil(block as usize) {
+        return Err(CodecError::Scales {
+            found: scales.len(),
+            values,
+            block,
+        });
+    }
+    for (i, s) in scales.iter().enumerate() {
+        // A finite scale so large that 127 × scale overflows would decode to infinity.
+        if !(s * 127.0).is_finite() {
+            return Err(CodecError::NonFinite(i));
+        }
+        if *s < 0.0 {
+            return Err(CodecError::NegativeScale(i));
+        }
+    }
+    Ok(())
+}
+
+/// Symmetric int8 per block: `q = round(v / s)`, `s = absmax / 127`.
+fn quantize(values: &[f32], block: u32) -> (Vec<f32>, Vec<i8>) {
+    let mut scales = Vec::with_capacity(values.len().div_ceil(block as usize));
+    let mut q = Vec::with_capacity(values.len());
+    for chunk in values.chunks(block as usize) {
+        let absmax = chunk.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let scale = absmax / 127.0;
+        scales.push(scale);
+        for v in chunk {
+            q.push(if scale > 0.0 {
+                (v / scale).round().clamp(-127.0, 127.0) as i8
+            } else {
+                0
+            });
+        }
+    }
+    (scales, q)
+}
+
+fn dequantize(scales: &[f32], q: &[i8], block: u32) -> Vec<f32> {
+    q.chunks(block as usize)
+        .zip(scales)
+        .flat_map(|(chunk, &s)| chunk.iter().map(move |&v| v as f32 * s))
+        .collect()
+}
+
+fn write_leb128(out: &mut Vec<u8>, mut v: u64) {
+    loop {
+        let byte = (v & 0x7f) as u8;
+        v >>= 7;
+        if v == 0 {
+            out.push(byte);
+            return;
+        }
+        out.push(byte | 0x80);
+    }
+}
+
+/// Reads one LEB128 number of at most 10 bytes at `*cursor`.
+fn read_leb128(bytes: &[u8], cursor: &mut usize) -> Result<u64, CodecError> {
+    let mut v: u64 = 0;
+    for shift in (0..64).step_by(7) {
+        let byte = *bytes.get(*cursor).ok_or(CodecError::Varint)?;
+        *cursor += 1;
+        let part = (byte & 0x7f) as u64;
+        if shift == 63 && part > 1 {
+            return Err(CodecError::Varint);
+        }
+        v |= part << shift;
+        if byte & 0x80 == 0 {
+            return Ok(v);
+        }
+    }
+    Err(CodecError::Varint)
+}
+
+#[cfg(test)]
+mod tests;
