@@ -105,8 +105,11 @@ pub struct VerifySection {
     pub norm_multiple: f64,
     /// Examples of the shard the effect check evaluates.
     pub effect_samples: usize,
-    /// The measured loss drop on those must be at least this fraction of the claimed one.
+    /// The measured loss drop on those must be at least this fraction of the claimed one
+    /// (scaled like the delta), less the allowance below.
     pub effect_min_fraction: f64,
+    /// Noise allowance of the effect check, as a fraction of the shard loss.
+    pub shard_max_rise: f64,
     /// Held-out loss may rise by at most this fraction when the delta is applied alone.
     pub heldout_max_rise: f64,
     /// Replay probability for new and suspect peers, and for trusted ones.
@@ -127,7 +130,8 @@ impl Default for VerifySection {
             norm_multiple: 4.0,
             effect_samples: 16,
             effect_min_fraction: 0.05,
-            heldout_max_rise: 0.02,
+            shard_max_rise: 0.03,
+            heldout_max_rise: 0.05,
             replay_new: 1.0,
             replay_trusted: 0.1,
             trusted_after: 3,
@@ -231,11 +235,12 @@ impl RunConfig {
             && v.replay_max_rel_error > 0.0
             && v.effect_min_fraction >= 0.0
             && v.heldout_max_rise >= 0.0
+            && v.shard_max_rise >= 0.0
             && v.effect_samples > 0
             && v.ban_after > 0)
         {
             bail!(
-                "verify: norm_multiple > 1, replay rates in [0, 1], replay_min_cosine in [-1, 1], positive replay_max_rel_error, effect_samples and ban_after, non-negative effect_min_fraction and heldout_max_rise"
+                "verify: norm_multiple > 1, replay rates in [0, 1], replay_min_cosine in [-1, 1], positive replay_max_rel_error, effect_samples and ban_after, non-negative effect_min_fraction, shard_max_rise and heldout_max_rise"
             );
         }
         let a = &self.aggregate;
@@ -246,6 +251,22 @@ impl RunConfig {
             bail!("run name must be 1..=256 bytes");
         }
         Ok(())
+    }
+
+    /// What the round machine needs, for training data of `data_len` examples.
+    pub fn machine_config(&self, data_len: u64) -> crate::round::MachineConfig {
+        crate::round::MachineConfig {
+            shards: self.round.shards,
+            quorum: self.quorum(),
+            lease_ms: (self.round.lease_secs * 1000.0) as u64,
+            rounds: self.rounds,
+            data_len,
+            samples_per_shard: self
+                .round
+                .samples_per_shard
+                .unwrap_or((data_len / self.round.shards as u64).max(1)),
+            seed: self.seed,
+        }
     }
 
     pub fn quorum(&self) -> u32 {

@@ -15,11 +15,12 @@ use herd_model::lora::{Lora, LoraConfig};
 use herd_model::peft::{adapter_weights_bytes, save_adapter};
 use herd_model::tokenizer::TextTokenizer;
 use herd_protocol::delta::{Delta, DeltaLayout};
-use herd_protocol::messages::{Lease, LoraSpec, RejectReason};
+use herd_protocol::messages::{Lease, LoraSpec, RejectReason, RunAssets};
 use herd_protocol::sketch::Agreement;
 
 use crate::aggregate::{OuterOptimizer, RobustReport, Robustness, robust_mean};
 use crate::config::RunConfig;
+use crate::round::Grant;
 use crate::status::{Checkpoint, CheckpointFile};
 use crate::verify::effect::{self, EffectConfig, EffectReport};
 use crate::verify::replay::{self, ReplayTolerance};
@@ -227,6 +228,28 @@ impl Engine {
             heldout_loss,
             files,
         })
+    }
+}
+
+/// The lease message for `grant` in the run `cfg` (what nodes train, and replays redo).
+pub fn lease_for(cfg: &RunConfig, assets: &RunAssets, grant: &Grant) -> Lease {
+    let r = &cfg.round;
+    Lease {
+        id: grant.lease,
+        run: cfg.run.clone(),
+        round: grant.round,
+        shard: grant.shard,
+        ranges: grant.ranges.clone(),
+        seed: grant.seed,
+        inner_steps: r.inner_steps,
+        lr: r.lr,
+        batch_size: r.batch_size,
+        max_seq_len: r.max_seq_len,
+        expires_at_ms: grant.expires_at_ms,
+        assets: assets.clone(),
+        lora: lora_spec(cfg),
+        codec: r.codec,
+        base_adapter: grant.base_adapter,
     }
 }
 

@@ -10,9 +10,11 @@
 //! - [`aggregate`]: robust token-weighted mean and DiLoCo's outer Nesterov step.
 //! - [`blobs`]: content-addressed blob store; [`http`]: the HTTP API; [`status`]: what it shows.
 //! - [`config`]: the `run.toml` of a run.
+//! - [`calibrate`]: how far honest replays differ across thread counts (the replay tolerance).
 
 pub mod aggregate;
 pub mod blobs;
+pub mod calibrate;
 pub mod config;
 pub mod engine;
 pub mod http;

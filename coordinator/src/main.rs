@@ -23,6 +23,21 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Train shards of a run twice (two thread counts) and report how far honest replays
+    /// differ: the noise the replay tolerance (`[verify]` in run.toml) must allow.
+    Calibrate {
+        #[arg(long)]
+        config: PathBuf,
+        /// Shards to train twice.
+        #[arg(long, default_value_t = 50)]
+        replays: usize,
+        /// The two thread counts compared.
+        #[arg(long, value_delimiter = ',', default_value = "1,2")]
+        threads: Vec<i32>,
+        /// Where the figures go (JSON).
+        #[arg(long, default_value = "calibration.json")]
+        out: PathBuf,
+    },
     /// Print a running coordinator's status.
     Status {
         /// The coordinator's HTTP address, e.g. http://127.0.0.1:8080.
@@ -44,6 +59,12 @@ fn main() -> ExitCode {
     let result = match Cli::parse().command {
         Command::Serve { config } => serve(config),
         Command::Status { url, json } => status(&url, json),
+        Command::Calibrate {
+            config,
+            replays,
+            threads,
+            out,
+        } => calibrate(&config, replays, &threads, &out),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -60,6 +81,47 @@ fn serve(config: PathBuf) -> Result<()> {
     runtime.block_on(herd_coordinator::server::serve(cfg, async {
         let _ = tokio::signal::ctrl_c().await;
     }))
+}
+
+fn calibrate(
+    config: &std::path::Path,
+    replays: usize,
+    threads: &[i32],
+    out: &std::path::Path,
+) -> Result<()> {
+    use herd_coordinator::calibrate;
+    let cfg = RunConfig::load(config)?;
+    let [a, b] = threads else {
+        anyhow::bail!("--threads takes two thread counts, e.g. 1,2");
+    };
+    println!("training {replays} shards twice ({a} and {b} threads) ...");
+    let c = calibrate::calibrate(&cfg, replays, [*a, *b], |i, s| {
+        println!(
+            "  {:>3}  round {} shard {}: sketch cosine {:.6}, relative error {:.5}",
+            i + 1,
+            s.round,
+            s.shard,
+            s.sketch.cosine,
+            s.sketch.rel_error
+        );
+    })?;
+    calibrate::write(&c, out)?;
+    println!(
+        "honest disagreement over {replays} replays: sketch cosine >= {:.6}, relative error <= {:.5} (raw deltas: {:.6}, {:.5})",
+        c.sketch_min_cosine, c.sketch_max_rel_error, c.raw_min_cosine, c.raw_max_rel_error
+    );
+    println!(
+        "suggested tolerance ({}x margin): replay_min_cosine = {:.4}, replay_max_rel_error = {:.4}",
+        calibrate::MARGIN,
+        c.suggested_min_cosine,
+        c.suggested_max_rel_error
+    );
+    println!(
+        "configured tolerance: replay_min_cosine = {}, replay_max_rel_error = {}: {} false rejects of {replays}",
+        c.configured_min_cosine, c.configured_max_rel_error, c.false_rejects
+    );
+    println!("figures: {}", out.display());
+    Ok(())
 }
 
 fn status(url: &str, json: bool) -> Result<()> {

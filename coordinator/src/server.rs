@@ -23,9 +23,9 @@ use tokio::task::JoinHandle;
 use crate::blobs::BlobStore;
 use crate::config::RunConfig;
 use crate::engine::{
-    Engine, RoundResult, VerifyDetail, VerifyJob, VerifyOutcome, count_examples, lora_spec,
+    Engine, RoundResult, VerifyDetail, VerifyJob, VerifyOutcome, count_examples, lease_for,
 };
-use crate::round::{Action, Event, MachineConfig, RoundMachine};
+use crate::round::{Action, Event, RoundMachine};
 use crate::status::{PeerStatus, RejectRecord, Status};
 use crate::verify::effect::EffectConfig;
 use crate::verify::envelope;
@@ -92,23 +92,7 @@ pub async fn serve(cfg: RunConfig, shutdown: impl std::future::Future<Output = (
     let adapter = blobs.put_bytes(&engine.adapter_bytes()?)?;
     let loss0 = engine.heldout_loss();
     say!("round 0: held-out loss {loss0:.4} (before training)");
-    let data_len = count_examples(&cfg.data)?;
-    let samples_per_shard = cfg
-        .round
-        .samples_per_shard
-        .unwrap_or((data_len / cfg.round.shards as u64).max(1));
-    let machine = RoundMachine::new(
-        MachineConfig {
-            shards: cfg.round.shards,
-            quorum: cfg.quorum(),
-            lease_ms: (cfg.round.lease_secs * 1000.0) as u64,
-            rounds: cfg.rounds,
-            data_len,
-            samples_per_shard,
-            seed: cfg.seed,
-        },
-        adapter,
-    );
+    let machine = RoundMachine::new(cfg.machine_config(count_examples(&cfg.data)?), adapter);
 
     let checkpoints_dir = cfg.data_dir.join("checkpoints");
     let (status_tx, status_rx) = watch::channel(Status {
@@ -430,8 +414,11 @@ impl Shell {
             return;
         }
         let checked = envelope::check(&self.cfg.run, &peer, &sub).and_then(|()| {
+            // An unknown lease fails the lease rules first; its seed does not matter.
+            let seed = self.leases.get(&sub.lease).map_or(0, |l| l.seed);
             self.structure.check(
-                sub.lease,
+                (sub.round, sub.shard),
+                seed,
                 sub.payload_hash,
                 &sub.payload,
                 &self.layout,
@@ -502,6 +489,7 @@ impl Shell {
                 effect: EffectConfig {
                     scale: self.cfg.round.outer_lr / self.cfg.quorum() as f64,
                     min_fraction: v.effect_min_fraction,
+                    shard_max_rise: v.shard_max_rise,
                     heldout_max_rise: v.heldout_max_rise,
                 },
                 tolerance: ReplayTolerance {
@@ -670,24 +658,7 @@ impl Shell {
     }
 
     fn lease_message(&self, grant: &crate::round::Grant) -> Lease {
-        let r = &self.cfg.round;
-        Lease {
-            id: grant.lease,
-            run: self.cfg.run.clone(),
-            round: grant.round,
-            shard: grant.shard,
-            ranges: grant.ranges.clone(),
-            seed: grant.seed,
-            inner_steps: r.inner_steps,
-            lr: r.lr,
-            batch_size: r.batch_size,
-            max_seq_len: r.max_seq_len,
-            expires_at_ms: grant.expires_at_ms,
-            assets: self.assets.clone(),
-            lora: lora_spec(&self.cfg),
-            codec: self.cfg.round.codec,
-            base_adapter: grant.base_adapter,
-        }
+        lease_for(&self.cfg, &self.assets, grant)
     }
 
     /// Side effects of actions that answer no request.

@@ -3,8 +3,9 @@
 //! nothing: size, codec, counts, indices and finiteness are checked against the run's layout.
 //!
 //! Error feedback: the sender compresses `Δ + residual` and keeps what did not travel for its
-//! next delta ([`Feedback`]); if the coordinator rejects the delta, nothing of it was applied
-//! and the whole sum stays in the residual.
+//! next delta ([`Feedback`]). If the coordinator rejects the delta, nothing of it was applied,
+//! and the shard goes to someone else: the residual stays what it was before, without this Δ
+//! (keeping it would count the shard twice, and a rejected node's residual would snowball).
 
 use serde::{Deserialize, Serialize};
 
@@ -116,6 +117,8 @@ pub struct Feedback {
     pub payload: Vec<u8>,
     /// `Δ + residual`, per tensor.
     total: Vec<Vec<f32>>,
+    /// The residual before this delta.
+    previous: Vec<Vec<f32>>,
     /// What the coordinator will decode, per tensor.
     sent: Vec<Vec<f32>>,
 }
@@ -130,9 +133,9 @@ impl Feedback {
             .collect()
     }
 
-    /// The residual to keep when it was rejected or lost: all of it.
+    /// The residual to keep when it was rejected or lost: the one from before.
     pub fn residual_if_rejected(self) -> Vec<Vec<f32>> {
-        self.total
+        self.previous
     }
 }
 
@@ -163,7 +166,8 @@ impl Delta {
         };
         let (tensors, sent): (Vec<Values>, Vec<Vec<f32>>) = total
             .iter()
-            .map(|values| Values::compress(values, codec))
+            .enumerate()
+            .map(|(i, values)| Values::compress(values, codec, tensor_seed(sketch_seed, i)))
             .unzip();
         let sketch = count_sketch(
             self.tensors.iter().map(|t| t.values.as_slice()),
@@ -172,22 +176,25 @@ impl Delta {
         let payload = Payload {
             codec,
             tensors,
-            sketch: Values::compress(&sketch, SKETCH_CODEC).0,
+            sketch: Values::compress(&sketch, SKETCH_CODEC, 0).0,
         };
         Ok(Feedback {
             payload: encode(&payload)?,
+            previous: residual.map_or_else(Vec::new, <[Vec<f32>]>::to_vec),
             total,
             sent,
         })
     }
 
-    /// Decodes and checks `bytes` against `layout` and the run's `codec`: size within the
-    /// layout's cap, the same codec, as many tensors as the layout, each with exactly the
-    /// values its shape and the codec allow, all finite; a sketch of the right length.
+    /// Decodes and checks `bytes` against `layout`, the run's `codec` and the lease's `seed`:
+    /// size within the layout's cap, the same codec, as many tensors as the layout, each with
+    /// exactly the values its shape and the codec allow, all finite; a sketch of the right
+    /// length.
     pub fn decode(
         bytes: &[u8],
         layout: &DeltaLayout,
         codec: CodecSpec,
+        seed: u64,
     ) -> Result<Decoded, DeltaError> {
         let cap = layout.payload_cap();
         if bytes.len() > cap {
@@ -210,10 +217,10 @@ impl Delta {
             });
         }
         let mut tensors = Vec::with_capacity(layout.0.len());
-        for (values, (name, shape)) in payload.tensors.iter().zip(&layout.0) {
+        for (i, (values, (name, shape))) in payload.tensors.iter().zip(&layout.0).enumerate() {
             let numel = shape.iter().map(|&d| d as usize).product();
             let values = values
-                .decompress(codec, numel)
+                .decompress(codec, numel, tensor_seed(seed, i))
                 .map_err(|error| DeltaError::Tensor {
                     name: name.clone(),
                     error,
@@ -226,7 +233,7 @@ impl Delta {
         }
         let sketch = payload
             .sketch
-            .decompress(SKETCH_CODEC, sketch_len(layout.numel()))
+            .decompress(SKETCH_CODEC, sketch_len(layout.numel()), 0)
             .map_err(DeltaError::Sketch)?;
         Ok(Decoded {
             delta: Delta { tensors },
@@ -267,6 +274,11 @@ impl Delta {
                 .collect(),
         }
     }
+}
+
+/// The codec seed of tensor `i` of a delta whose lease seed is `seed`.
+fn tensor_seed(seed: u64, i: usize) -> u64 {
+    crate::sketch::splitmix64(seed ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15))
 }
 
 #[cfg(test)]

@@ -27,10 +27,11 @@ impl FuzzReport {
 }
 
 /// The names of the targets [`run`] exercises.
-pub const TARGETS: [&str; 8] = [
+pub const TARGETS: [&str; 9] = [
     "payload/raw",
     "payload/int8",
     "payload/topk",
+    "payload/sign",
     "rpc_request",
     "rpc_response",
     "blob_request",
@@ -63,6 +64,10 @@ fn codec_of(target: &str) -> CodecSpec {
     match target {
         "payload/raw" => CodecSpec::RawF32,
         "payload/int8" => CodecSpec::DenseInt8 { block: 8 },
+        "payload/sign" => CodecSpec::Sign {
+            keep: 0.6,
+            block: 4,
+        },
         _ => CodecSpec::TopK {
             fraction: 0.2,
             block: 4,
@@ -73,7 +78,7 @@ fn codec_of(target: &str) -> CodecSpec {
 /// Whether the target's decoder accepted `input`, checking what it promises when it did.
 fn decodes(target: &str, input: &[u8], layout: &DeltaLayout) -> bool {
     match target {
-        t if t.starts_with("payload/") => match Delta::decode(input, layout, codec_of(t)) {
+        t if t.starts_with("payload/") => match Delta::decode(input, layout, codec_of(t), 5) {
             Ok(d) => {
                 assert_eq!(d.delta.tensors.len(), layout.0.len());
                 for (t, (name, shape)) in d.delta.tensors.iter().zip(&layout.0) {
@@ -297,11 +302,26 @@ impl Rng {
 
 #[cfg(test)]
 mod tests {
+    /// A few thousand inputs per decoder in the test suite; `cargo xtask fuzz` sets
+    /// `HERD_FUZZ_INPUTS` (inputs in all) for the long run.
     #[test]
     fn every_decoder_survives_mutated_input() {
-        let report = super::run(3_000, 42);
-        assert_eq!(report.inputs(), 3_000 * super::TARGETS.len() as u64);
+        let total: u64 = std::env::var("HERD_FUZZ_INPUTS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(27_000);
+        let per_target = total.div_ceil(super::TARGETS.len() as u64);
+        let started = std::time::Instant::now();
+        let report = super::run(per_target, 42);
+        assert_eq!(report.inputs(), per_target * super::TARGETS.len() as u64);
         // Some mutations must still decode, or the mutator only exercises the first check.
-        assert!(report.accepted > 100, "{report:?}");
+        assert!(report.accepted > per_target / 100, "{report:?}");
+        println!(
+            "fuzz: {} inputs over {} decoders, {} accepted, no panic ({:.1} s)",
+            report.inputs(),
+            super::TARGETS.len(),
+            report.accepted,
+            started.elapsed().as_secs_f64()
+        );
     }
 }

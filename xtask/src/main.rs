@@ -27,6 +27,17 @@ enum Task {
     Test,
     /// The main job on the embedded default; ends with `summary: <path>`.
     Demo(demo::DemoArgs),
+    /// Honest replays of the demo's shards at 1 and 2 threads: the replay tolerance's basis.
+    Calibrate {
+        #[arg(long, default_value_t = 50)]
+        replays: usize,
+    },
+    /// Mutation-fuzz every decoder of the protocol (delta codecs and messages).
+    Fuzz {
+        /// Inputs in all, spread evenly over the decoders.
+        #[arg(long, default_value_t = 1_000_000)]
+        inputs: u64,
+    },
     /// Rebuild the embedded default (model/default) with the project's own tooling.
     MakeDefault {
         #[arg(long, default_value_t = 4000)]
@@ -42,6 +53,25 @@ fn main() -> Result<()> {
         Task::Setup { cuda } => libtorch::setup(&root, cuda).map(|_| ()),
         Task::Test => test(&root),
         Task::Demo(args) => demo::run(&root, args),
+        Task::Calibrate { replays } => demo::calibrate(&root, replays),
+        Task::Fuzz { inputs } => {
+            // The fuzz test reads its budget from the environment; release for speed.
+            let mut cmd = std::process::Command::new(
+                std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()),
+            );
+            cmd.args([
+                "test",
+                "--release",
+                "-p",
+                "herd-protocol",
+                "--lib",
+                "fuzz::",
+                "--",
+                "--nocapture",
+            ])
+            .env("HERD_FUZZ_INPUTS", inputs.to_string());
+            util::run(&mut cmd)
+        }
         Task::MakeDefault { steps } => {
             libtorch::setup(&root, false)?;
             util::cargo(&["build", "-p", "herd-node"])?;

@@ -1,14 +1,15 @@
 //! Layer 2: what the payload is, without running the model: it decodes within the layout's
 //! cap with the run's codec, every value is finite, it is not all zeros, its norm is within a
-//! multiple of the running median of accepted norms, and it is not a byte-for-byte copy of
-//! another submission.
+//! multiple of the running median of accepted norms, and it is not a byte-for-byte copy of a
+//! submission for another shard. (The same shard trained again after a reissue gives the same
+//! bytes when the training is deterministic: that is honest, and exactly what replays expect.)
 
 use std::collections::{HashMap, VecDeque};
 
 use herd_protocol::codec::CodecSpec;
 use herd_protocol::delta::{Decoded, Delta, DeltaError, DeltaLayout};
 use herd_protocol::messages::RejectReason;
-use herd_protocol::{ContentId, LeaseId};
+use herd_protocol::{ContentId, Round, ShardId};
 
 use crate::aggregate::median;
 
@@ -28,7 +29,8 @@ pub struct Checked {
 #[derive(Debug, Default)]
 pub struct StructureState {
     norms: VecDeque<f64>,
-    seen: HashMap<ContentId, LeaseId>,
+    /// Payload hash → the (round, shard) it was first submitted for.
+    seen: HashMap<ContentId, (Round, ShardId)>,
 }
 
 impl StructureState {
@@ -46,17 +48,20 @@ impl StructureState {
         self.norms.push_back(norm);
     }
 
-    /// Checks `payload` (already hash-checked as `hash`) for `lease`.
+    /// Checks `payload` (already hash-checked as `hash`) for shard `shard` of `round`, whose
+    /// lease seed is `seed`.
+    #[allow(clippy::too_many_arguments)]
     pub fn check(
         &mut self,
-        lease: LeaseId,
+        (round, shard): (Round, ShardId),
+        seed: u64,
         hash: ContentId,
         payload: &[u8],
         layout: &DeltaLayout,
         codec: CodecSpec,
         norm_multiple: f64,
     ) -> Result<Checked, RejectReason> {
-        let decoded = Delta::decode(payload, layout, codec).map_err(|e| match e {
+        let decoded = Delta::decode(payload, layout, codec, seed).map_err(|e| match e {
             DeltaError::TooLarge { bytes, cap } => RejectReason::PayloadTooLarge {
                 bytes: bytes as u64,
                 cap: cap as u64,
@@ -68,12 +73,11 @@ impl StructureState {
         if norm == 0.0 {
             return Err(RejectReason::ZeroDelta);
         }
-        // A copy: the same bytes were submitted for another lease (the same lease again is
-        // the round machine's "duplicate").
+        // A copy: the same bytes were submitted for another shard.
         match self.seen.get(&hash) {
-            Some(first) if *first != lease => return Err(RejectReason::CopiedDelta),
+            Some(first) if *first != (round, shard) => return Err(RejectReason::CopiedDelta),
             _ => {
-                self.seen.insert(hash, lease);
+                self.seen.insert(hash, (round, shard));
             }
         }
         if let Some(bound) = self.norm_bound(norm_multiple)
@@ -107,9 +111,10 @@ mod tests {
         .payload
     }
 
-    fn check(state: &mut StructureState, lease: u64, p: &[u8]) -> Result<Checked, RejectReason> {
+    fn check(state: &mut StructureState, shard: u32, p: &[u8]) -> Result<Checked, RejectReason> {
         state.check(
-            LeaseId(lease),
+            (Round(0), ShardId(shard)),
+            1,
             ContentId::of(p),
             p,
             &layout(),
@@ -123,7 +128,7 @@ mod tests {
         let mut s = StructureState::default();
         let honest = payload(vec![0.1; 100]);
         assert!(check(&mut s, 1, &honest).is_ok());
-        // Same lease again is fine here (the machine calls it a duplicate); another is a copy.
+        // The same shard again is honest (deterministic retraining); another shard's is a copy.
         assert!(check(&mut s, 1, &honest).is_ok());
         assert_eq!(
             check(&mut s, 2, &honest).unwrap_err(),

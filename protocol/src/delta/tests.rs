@@ -35,10 +35,17 @@ fn every_codec_round_trips_within_its_error() {
     for (codec, max_err) in [
         (CodecSpec::RawF32, 0.0),
         (CodecSpec::DenseInt8 { block: 64 }, 0.005),
+        (
+            CodecSpec::TopK {
+                fraction: 0.04,
+                block: 64,
+            },
+            1.0,
+        ),
         (CodecSpec::default(), 1.0),
     ] {
         let fb = delta().encode(codec, None, 9).unwrap();
-        let decoded = Delta::decode(&fb.payload, &layout(), codec).unwrap();
+        let decoded = Delta::decode(&fb.payload, &layout(), codec, 9).unwrap();
         for (t, orig) in decoded.delta.tensors.iter().zip(&delta().tensors) {
             assert_eq!((&t.name, &t.shape), (&orig.name, &orig.shape));
             for (a, b) in t.values.iter().zip(&orig.values) {
@@ -60,7 +67,7 @@ fn error_feedback_keeps_what_did_not_travel() {
     let d = delta();
     let first = d.encode(codec, None, 1).unwrap();
     let residual = first.residual_if_accepted();
-    let sent = Delta::decode(&first.payload, &layout(), codec)
+    let sent = Delta::decode(&first.payload, &layout(), codec, 1)
         .unwrap()
         .delta;
     // sent + residual == Δ, value by value.
@@ -71,7 +78,7 @@ fn error_feedback_keeps_what_did_not_travel() {
     }
     // Next time the residual is added; sent over both rounds + the last residual == 2Δ.
     let second = d.encode(codec, Some(&residual), 2).unwrap();
-    let sent2 = Delta::decode(&second.payload, &layout(), codec)
+    let sent2 = Delta::decode(&second.payload, &layout(), codec, 2)
         .unwrap()
         .delta;
     let residual2 = second.clone().residual_if_accepted();
@@ -81,9 +88,9 @@ fn error_feedback_keeps_what_did_not_travel() {
             assert!((total - 2.0 * d.tensors[i].values[j]).abs() < 1e-5);
         }
     }
-    // Rejected: nothing was applied, so everything stays.
-    let kept = second.residual_if_rejected();
-    assert!((kept[0][0] - (d.tensors[0].values[0] + residual[0][0])).abs() < 1e-6);
+    // Rejected: nothing was applied and the shard goes to someone else; the old residual stays.
+    assert_eq!(second.residual_if_rejected(), residual);
+    assert!(first.clone().residual_if_rejected().is_empty());
     // A residual of another layout is ignored rather than misapplied.
     let other = d.encode(codec, Some(&[vec![1.0; 3]]), 1).unwrap();
     assert_eq!(other.payload, first.payload);
@@ -93,16 +100,16 @@ fn error_feedback_keeps_what_did_not_travel() {
 fn decoding_checks_size_codec_count_values_and_sketch() {
     let codec = CodecSpec::RawF32;
     let ok = delta().encode(codec, None, 1).unwrap().payload;
-    assert!(Delta::decode(&ok, &layout(), codec).is_ok());
+    assert!(Delta::decode(&ok, &layout(), codec, 1).is_ok());
     // Over the layout's cap.
     let big = vec![0u8; layout().payload_cap() + 1];
     assert!(matches!(
-        Delta::decode(&big, &layout(), codec),
+        Delta::decode(&big, &layout(), codec, 1),
         Err(DeltaError::TooLarge { .. })
     ));
     // Another codec than the run's.
     assert!(matches!(
-        Delta::decode(&ok, &layout(), CodecSpec::default()),
+        Delta::decode(&ok, &layout(), CodecSpec::default(), 1),
         Err(DeltaError::Codec(_))
     ));
     // A tensor too few.
@@ -110,24 +117,24 @@ fn decoding_checks_size_codec_count_values_and_sketch() {
         p.tensors.pop();
     });
     assert!(matches!(
-        Delta::decode(&short, &layout(), codec),
+        Delta::decode(&short, &layout(), codec, 1),
         Err(DeltaError::Count { .. })
     ));
     // Wrong number of values for a tensor's shape.
     let wrong = payload_with(|p| p.tensors[1] = Values::Raw(vec![0.5; 299]));
-    let err = Delta::decode(&wrong, &layout(), codec).unwrap_err();
+    let err = Delta::decode(&wrong, &layout(), codec, 1).unwrap_err();
     assert!(err.to_string().contains("tensor `b`"), "{err}");
     // NaN.
     let nan = payload_with(|p| p.tensors[0] = Values::Raw(vec![f32::NAN; 200]));
     assert!(
-        Delta::decode(&nan, &layout(), codec)
+        Delta::decode(&nan, &layout(), codec, 1)
             .unwrap_err()
             .is_non_finite()
     );
     // A sketch of the wrong length.
-    let sketch = payload_with(|p| p.sketch = Values::compress(&[1.0; 3], SKETCH_CODEC).0);
+    let sketch = payload_with(|p| p.sketch = Values::compress(&[1.0; 3], SKETCH_CODEC, 0).0);
     assert!(matches!(
-        Delta::decode(&sketch, &layout(), codec),
+        Delta::decode(&sketch, &layout(), codec, 1),
         Err(DeltaError::Sketch(_))
     ));
 }
