@@ -242,7 +242,7 @@ impl Shell {
                         EngineDone::Verified(lease, outcome) => self.on_verified(swarm, lease, *outcome),
                         EngineDone::Aggregated(round, result) => self.on_round_result(swarm, round, result?)?,
                     }
-                    self.start_verification();
+                    self.start_verification(swarm);
                 }
                 () = &mut shutdown => {
                     tracing::info!("shutting down");
@@ -357,7 +357,7 @@ impl Shell {
         for action in actions {
             let response = match &action {
                 Action::Grant { grant, .. } => {
-                    let lease = self.lease_message(grant);
+                    let lease = lease_for(&self.cfg, &self.assets, grant);
                     self.leases.insert(lease.id, lease.clone());
                     Some(RpcResponse::Lease(Box::new(lease)))
                 }
@@ -465,11 +465,12 @@ impl Shell {
             }
         }
         self.perform(swarm, rest);
-        self.start_verification();
+        self.start_verification(swarm);
     }
 
-    /// Hands the next queued verification to the engine, if it is free.
-    fn start_verification(&mut self) {
+    /// Hands the next queued verification to the engine, if it is free. Submissions whose
+    /// round closed while they waited are answered without tensor work.
+    fn start_verification(&mut self, swarm: &mut Swarm<Behaviour>) {
         while self.engine_task.is_none() {
             let Some(lease) = self.queue.pop_front() else {
                 return;
@@ -478,6 +479,18 @@ impl Shell {
             else {
                 continue; // decided meanwhile (its peer was banned)
             };
+            if lease_msg.round != self.machine.round() {
+                let stale = Err(RejectReason::StaleRound);
+                let actions = self.machine.handle(
+                    Event::Verified {
+                        lease,
+                        result: stale,
+                    },
+                    now_ms(),
+                );
+                self.perform(swarm, actions);
+                continue;
+            }
             let v = &self.cfg.verify;
             let job = VerifyJob {
                 lease: lease_msg.clone(),
@@ -657,10 +670,6 @@ impl Shell {
         r.inner_steps as u64 * r.batch_size as u64 * r.max_seq_len as u64
     }
 
-    fn lease_message(&self, grant: &crate::round::Grant) -> Lease {
-        lease_for(&self.cfg, &self.assets, grant)
-    }
-
     /// Side effects of actions that answer no request.
     fn perform(&mut self, swarm: &mut Swarm<Behaviour>, actions: Vec<Action>) {
         if actions.is_empty() {
@@ -670,7 +679,6 @@ impl Shell {
             match action {
                 Action::LeaseExpired { peer, lease, shard } => {
                     tracing::warn!(%peer, %lease, %shard, "lease expired; shard reissued");
-                    self.leases.remove(&lease);
                 }
                 Action::Verdict {
                     peer,
@@ -699,6 +707,10 @@ impl Shell {
                     }));
                 }
                 Action::RoundOpened { round, adapter } => {
+                    // Leases of closed rounds are only needed while their verdict is pending.
+                    let pending = &self.pending;
+                    self.leases
+                        .retain(|id, l| l.round == round || pending.contains_key(id));
                     let ann = RoundAnnouncement {
                         run: self.cfg.run.clone(),
                         round,

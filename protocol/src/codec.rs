@@ -61,30 +61,22 @@ impl std::str::FromStr for CodecSpec {
             ))
         };
         let mut parts = s.split(':');
+        // The next `:`-separated field, or `default` when there is none.
+        fn field<T: std::str::FromStr>(part: Option<&str>, default: T) -> Option<T> {
+            part.map_or(Some(default), |p| p.parse().ok())
+        }
         let spec = match parts.next() {
-            Some("raw") => CodecSpec::RawF32,
-            Some("int8") => CodecSpec::DenseInt8 {
-                block: parts.next().map_or(Ok(64), str::parse).map_err(|_| bad())?,
-            },
-            Some("topk") => CodecSpec::TopK {
-                fraction: parts
-                    .next()
-                    .map_or(Ok(0.04), str::parse)
-                    .map_err(|_| bad())?,
-                block: parts.next().map_or(Ok(64), str::parse).map_err(|_| bad())?,
-            },
-            Some("sign") => CodecSpec::Sign {
-                keep: parts
-                    .next()
-                    .map_or(Ok(0.7), str::parse)
-                    .map_err(|_| bad())?,
-                block: parts
-                    .next()
-                    .map_or(Ok(256), str::parse)
-                    .map_err(|_| bad())?,
-            },
-            _ => return Err(bad()),
-        };
+            Some("raw") => Some(CodecSpec::RawF32),
+            Some("int8") => field(parts.next(), 64).map(|block| CodecSpec::DenseInt8 { block }),
+            Some("topk") => field(parts.next(), 0.04)
+                .zip(field(parts.next(), 64))
+                .map(|(fraction, block)| CodecSpec::TopK { fraction, block }),
+            Some("sign") => field(parts.next(), 0.7)
+                .zip(field(parts.next(), 256))
+                .map(|(keep, block)| CodecSpec::Sign { keep, block }),
+            _ => None,
+        }
+        .ok_or_else(bad)?;
         if parts.next().is_some() {
             return Err(bad());
         }
@@ -342,16 +334,6 @@ impl Values {
                 Ok(out)
             }
             _ => Err(wrong()),
-        }
-    }
-
-    /// Bytes this takes on the wire, roughly (for figures; the payload's length is exact).
-    pub fn wire_len(&self) -> usize {
-        match self {
-            Values::Raw(v) => v.len() * 4,
-            Values::DenseInt8 { scales, q } => scales.len() * 4 + q.len(),
-            Values::Sparse { gaps, scales, q } => gaps.len() + scales.len() * 4 + q.len(),
-            Values::Signs { scales, bits } => scales.len() * 4 + bits.len(),
         }
     }
 }

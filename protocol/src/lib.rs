@@ -6,7 +6,7 @@
 //! - [`delta`]: the payload of a submission (a LoRA update) and its checked decoding.
 //! - [`codec`]: how one tensor's values travel (top-k + int8, dense int8, raw fp32).
 //! - [`sketch`]: the CountSketch of an uncompressed delta that replays are compared with.
-//! - [`fuzz`]: mutation fuzzing of every decoder (run by a test and by `cargo xtask fuzz`).
+//! - `fuzz` (tests only): mutation fuzzing of every decoder (`cargo xtask fuzz` runs millions).
 //! - [`signing`]: the canonical bytes a submission signature covers.
 //! - [`framing`]: length-prefixed bincode with caps checked before allocating.
 //! - [`net`]: the libp2p behaviour both sides run.
@@ -16,7 +16,8 @@
 pub mod codec;
 pub mod delta;
 pub mod framing;
-pub mod fuzz;
+#[cfg(test)]
+mod fuzz;
 pub mod ids;
 pub mod messages;
 pub mod net;

@@ -69,53 +69,7 @@ pub fn run(root: &Path, args: DemoArgs) -> Result<()> {
     let run_dir = root.join(&args.runs).join(format!("demo-{stamp}"));
     let logs = run_dir.join("logs");
     std::fs::create_dir_all(&logs)?;
-    let abs = |p: &Path| root.join(p);
-    let config = run_dir.join("run.toml");
-    let samples_per_shard = match args.samples_per_shard {
-        Some(n) => n,
-        None => count_records(&abs(&args.data))?,
-    };
-    std::fs::write(
-        &config,
-        format!(
-            r#"# Written by `cargo xtask demo`.
-run = "demo"
-base_model = {model:?}
-data = {data:?}
-heldout = {heldout:?}
-data_dir = "coordinator"
-listen = ["/ip4/127.0.0.1/tcp/0", "/ip4/127.0.0.1/udp/0/quic-v1"]
-http = "127.0.0.1:0"
-rounds = {rounds}
-serve_after_finish = {serve}
-
-[round]
-shards = {shards}
-samples_per_shard = {samples}
-inner_steps = {steps}
-lr = 3e-3
-batch_size = {batch}
-max_seq_len = 128
-lease_secs = 60
-outer_lr = {outer_lr}
-outer_momentum = {outer_momentum}
-checkpoint_every = 10
-codec = {codec:?}
-"#,
-            model = abs(&args.model),
-            data = abs(&args.data),
-            heldout = abs(&args.heldout),
-            rounds = args.rounds,
-            serve = args.serve,
-            shards = args.nodes,
-            steps = args.inner_steps,
-            batch = args.batch_size,
-            samples = samples_per_shard,
-            outer_lr = args.outer_lr,
-            outer_momentum = args.outer_momentum,
-            codec = args.codec,
-        ),
-    )?;
+    let config = write_run_toml(root, &args, &run_dir)?;
     println!(
         "herd demo: a coordinator and {} nodes on 127.0.0.1 fine-tune the embedded tiny LLaMA",
         args.nodes
@@ -326,30 +280,15 @@ impl Drop for Children {
     }
 }
 
-/// `cargo xtask calibrate`: the demo's run config, each shard trained at 1 and 2 threads.
-pub fn calibrate(root: &Path, replays: usize) -> Result<()> {
+/// `cargo xtask calibrate`: the demo's run config (same flags), each shard trained at 1 and
+/// 2 threads.
+pub fn calibrate(root: &Path, replays: usize, args: DemoArgs) -> Result<()> {
     libtorch::setup(root, false)?;
     util::cargo(&["build", "--workspace", "--bins"])?;
     let stamp = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
-    let dir = root.join("runs").join(format!("calibration-{stamp}"));
+    let dir = root.join(&args.runs).join(format!("calibration-{stamp}"));
     std::fs::create_dir_all(&dir)?;
-    let base = root.join("model/default");
-    let config = dir.join("run.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "# Written by `cargo xtask calibrate`: the demo's shards.\n\
-             run = \"calibration\"\nbase_model = {:?}\ndata = {:?}\nheldout = {:?}\n\
-             data_dir = \"coordinator\"\nrounds = 10\n\n[round]\nshards = 3\n\
-             samples_per_shard = {}\ninner_steps = 40\nlr = 3e-3\nbatch_size = 16\n\
-             max_seq_len = 128\nlease_secs = 60\nouter_lr = 0.7\nouter_momentum = 0.5\n\
-             checkpoint_every = 5\n",
-            base.join("base"),
-            base.join("data/train.jsonl"),
-            base.join("data/heldout.jsonl"),
-            count_records(&base.join("data/train.jsonl"))?,
-        ),
-    )?;
+    let config = write_run_toml(root, &args, &dir)?;
     util::run(
         util::bin(root, "herd-coordinator")
             .args(["calibrate", "--replays", &replays.to_string(), "--config"])
@@ -357,4 +296,56 @@ pub fn calibrate(root: &Path, replays: usize) -> Result<()> {
             .arg("--out")
             .arg(dir.join("calibration.json")),
     )
+}
+
+/// Writes the demo's `run.toml` for `args` into `run_dir` (also what `calibrate` trains).
+fn write_run_toml(root: &Path, args: &DemoArgs, run_dir: &Path) -> Result<PathBuf> {
+    let abs = |p: &Path| root.join(p);
+    let config = run_dir.join("run.toml");
+    let samples_per_shard = match args.samples_per_shard {
+        Some(n) => n,
+        None => count_records(&abs(&args.data))?,
+    };
+    std::fs::write(
+        &config,
+        format!(
+            r#"# Written by `cargo xtask demo`.
+run = "demo"
+base_model = {model:?}
+data = {data:?}
+heldout = {heldout:?}
+data_dir = "coordinator"
+listen = ["/ip4/127.0.0.1/tcp/0", "/ip4/127.0.0.1/udp/0/quic-v1"]
+http = "127.0.0.1:0"
+rounds = {rounds}
+serve_after_finish = {serve}
+
+[round]
+shards = {shards}
+samples_per_shard = {samples}
+inner_steps = {steps}
+lr = 3e-3
+batch_size = {batch}
+max_seq_len = 128
+lease_secs = 60
+outer_lr = {outer_lr}
+outer_momentum = {outer_momentum}
+checkpoint_every = 10
+codec = {codec:?}
+"#,
+            model = abs(&args.model),
+            data = abs(&args.data),
+            heldout = abs(&args.heldout),
+            rounds = args.rounds,
+            serve = args.serve,
+            shards = args.nodes,
+            steps = args.inner_steps,
+            batch = args.batch_size,
+            samples = samples_per_shard,
+            outer_lr = args.outer_lr,
+            outer_momentum = args.outer_momentum,
+            codec = args.codec,
+        ),
+    )?;
+    Ok(config)
 }

@@ -31,6 +31,9 @@ enum Task {
     Calibrate {
         #[arg(long, default_value_t = 50)]
         replays: usize,
+        /// The run to calibrate: the demo's, with the demo's flags.
+        #[command(flatten)]
+        demo: demo::DemoArgs,
     },
     /// Mutation-fuzz every decoder of the protocol (delta codecs and messages).
     Fuzz {
@@ -53,7 +56,7 @@ fn main() -> Result<()> {
         Task::Setup { cuda } => libtorch::setup(&root, cuda).map(|_| ()),
         Task::Test => test(&root),
         Task::Demo(args) => demo::run(&root, args),
-        Task::Calibrate { replays } => demo::calibrate(&root, replays),
+        Task::Calibrate { replays, demo } => demo::calibrate(&root, replays, demo),
         Task::Fuzz { inputs } => {
             // The fuzz test reads its budget from the environment; release for speed.
             let mut cmd = std::process::Command::new(

@@ -90,13 +90,13 @@ impl Worker {
         self.loaded = Some(loaded);
         let shard = result?;
         let residual = self.residuals.load(&lease.run);
-        let feedback = shard
+        let mut feedback = shard
             .delta
             .encode(lease.codec, residual.as_deref(), lease.seed)
             .context("encoding the delta")?;
         let submission = Submission::signed(
             lease,
-            feedback.payload.clone(),
+            std::mem::take(&mut feedback.payload),
             shard.loss_before,
             shard.loss_after,
             shard.tokens,
