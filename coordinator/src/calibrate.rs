@@ -1,8 +1,9 @@
 //! `herd-coordinator calibrate`: how far apart honest trainings of the same shard land when
-//! only the thread count differs: the noise the replay tolerance must allow. Each sample
-//! trains one shard of the run twice from θ_0 (through the node's own code path), once per
-//! thread count, and compares the two deltas raw, and as a replay does: the second one's
-//! sketch as it arrives in a payload (int8) against the first one's exact sketch.
+//! only the machine differs (thread count, CPU or CUDA): the noise the replay tolerance must
+//! allow. Each sample trains one shard of the run twice from θ_0 (through the node's own code
+//! path), once per side, and compares the two deltas raw, and as a replay does: the second
+//! side's sketch as it arrives in a payload (int8) against the first side's exact sketch. The
+//! first side plays the coordinator's replay, the second the contributor.
 
 use std::path::Path;
 
@@ -10,6 +11,7 @@ use anyhow::{Result, ensure};
 use herd_model::Llama;
 use herd_model::data::Dataset;
 use herd_model::delta::delta_layout;
+use herd_model::device::DeviceChoice;
 use herd_model::lora::{Lora, LoraConfig};
 use herd_model::shard::train_shard;
 use herd_model::tokenizer::TextTokenizer;
@@ -26,6 +28,37 @@ use crate::round::{Grant, RoundMachine};
 /// The tolerance is this many times wider than the worst honest disagreement seen.
 pub const MARGIN: f64 = 10.0;
 
+/// Where one of the two trainings runs.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Side {
+    #[serde(serialize_with = "device_name")]
+    pub device: DeviceChoice,
+    pub threads: i32,
+}
+
+impl std::fmt::Display for Side {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} with {} threads",
+            device_label(&self.device),
+            self.threads
+        )
+    }
+}
+
+fn device_label(d: &DeviceChoice) -> String {
+    match d {
+        DeviceChoice::Auto => "auto".into(),
+        DeviceChoice::Cpu => "cpu".into(),
+        DeviceChoice::Cuda(n) => format!("cuda:{n}"),
+    }
+}
+
+fn device_name<S: serde::Serializer>(d: &DeviceChoice, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&device_label(d))
+}
+
 /// One shard trained twice.
 #[derive(Debug, Clone, Serialize)]
 pub struct Sample {
@@ -38,7 +71,8 @@ pub struct Sample {
 /// The calibration of one run config on this machine.
 #[derive(Debug, Clone, Serialize)]
 pub struct Calibration {
-    pub threads: [i32; 2],
+    /// The replay's side, then the contributor's.
+    pub sides: [Side; 2],
     pub samples: Vec<Sample>,
     pub sketch_min_cosine: f64,
     pub sketch_max_rel_error: f64,
@@ -53,15 +87,21 @@ pub struct Calibration {
     pub false_rejects: usize,
 }
 
-/// Trains `replays` shards of `cfg` twice each, with `threads[0]` and `threads[1]` threads.
+/// Trains `replays` shards of `cfg` twice each, once on each of `sides`.
 pub fn calibrate(
     cfg: &RunConfig,
     replays: usize,
-    threads: [i32; 2],
+    sides: [Side; 2],
     mut progress: impl FnMut(usize, &Sample),
 ) -> Result<Calibration> {
     ensure!(replays > 0, "at least one replay");
-    let model = Llama::load(&cfg.base_model, tch::Device::Cpu)?;
+    let devices = [sides[0].device.resolve()?, sides[1].device.resolve()?];
+    // On CUDA the base weights are bf16 (as on a contributor's GPU), so each side loads its own.
+    let models = [
+        Llama::load(&cfg.base_model, devices[0])?,
+        Llama::load(&cfg.base_model, devices[1])?,
+    ];
+    let model = &models[0];
     let tok = TextTokenizer::from_dir(&cfg.base_model)?;
     let data = Dataset::for_model(
         &cfg.data,
@@ -103,10 +143,10 @@ pub fn calibrate(
         };
         let lease = lease_for(cfg, &assets, &grant);
         let mut deltas = Vec::with_capacity(2);
-        for t in threads {
-            tch::set_num_threads(t);
-            let lora = Lora::new(model.config(), lora_cfg.clone(), tch::Device::Cpu)?;
-            deltas.push(train_shard(&model, &lora, &data, &lease, false, |_| {})?.delta);
+        for ((side, device), model) in sides.iter().zip(devices).zip(&models) {
+            tch::set_num_threads(side.threads);
+            let lora = Lora::new(model.config(), lora_cfg.clone(), device)?;
+            deltas.push(train_shard(model, &lora, &data, &lease, false, |_| {})?.delta);
         }
         let flat =
             |d: &Delta| -> Vec<f32> { d.tensors.iter().flat_map(|t| t.values.clone()).collect() };
@@ -133,7 +173,7 @@ pub fn calibrate(
         })
         .count();
     Ok(Calibration {
-        threads,
+        sides,
         sketch_min_cosine,
         sketch_max_rel_error,
         raw_min_cosine: min(|s| s.raw.cosine),

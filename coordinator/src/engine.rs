@@ -242,7 +242,7 @@ pub fn lease_for(cfg: &RunConfig, assets: &RunAssets, grant: &Grant) -> Lease {
         ranges: grant.ranges.clone(),
         seed: grant.seed,
         inner_steps: r.inner_steps,
-        lr: r.lr,
+        lr: cfg.inner_lr(grant.round.0),
         batch_size: r.batch_size,
         max_seq_len: r.max_seq_len,
         expires_at_ms: grant.expires_at_ms,

@@ -7,6 +7,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use herd_coordinator::config::RunConfig;
 use herd_coordinator::status::Status;
+use herd_model::device::DeviceChoice;
 
 /// herd coordinator: rounds, verification, aggregation and checkpoints of a training run.
 #[derive(Debug, Parser)]
@@ -23,17 +24,21 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
-    /// Train shards of a run twice (two thread counts) and report how far honest replays
-    /// differ: the noise the replay tolerance (`[verify]` in run.toml) must allow.
+    /// Train shards of a run twice (two thread counts, or CPU and CUDA) and report how far
+    /// honest replays differ: the noise the replay tolerance (`[verify]` in run.toml) must allow.
     Calibrate {
         #[arg(long)]
         config: PathBuf,
         /// Shards to train twice.
         #[arg(long, default_value_t = 50)]
         replays: usize,
-        /// The two thread counts compared.
+        /// The two thread counts compared (the replay's, then the contributor's).
         #[arg(long, value_delimiter = ',', default_value = "1,2")]
         threads: Vec<i32>,
+        /// The two devices compared (`cpu`, `cuda`, `cuda:N`), e.g. `cpu,cuda`: a CPU replay of
+        /// a GPU contributor.
+        #[arg(long, value_delimiter = ',', default_value = "cpu,cpu")]
+        devices: Vec<DeviceChoice>,
         /// Where the figures go (JSON).
         #[arg(long, default_value = "calibration.json")]
         out: PathBuf,
@@ -63,8 +68,9 @@ fn main() -> ExitCode {
             config,
             replays,
             threads,
+            devices,
             out,
-        } => calibrate(&config, replays, &threads, &out),
+        } => calibrate(&config, replays, &threads, &devices, &out),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -87,15 +93,29 @@ fn calibrate(
     config: &std::path::Path,
     replays: usize,
     threads: &[i32],
+    devices: &[DeviceChoice],
     out: &std::path::Path,
 ) -> Result<()> {
-    use herd_coordinator::calibrate;
+    use herd_coordinator::calibrate::{self, Side};
     let cfg = RunConfig::load(config)?;
-    let [a, b] = threads else {
-        anyhow::bail!("--threads takes two thread counts, e.g. 1,2");
+    let (&[a, b], &[da, db]) = (threads, devices) else {
+        anyhow::bail!("--threads and --devices take two values each, e.g. 1,2 and cpu,cuda");
     };
-    println!("training {replays} shards twice ({a} and {b} threads) ...");
-    let c = calibrate::calibrate(&cfg, replays, [*a, *b], |i, s| {
+    let sides = [
+        Side {
+            device: da,
+            threads: a,
+        },
+        Side {
+            device: db,
+            threads: b,
+        },
+    ];
+    println!(
+        "training {replays} shards twice (replay: {}; contributor: {}) ...",
+        sides[0], sides[1]
+    );
+    let c = calibrate::calibrate(&cfg, replays, sides, |i, s| {
         println!(
             "  {:>3}  round {} shard {}: sketch cosine {:.6}, relative error {:.5}",
             i + 1,

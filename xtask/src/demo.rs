@@ -42,6 +42,10 @@ pub struct DemoArgs {
     /// Examples per inner step.
     #[arg(long, default_value_t = 16)]
     batch_size: u32,
+    /// Cosine decay of the inner learning rate (3e-3) over the run: the fraction of it left at
+    /// the last round (1 = constant).
+    #[arg(long, default_value_t = 1.0)]
+    lr_final_fraction: f64,
     /// Outer (DiLoCo) learning rate.
     #[arg(long, default_value_t = 0.7)]
     outer_lr: f64,
@@ -282,7 +286,7 @@ impl Drop for Children {
 
 /// `cargo xtask calibrate`: the demo's run config (same flags), each shard trained at 1 and
 /// 2 threads.
-pub fn calibrate(root: &Path, replays: usize, args: DemoArgs) -> Result<()> {
+pub fn calibrate(root: &Path, replays: usize, devices: &str, args: DemoArgs) -> Result<()> {
     libtorch::setup(root, false)?;
     util::cargo(&["build", "--workspace", "--bins"])?;
     let stamp = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
@@ -291,7 +295,8 @@ pub fn calibrate(root: &Path, replays: usize, args: DemoArgs) -> Result<()> {
     let config = write_run_toml(root, &args, &dir)?;
     util::run(
         util::bin(root, "herd-coordinator")
-            .args(["calibrate", "--replays", &replays.to_string(), "--config"])
+            .args(["calibrate", "--replays", &replays.to_string()])
+            .args(["--devices", devices, "--config"])
             .arg(&config)
             .arg("--out")
             .arg(dir.join("calibration.json")),
@@ -325,6 +330,7 @@ shards = {shards}
 samples_per_shard = {samples}
 inner_steps = {steps}
 lr = 3e-3
+lr_final_fraction = {lr_final_fraction}
 batch_size = {batch}
 max_seq_len = 128
 lease_secs = 60
@@ -342,6 +348,7 @@ codec = {codec:?}
             steps = args.inner_steps,
             batch = args.batch_size,
             samples = samples_per_shard,
+            lr_final_fraction = args.lr_final_fraction,
             outer_lr = args.outer_lr,
             outer_momentum = args.outer_momentum,
             codec = args.codec,

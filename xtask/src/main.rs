@@ -31,6 +31,9 @@ enum Task {
     Calibrate {
         #[arg(long, default_value_t = 50)]
         replays: usize,
+        /// The replay's device, then the contributor's (`cpu,cuda` needs a CUDA build).
+        #[arg(long, default_value = "cpu,cpu")]
+        devices: String,
         /// The run to calibrate: the demo's, with the demo's flags.
         #[command(flatten)]
         demo: demo::DemoArgs,
@@ -56,7 +59,11 @@ fn main() -> Result<()> {
         Task::Setup { cuda } => libtorch::setup(&root, cuda).map(|_| ()),
         Task::Test => test(&root),
         Task::Demo(args) => demo::run(&root, args),
-        Task::Calibrate { replays, demo } => demo::calibrate(&root, replays, demo),
+        Task::Calibrate {
+            replays,
+            devices,
+            demo,
+        } => demo::calibrate(&root, replays, &devices, demo),
         Task::Fuzz { inputs } => {
             // The fuzz test reads its budget from the environment; release for speed.
             let mut cmd = std::process::Command::new(
