@@ -322,17 +322,20 @@ async fn every_attack_is_rejected_with_its_reason_and_repeat_offenders_are_banne
     );
 }
 
-/// A run config for three shards a round, like the demo's but shorter.
+/// The demo's run (`cargo xtask demo`: three shards of all 126 examples, 20 inner steps, the
+/// same rates), for `rounds` rounds.
 ///
 /// With error feedback, which node trains which shard changes each node's residual and so the
-/// result, even between two honest runs; a dense int8 codec keeps the residual tiny, so the
-/// comparison measures the attacker and not the scheduling. `HERD_ATTACK_CODEC` overrides it.
+/// result, even between two honest runs (a few percent at 20 rounds with the default codec).
+/// Without it (`raw`, the default here) an honest shard's delta depends only on the shard, so
+/// the honest and the attacked run can only differ by what the attacker got in.
+/// `HERD_ATTACK_CODEC` picks another codec.
 fn run_config(rounds: u64) -> String {
-    let codec = std::env::var("HERD_ATTACK_CODEC").unwrap_or_else(|_| "int8".into());
+    let codec = std::env::var("HERD_ATTACK_CODEC").unwrap_or_else(|_| "raw".into());
     format!(
-        "rounds = {rounds}\n[round]\nshards = 3\ninner_steps = 40\nlr = 3e-3\nbatch_size = 16\n\
-         max_seq_len = 128\nlease_secs = 60\nouter_lr = 0.7\nouter_momentum = 0.5\ncheckpoint_every = 100\n\
-         codec = {codec:?}\n"
+        "rounds = {rounds}\n[round]\nshards = 3\nsamples_per_shard = 126\ninner_steps = 20\nlr = 3e-3\n\
+         batch_size = 16\nmax_seq_len = 128\nlease_secs = 60\nouter_lr = 0.7\nouter_momentum = 0.5\n\
+         checkpoint_every = 100\ncodec = {codec:?}\n"
     )
 }
 
@@ -397,7 +400,7 @@ async fn run_to_the_end(rounds: u64, adversary: bool) -> (f64, serde_json::Value
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_adversary_of_four_does_not_move_the_final_loss() {
-    // HERD_ATTACK_ROUNDS=10 gives the demo-sized figure quoted in the README.
+    // HERD_ATTACK_ROUNDS=20 gives the demo-sized figure quoted in the README.
     let rounds = std::env::var("HERD_ATTACK_ROUNDS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -415,7 +418,7 @@ async fn one_adversary_of_four_does_not_move_the_final_loss() {
         "{status}"
     );
     assert!(
-        diff < 0.02,
+        diff < 0.01,
         "honest {honest}, attacked {attacked}: {rejects}"
     );
 }
