@@ -1,14 +1,18 @@
 //! HTTP for operators and downloaders: `/v1/status`, `/v1/checkpoints`,
-//! `/v1/checkpoints/{id}/{file}` (ETag = quoted blake3; `If-None-Match` honoured).
+//! `/v1/checkpoints/{id}/{file}`: files stream with `Range` (one range: 206, or 416 when it
+//! cannot be served), `ETag` = the quoted blake3, `If-None-Match` (304) and `If-Range`, so
+//! `curl -C -` resumes a download.
 
 use std::path::PathBuf;
 
 use axum::Router;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Json, Response};
 use axum::routing::get;
 use tokio::sync::watch;
+use tower::ServiceExt;
+use tower_http::services::ServeFile;
 
 use crate::status::Status;
 
@@ -41,7 +45,7 @@ async fn list_checkpoints(State(s): State<AppState>) -> Response {
 async fn get_checkpoint_file(
     State(s): State<AppState>,
     Path((id, file)): Path<(String, String)>,
-    headers: HeaderMap,
+    mut request: Request,
 ) -> Response {
     // Only names the checkpoint list holds are served: nothing from the request reaches the
     // file system unchecked, so `..` and friends cannot escape.
@@ -58,34 +62,40 @@ async fn get_checkpoint_file(
         return (StatusCode::NOT_FOUND, "no such checkpoint file\n").into_response();
     };
     let etag = format!("\"{}\"", entry.blake3);
-    if headers
-        .get(header::IF_NONE_MATCH)
-        .and_then(|v| v.to_str().ok())
-        == Some(etag.as_str())
-    {
+    let headers = request.headers_mut();
+    if header_is(headers, header::IF_NONE_MATCH, &etag) {
         return StatusCode::NOT_MODIFIED.into_response();
     }
-    let path = s.checkpoints_dir.join(&id).join(&entry.name);
-    match tokio::fs::read(&path).await {
-        Ok(bytes) => {
-            let mut resp = bytes.into_response();
-            let h = resp.headers_mut();
-            h.insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/octet-stream"),
-            );
-            if let Ok(v) = HeaderValue::from_str(&etag) {
-                h.insert(header::ETAG, v);
-            }
-            resp
-        }
-        Err(e) => {
-            tracing::error!(path = %path.display(), error = %e, "checkpoint file unreadable");
-            (
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "checkpoint file unreadable\n",
-            )
-                .into_response()
-        }
+    // A resumed download whose file changed gets the whole new file, not a spliced one.
+    if headers.contains_key(header::IF_RANGE) && !header_is(headers, header::IF_RANGE, &etag) {
+        headers.remove(header::RANGE);
     }
+    // The file's own dates must not answer for its content: the ETag does.
+    headers.remove(header::IF_MODIFIED_SINCE);
+    headers.remove(header::IF_UNMODIFIED_SINCE);
+    let path = s.checkpoints_dir.join(&id).join(&entry.name);
+    let served = ServeFile::new(&path).oneshot(request);
+    let Ok(response) = served.await;
+    let mut response = response.map(axum::body::Body::new);
+    if response.status() == StatusCode::NOT_FOUND {
+        tracing::error!(path = %path.display(), "checkpoint file listed but missing");
+        return (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "checkpoint file missing\n",
+        )
+            .into_response();
+    }
+    let h = response.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&etag) {
+        h.insert(header::ETAG, v);
+    }
+    h.remove(header::LAST_MODIFIED);
+    response
 }
+
+fn header_is(headers: &HeaderMap, name: header::HeaderName, value: &str) -> bool {
+    headers.get(name).and_then(|v| v.to_str().ok()) == Some(value)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,162 @@
+//! The download paths through a real server on 127.0.0.1 and the real `curl`.
+
+use std::path::Path;
+use std::process::Command;
+
+use super::*;
+use crate::status::{Checkpoint, CheckpointFile};
+
+const ID: &str = "round-00001";
+const FILE: &str = "adapter_model.safetensors";
+
+/// A served checkpoint dir with one 200 kB file; returns the base URL and the file's bytes.
+async fn serve(dir: &Path) -> (String, Vec<u8>) {
+    let bytes: Vec<u8> = (0..200_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    std::fs::create_dir_all(dir.join(ID)).unwrap();
+    std::fs::write(dir.join(ID).join(FILE), &bytes).unwrap();
+    // A file beside the checkpoints that must never be reachable.
+    std::fs::write(dir.join("secret"), b"secret").unwrap();
+    let status = Status {
+        checkpoints: vec![Checkpoint {
+            id: ID.into(),
+            round: 1,
+            heldout_loss: 0.5,
+            files: vec![CheckpointFile {
+                name: FILE.into(),
+                size: bytes.len() as u64,
+                blake3: blake3::hash(&bytes).to_hex().to_string(),
+            }],
+        }],
+        ..Status::default()
+    };
+    // The receiver keeps the last value after the sender is gone.
+    let (_, rx) = watch::channel(status);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let app = router(rx, dir.to_path_buf());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (url, bytes)
+}
+
+/// Runs curl with `args`; returns the HTTP status it saw.
+async fn curl(args: Vec<String>) -> u16 {
+    tokio::task::spawn_blocking(move || {
+        let out = Command::new("curl")
+            .args(["-sS", "-o", "/dev/null", "-w", "%{http_code}"])
+            .args(&args)
+            .output()
+            .expect("curl is installed (.ci/run installs it)");
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .unwrap_or(0)
+    })
+    .await
+    .unwrap()
+}
+
+/// Runs curl with `args`, writing the body to `out`; returns the HTTP status.
+async fn curl_to(out: &Path, args: Vec<String>) -> u16 {
+    let mut all = vec!["-o".to_string(), out.display().to_string()];
+    all.extend(args);
+    tokio::task::spawn_blocking(move || {
+        let out = Command::new("curl")
+            .args(["-sS", "-w", "%{http_code}"])
+            .args(&all)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .unwrap_or(0)
+    })
+    .await
+    .unwrap()
+}
+
+fn args(list: &[&str]) -> Vec<String> {
+    list.iter().map(|s| s.to_string()).collect()
+}
+
+#[tokio::test]
+async fn downloads_resume_and_partial_ranges_give_the_right_bytes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (base, bytes) = serve(&tmp.path().join("checkpoints")).await;
+    let url = format!("{base}/v1/checkpoints/{ID}/{FILE}");
+    let etag = format!("\"{}\"", blake3::hash(&bytes).to_hex());
+
+    let whole = tmp.path().join("whole");
+    assert_eq!(curl_to(&whole, args(&[&url])).await, 200);
+    assert_eq!(
+        blake3::hash(&std::fs::read(&whole).unwrap()),
+        blake3::hash(&bytes)
+    );
+
+    // curl -r: one range.
+    let part = tmp.path().join("part");
+    assert_eq!(curl_to(&part, args(&["-r", "1000-1999", &url])).await, 206);
+    assert_eq!(std::fs::read(&part).unwrap(), &bytes[1000..2000]);
+
+    // curl -C -: a download cut off after 70,001 bytes carries on where it stopped.
+    let resumed = tmp.path().join("resumed");
+    std::fs::write(&resumed, &bytes[..70_001]).unwrap();
+    assert_eq!(curl_to(&resumed, args(&["-C", "-", &url])).await, 206);
+    assert_eq!(
+        blake3::hash(&std::fs::read(&resumed).unwrap()),
+        blake3::hash(&bytes)
+    );
+
+    // The ETag is the blake3: a cache that has it hears 304.
+    let inm = format!("If-None-Match: {etag}");
+    assert_eq!(curl(args(&["-H", &inm, &url])).await, 304);
+    // A resume against another version of the file gets the whole file.
+    let stale = tmp.path().join("stale");
+    let if_range = "If-Range: \"0000\"";
+    assert_eq!(
+        curl_to(&stale, args(&["-r", "10-", "-H", if_range, &url])).await,
+        200
+    );
+    assert_eq!(std::fs::read(&stale).unwrap(), bytes);
+    let fresh = format!("If-Range: {etag}");
+    assert_eq!(
+        curl_to(&stale, args(&["-r", "10-", "-H", &fresh, &url])).await,
+        206
+    );
+    assert_eq!(std::fs::read(&stale).unwrap(), &bytes[10..]);
+}
+
+#[tokio::test]
+async fn traversal_unknown_ids_bad_ranges_and_huge_headers_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (base, _) = serve(&tmp.path().join("checkpoints")).await;
+    let url = format!("{base}/v1/checkpoints/{ID}/{FILE}");
+    for path in [
+        format!("/v1/checkpoints/{ID}/../../secret"),
+        format!("/v1/checkpoints/{ID}/..%2F..%2Fsecret"),
+        format!("/v1/checkpoints/{ID}/%2e%2e%2f%2e%2e%2fsecret"),
+        "/v1/checkpoints/..%2F/secret".to_string(),
+        "/v1/checkpoints/%2e%2e/secret".to_string(),
+        "/v1/checkpoints/round-99999/adapter_model.safetensors".to_string(),
+        format!("/v1/checkpoints/{ID}/nope.bin"),
+    ] {
+        let status = curl(args(&["--path-as-is", &format!("{base}{path}")])).await;
+        assert!((400..500).contains(&status), "{path}: {status}");
+    }
+    for range in [
+        "bytes=200000-",
+        "bytes=500-100",
+        "bytes=abc",
+        "bytes=0-1,5-9",
+    ] {
+        let status = curl(args(&["-H", &format!("Range: {range}"), &url])).await;
+        assert_eq!(status, 416, "{range}");
+    }
+    // 1 MB of headers: refused before any handler runs.
+    let headers = tmp.path().join("headers");
+    let line = format!("X-Filler: {}\n", "a".repeat(8000));
+    std::fs::write(&headers, line.repeat(128)).unwrap();
+    let status = curl(args(&["-H", &format!("@{}", headers.display()), &url])).await;
+    assert!((400..500).contains(&status), "oversized headers: {status}");
+}
