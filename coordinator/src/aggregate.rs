@@ -148,6 +148,9 @@ pub fn median(values: &[f64]) -> f64 {
     }
 }
 
+/// A momentum buffer as stored: name, shape, fp32 values.
+type NamedBuffer = (String, Vec<i64>, Vec<f32>);
+
 /// DiLoCo's outer optimizer: SGD with Nesterov momentum on the pseudo-gradient `-mean Δ`.
 #[derive(Debug)]
 pub struct OuterOptimizer {
@@ -186,6 +189,40 @@ impl OuterOptimizer {
             applied.push((name.clone(), update));
         }
         Ok(applied)
+    }
+
+    /// The momentum buffers as bytes (name → shape and fp32 values), so a restarted
+    /// coordinator continues with exactly the same state.
+    pub fn state_bytes(&self) -> Result<Vec<u8>> {
+        let mut state: Vec<NamedBuffer> = Vec::with_capacity(self.buffers.len());
+        for (name, buf) in &self.buffers {
+            let values = Vec::<f32>::try_from(buf.to_kind(Kind::Float).flatten(0, -1))?;
+            state.push((name.clone(), buf.size(), values));
+        }
+        state.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(bincode::serde::encode_to_vec(
+            &state,
+            bincode::config::standard(),
+        )?)
+    }
+
+    /// Replaces the momentum buffers with those of [`OuterOptimizer::state_bytes`].
+    pub fn restore_state(&mut self, bytes: &[u8]) -> Result<()> {
+        let (state, _): (Vec<NamedBuffer>, _) =
+            bincode::serde::decode_from_slice(bytes, bincode::config::standard())?;
+        self.buffers.clear();
+        for (name, shape, values) in state {
+            let numel: i64 = shape.iter().product();
+            if numel != values.len() as i64 {
+                bail!(
+                    "outer state `{name}`: shape {shape:?} but {} values",
+                    values.len()
+                );
+            }
+            self.buffers
+                .insert(name, Tensor::from_slice(&values).reshape(&shape));
+        }
+        Ok(())
     }
 }
 

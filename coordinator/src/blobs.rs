@@ -18,12 +18,49 @@ pub struct BlobStore {
 }
 
 impl BlobStore {
+    /// Opens `dir`, indexing the blobs an earlier run left there (their names are their
+    /// hashes; [`BlobStore::read`] checks that on the way out).
     pub fn open(dir: &Path) -> Result<Self> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let mut index = HashMap::new();
+        for sub in std::fs::read_dir(dir)? {
+            let sub = sub?.path();
+            if !sub.is_dir() {
+                continue;
+            }
+            for file in std::fs::read_dir(&sub)? {
+                let file = file?;
+                let name = file.file_name();
+                let Some(id) = name.to_str().and_then(|n| n.parse::<ContentId>().ok()) else {
+                    continue; // temp files of an interrupted write, strays
+                };
+                index.insert(id, (file.path(), file.metadata()?.len()));
+            }
+        }
         Ok(BlobStore {
             dir: dir.to_path_buf(),
-            index: HashMap::new(),
+            index,
         })
+    }
+
+    /// The whole blob `id`, checked against its hash.
+    pub fn read(&self, id: &ContentId) -> Result<Vec<u8>> {
+        let (path, _) = self
+            .index
+            .get(id)
+            .with_context(|| format!("blob {} is not in the store", id.to_hex()))?;
+        let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        anyhow::ensure!(
+            ContentId::of(&bytes) == *id,
+            "{}: content does not match its hash",
+            path.display()
+        );
+        Ok(bytes)
+    }
+
+    /// Where blob `id` lives.
+    pub fn path(&self, id: &ContentId) -> Option<&Path> {
+        self.index.get(id).map(|(p, _)| p.as_path())
     }
 
     /// Stores `bytes` and returns their id.
@@ -39,6 +76,8 @@ impl BlobStore {
             f.write_all(bytes)?;
             f.sync_all()?;
             std::fs::rename(&tmp, &path)?;
+            // The rename itself must reach the disk too.
+            File::open(&sub)?.sync_all()?;
         }
         self.index.insert(id, (path, bytes.len() as u64));
         Ok(id)
@@ -97,5 +136,10 @@ mod tests {
         let file = dir.path().join("f");
         std::fs::write(&file, &data).unwrap();
         assert_eq!(store.put_file(&file).unwrap(), id);
+        // Reopened, the store still knows its blobs, and checks them.
+        let reopened = BlobStore::open(dir.path()).unwrap();
+        assert_eq!(reopened.read(&id).unwrap(), data);
+        std::fs::write(reopened.path(&id).unwrap(), b"tampered").unwrap();
+        assert!(reopened.read(&id).is_err());
     }
 }

@@ -12,7 +12,7 @@ use herd_model::data::{Dataset, Example, indices_of, read_records};
 use herd_model::delta::delta_layout;
 use herd_model::eval::evaluate;
 use herd_model::lora::{Lora, LoraConfig};
-use herd_model::peft::{adapter_weights_bytes, save_adapter};
+use herd_model::peft::{adapter_weights_bytes, load_adapter_weights, save_adapter};
 use herd_model::tokenizer::TextTokenizer;
 use herd_protocol::delta::{Delta, DeltaLayout};
 use herd_protocol::messages::{Lease, LoraSpec, RejectReason, RunAssets};
@@ -43,6 +43,8 @@ pub struct Engine {
 #[derive(Debug)]
 pub struct RoundResult {
     pub adapter_bytes: Vec<u8>,
+    /// The outer optimizer's momentum after the step (what a restart needs besides θ).
+    pub outer_state: Vec<u8>,
     pub heldout_loss: f64,
     pub checkpoint: Option<Checkpoint>,
     pub robust: RobustReport,
@@ -106,6 +108,28 @@ impl Engine {
         };
         engine.heldout_loss = engine.evaluate_heldout(&engine.lora)?;
         Ok(engine)
+    }
+
+    /// Continues from a stored θ_r (`adapter`: an `adapter_model.safetensors` file) and outer
+    /// momentum: how a restarted coordinator picks up its run.
+    pub fn restore(&mut self, adapter: &Path, outer_state: Option<&[u8]>) -> Result<()> {
+        let layers = self.model.config().num_hidden_layers;
+        load_adapter_weights(&mut self.lora, adapter, layers)
+            .with_context(|| format!("loading the run's adapter {}", adapter.display()))?;
+        if let Some(bytes) = outer_state {
+            self.outer.restore_state(bytes)?;
+        }
+        self.heldout_loss = self.evaluate_heldout(&self.lora)?;
+        Ok(())
+    }
+
+    /// Applies recorded deltas as [`Engine::finish_round`] does, without evaluating: what
+    /// an audit replays.
+    pub fn apply_round(&mut self, deltas: &[(Delta, u64)]) -> Result<()> {
+        let weighted: Vec<(&Delta, u64)> = deltas.iter().map(|(d, w)| (d, *w)).collect();
+        let (mean, _) = robust_mean(&weighted, self.robustness)?;
+        self.outer.step(&self.lora, &mean)?;
+        Ok(())
     }
 
     pub fn layout(&self) -> DeltaLayout {
@@ -198,6 +222,7 @@ impl Engine {
             .transpose()?;
         Ok(RoundResult {
             adapter_bytes: self.adapter_bytes()?,
+            outer_state: self.outer.state_bytes()?,
             heldout_loss: self.heldout_loss,
             checkpoint,
             robust,

@@ -9,16 +9,22 @@
 //!   reputation) and the durable verdict log.
 //! - [`aggregate`]: robust token-weighted mean and DiLoCo's outer Nesterov step.
 //! - [`blobs`]: content-addressed blob store; [`http`]: the HTTP API; [`status`]: what it shows.
+//! - [`store`]: the durable state (redb): run, leases, verdicts, accepted deltas.
 //! - [`config`]: the `run.toml` of a run.
+//! - [`audit`]: rebuilds the adapter from θ_0 and the recorded deltas, to compare bit for bit.
+//! - [`resume`]: picking a run up after a restart.
 //! - [`calibrate`]: how far honest replays differ across thread counts (the replay tolerance).
 
 pub mod aggregate;
+pub mod audit;
 pub mod blobs;
 pub mod calibrate;
 pub mod config;
 pub mod engine;
 pub mod http;
+pub mod resume;
 pub mod round;
 pub mod server;
 pub mod status;
+pub mod store;
 pub mod verify;

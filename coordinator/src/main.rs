@@ -43,6 +43,12 @@ enum Command {
         #[arg(long, default_value = "calibration.json")]
         out: PathBuf,
     },
+    /// Rebuild a run's adapter from θ_0 and the accepted deltas it recorded, and check that it
+    /// equals the adapter the run reached, bit for bit.
+    Audit {
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// Print a running coordinator's status.
     Status {
         /// The coordinator's HTTP address, e.g. http://127.0.0.1:8080.
@@ -64,6 +70,7 @@ fn main() -> ExitCode {
     let result = match Cli::parse().command {
         Command::Serve { config } => serve(config),
         Command::Status { url, json } => status(&url, json),
+        Command::Audit { config } => audit(&config),
         Command::Calibrate {
             config,
             replays,
@@ -79,6 +86,25 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn audit(config: &std::path::Path) -> Result<()> {
+    let cfg = RunConfig::load(config)?;
+    let report = herd_coordinator::audit::audit(&cfg)?;
+    let deltas: usize = report.deltas_per_round.iter().sum();
+    if !report.matches() {
+        anyhow::bail!(
+            "audit FAILED: {deltas} recorded deltas over {} rounds rebuild adapter {}, but the run is at {}",
+            report.rounds,
+            report.rebuilt,
+            report.recorded
+        );
+    }
+    println!(
+        "audit: {deltas} recorded deltas over {} rounds {:?} rebuild the run's adapter bit for bit (blake3 {})",
+        report.rounds, report.deltas_per_round, report.recorded
+    );
+    Ok(())
 }
 
 fn serve(config: PathBuf) -> Result<()> {

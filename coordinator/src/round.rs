@@ -121,6 +121,8 @@ pub enum Action {
     Excluded {
         peer: PeerKey,
         lease: LeaseId,
+        round: Round,
+        shard: ShardId,
     },
     /// Answer to a return: `true` if the lease was live and its shard is open again.
     Returned {
@@ -214,6 +216,58 @@ impl RoundMachine {
             leases: HashMap::new(),
             next_lease: 1,
         }
+    }
+
+    /// Picks a run up where a stopped coordinator left it: `round` open on `adapter`, with
+    /// the shards `accepted` so far and the leases still out (`(lease, peer, shard,
+    /// expires_at_ms)`); new leases are numbered from `first_lease`. Returns the actions due at
+    /// once: [`Action::Aggregate`] if the round had reached quorum before the stop, or
+    /// [`Action::Finished`].
+    pub fn resume(
+        cfg: MachineConfig,
+        round: Round,
+        adapter: ContentId,
+        accepted: Vec<Accepted>,
+        live: Vec<(LeaseId, PeerKey, ShardId, u64)>,
+        first_lease: u64,
+    ) -> (Self, Vec<Action>) {
+        let mut m = RoundMachine::new(cfg, adapter);
+        m.round = round;
+        m.next_lease = first_lease;
+        if round.0 >= m.cfg.rounds {
+            m.phase = Phase::Finished;
+            return (m, vec![Action::Finished { rounds: round.0 }]);
+        }
+        for a in accepted {
+            if a.shard.0 < m.cfg.shards {
+                m.accepted.insert(a.shard, a);
+            }
+        }
+        if m.accepted.len() >= m.cfg.quorum as usize {
+            let actions = m.close_round();
+            return (m, actions);
+        }
+        for (lease, peer, shard, expires_at_ms) in live {
+            let free = shard.0 < m.cfg.shards
+                && !m.accepted.contains_key(&shard)
+                && m.holders[shard.0 as usize].is_none();
+            if !free {
+                continue;
+            }
+            m.holders[shard.0 as usize] = Some(lease);
+            m.leases.insert(
+                lease,
+                LeaseRecord {
+                    peer,
+                    round,
+                    shard,
+                    expires_at_ms,
+                    state: LeaseState::Active,
+                    tokens: 0,
+                },
+            );
+        }
+        (m, Vec::new())
     }
 
     pub fn round(&self) -> Round {
@@ -461,6 +515,8 @@ impl RoundMachine {
                 actions.push(Action::Excluded {
                     peer: a.peer,
                     lease: a.lease,
+                    round: self.round,
+                    shard,
                 });
             }
         }

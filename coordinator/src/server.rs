@@ -25,8 +25,10 @@ use crate::config::RunConfig;
 use crate::engine::{
     Engine, RoundResult, VerifyDetail, VerifyJob, VerifyOutcome, count_examples, lease_for,
 };
+use crate::resume::{self, Decided};
 use crate::round::{Action, Event, RoundMachine};
-use crate::status::{PeerStatus, RejectRecord, Status};
+use crate::status::{PeerStatus, Status};
+use crate::store::{AcceptedRecord, LeaseRecord, RunState, Store};
 use crate::verify::effect::EffectConfig;
 use crate::verify::envelope;
 use crate::verify::log::{VerdictLog, VerdictRecord};
@@ -45,7 +47,6 @@ macro_rules! say {
 
 /// How long a finished coordinator keeps answering "run finished" before it exits.
 const LINGER_AFTER_FINISH: Duration = Duration::from_secs(3);
-const RECENT_REJECTS: usize = 50;
 
 fn now_ms() -> u64 {
     SystemTime::now()
@@ -89,19 +90,87 @@ pub async fn serve(cfg: RunConfig, shutdown: impl std::future::Future<Output = (
         tokenizer: blobs.put_file(&cfg.base_model.join("tokenizer.json"))?,
         data: blobs.put_file(&cfg.data)?,
     };
-    let adapter = blobs.put_bytes(&engine.adapter_bytes()?)?;
-    let loss0 = engine.heldout_loss();
-    say!("round 0: held-out loss {loss0:.4} (before training)");
-    let machine = RoundMachine::new(cfg.machine_config(count_examples(&cfg.data)?), adapter);
+    let store = Store::open(&cfg.data_dir.join("state.redb"))?;
+    let snapshot = store.load()?;
+    let mut engine = engine;
+    let run_state = match snapshot.run.clone() {
+        Some(mut run) => {
+            let adapter = blobs
+                .path(&run.adapter)
+                .with_context(|| format!("the run's adapter {} is missing", run.adapter))?
+                .to_path_buf();
+            let outer = run.outer_state.map(|id| blobs.read(&id)).transpose()?;
+            engine.restore(&adapter, outer.as_deref())?;
+            run.epoch += 1;
+            say!(
+                "resuming at round {} (held-out loss {:.4})",
+                run.round,
+                engine.heldout_loss()
+            );
+            run
+        }
+        None => {
+            let loss0 = engine.heldout_loss();
+            say!("round 0: held-out loss {loss0:.4} (before training)");
+            RunState {
+                round: 0,
+                adapter: blobs.put_bytes(&engine.adapter_bytes()?)?,
+                outer_state: None,
+                heldout_loss: vec![loss0],
+                checkpoints: Vec::new(),
+                epoch: 1,
+            }
+        }
+    };
+    store.set_run(&run_state)?;
+    let machine_cfg = cfg.machine_config(count_examples(&cfg.data)?);
+    let round = Round(run_state.round);
+    let probe = RoundMachine::new(machine_cfg.clone(), run_state.adapter);
+    let open_round = resume::open_round(&snapshot, round, &probe, &cfg, &layout, &blobs)?;
+    let (machine, due) = RoundMachine::resume(
+        machine_cfg,
+        round,
+        run_state.adapter,
+        open_round.accepted,
+        open_round
+            .live
+            .iter()
+            .map(|(g, peer)| (g.lease, peer.clone(), g.shard, g.expires_at_ms))
+            .collect(),
+        (run_state.epoch as u64) << 32 | 1,
+    );
 
     let checkpoints_dir = cfg.data_dir.join("checkpoints");
-    let (status_tx, status_rx) = watch::channel(Status {
+    let mut status = Status {
         run: cfg.run.clone(),
         peer_id: local_peer.to_string(),
         rounds_total: cfg.rounds,
-        heldout_loss: vec![loss0],
+        rounds_completed: run_state.round,
+        heldout_loss: run_state.heldout_loss.clone(),
+        checkpoints: run_state.checkpoints.clone(),
         ..Status::default()
-    });
+    };
+    let v = &cfg.verify;
+    let mut reputation = Reputation::new(
+        ReputationConfig {
+            replay_new: v.replay_new,
+            replay_trusted: v.replay_trusted,
+            trusted_after: v.trusted_after,
+            ban_after: v.ban_after,
+        },
+        cfg.seed,
+    );
+    let mut structure = StructureState::default();
+    let mut peers = HashMap::new();
+    let decided = resume::replay_verdicts(
+        &snapshot.verdicts,
+        &mut reputation,
+        &mut structure,
+        &mut status,
+        &mut peers,
+        layout.numel() as u64 * 4,
+    );
+    let (status_tx, status_rx) = watch::channel(status);
     let listener = tokio::net::TcpListener::bind(&cfg.http)
         .await
         .with_context(|| format!("binding HTTP on {}", cfg.http))?;
@@ -115,18 +184,12 @@ pub async fn serve(cfg: RunConfig, shutdown: impl std::future::Future<Output = (
             })
             .await
     });
-
-    let v = &cfg.verify;
-    let reputation = Reputation::new(
-        ReputationConfig {
-            replay_new: v.replay_new,
-            replay_trusted: v.replay_trusted,
-            trusted_after: v.trusted_after,
-            ban_after: v.ban_after,
-        },
-        cfg.seed,
-    );
     let verdicts = VerdictLog::open(&cfg.data_dir.join("verdicts.jsonl"))?;
+    let leases = open_round
+        .live
+        .iter()
+        .map(|(g, _)| (g.lease, lease_for(&cfg, &assets, g)))
+        .collect();
     let mut shell = Shell {
         cfg,
         assets,
@@ -135,19 +198,24 @@ pub async fn serve(cfg: RunConfig, shutdown: impl std::future::Future<Output = (
         blobs,
         engine: Some(engine),
         engine_task: None,
-        deltas: HashMap::new(),
-        leases: HashMap::new(),
+        deltas: open_round.deltas,
+        leases,
         pending: HashMap::new(),
         queue: VecDeque::new(),
-        structure: StructureState::default(),
+        structure,
         reputation,
         verdicts,
+        store,
+        run_state,
+        decided,
         status_tx,
         checkpoints_dir,
-        peers: HashMap::new(),
+        peers,
         finished_at: None,
         topic,
     };
+    // A round that reached quorum before a stop aggregates now; a finished run says so.
+    shell.perform(&mut swarm, due);
     let result = shell.run(&mut swarm, shutdown).await;
     let _ = http_stop_tx.send(());
     http.await.context("HTTP task")??;
@@ -169,6 +237,8 @@ type EngineTask = JoinHandle<(Engine, EngineDone)>;
 /// channel its verdict goes back on.
 struct Pending {
     channel: ResponseChannel<RpcResponse>,
+    /// The payload as it arrived: what is stored if it is accepted.
+    payload: Vec<u8>,
     checked: Checked,
     facts: SubmissionFacts,
     claimed_drop: f64,
@@ -206,6 +276,12 @@ struct Shell {
     structure: StructureState,
     reputation: Reputation,
     verdicts: VerdictLog,
+    /// The durable state: every grant, verdict and accepted delta is committed here first.
+    store: Store,
+    /// Where the run is, as last committed.
+    run_state: RunState,
+    /// Decided submissions by lease: a resubmission of the same payload gets the same answer.
+    decided: HashMap<LeaseId, Decided>,
     status_tx: watch::Sender<Status>,
     checkpoints_dir: std::path::PathBuf,
     peers: HashMap<PeerId, PeerStatus>,
@@ -356,7 +432,18 @@ impl Shell {
         let mut rest = Vec::new();
         for action in actions {
             let response = match &action {
-                Action::Grant { grant, .. } => {
+                Action::Grant { grant, peer } => {
+                    let record = LeaseRecord {
+                        peer: peer.clone(),
+                        round: grant.round.0,
+                        shard: grant.shard.0,
+                        expires_at_ms: grant.expires_at_ms,
+                    };
+                    if let Err(e) = self.store.record_lease(grant.lease.0, &record) {
+                        // Not answering: the node asks again, and the lease expires here.
+                        tracing::error!(error = %e, "cannot record a lease; not answering");
+                        return;
+                    }
                     let lease = lease_for(&self.cfg, &self.assets, grant);
                     self.leases.insert(lease.id, lease.clone());
                     Some(RpcResponse::Lease(Box::new(lease)))
@@ -408,6 +495,15 @@ impl Shell {
             tokens,
             norm: None,
         };
+        // The same submission again (its answer was lost, or the coordinator restarted
+        // meanwhile): the same verdict, counted once.
+        if let Some(d) = self.decided.get(&sub.lease)
+            && d.is_resubmission(&key, &sub.payload_hash)
+        {
+            let answer = RpcResponse::Verdict(d.verdict.clone());
+            let _ = swarm.behaviour_mut().rpc.send_response(channel, answer);
+            return;
+        }
         if let Some(why) = self.reputation.banned(&key) {
             let verdict = Verdict::Rejected(RejectReason::Banned(why.to_string()));
             self.decide(swarm, &key, sub.lease, verdict, Some((channel, facts)));
@@ -436,6 +532,7 @@ impl Shell {
             checked: checked.as_ref().map(|_| ()).map_err(Clone::clone),
         };
         let actions = self.machine.handle(event, now_ms());
+        let mut payload = sub.payload;
         let mut answer = Some((channel, facts.clone()));
         let mut checked = checked.ok();
         let mut rest = Vec::new();
@@ -449,6 +546,7 @@ impl Shell {
                         lease,
                         Pending {
                             channel,
+                            payload: std::mem::take(&mut payload),
                             checked,
                             facts: facts.clone(),
                             claimed_drop: sub.loss_before - sub.loss_after,
@@ -542,6 +640,8 @@ impl Shell {
 
     /// Records a verdict durably, updates the peer's standing, then answers the node: on
     /// `answer` for a request decided at once, or on the channel of its pending verification.
+    /// An accepted delta's payload goes to the blob store and its record into the same
+    /// transaction as the verdict, before the node hears "accepted".
     fn decide(
         &mut self,
         swarm: &mut Swarm<Behaviour>,
@@ -550,19 +650,22 @@ impl Shell {
         verdict: Verdict,
         answer: Option<(ResponseChannel<RpcResponse>, SubmissionFacts)>,
     ) {
-        let (channel, facts, detail, accepted) = match self.pending.remove(&lease) {
+        let (channel, facts, detail, checked) = match self.pending.remove(&lease) {
             Some(p) => (
                 Some(p.channel),
                 p.facts,
                 p.detail,
-                Some((p.checked.decoded.delta, p.checked.norm)),
+                Some((p.checked.decoded.delta, p.checked.norm, p.payload)),
             ),
             None => match answer {
                 Some((channel, facts)) => (Some(channel), facts, VerifyDetail::default(), None),
                 None => return, // nobody is waiting and nothing was checked: nothing to record
             },
         };
-        self.leases.remove(&lease);
+        if resume::decides_lease(&verdict) {
+            // Not for another peer's stray submission: the lease's own is still to come.
+            self.leases.remove(&lease);
+        }
         let record = VerdictRecord {
             time_ms: now_ms(),
             peer: key.to_string(),
@@ -577,6 +680,7 @@ impl Shell {
                 Verdict::Accepted => String::new(),
                 Verdict::Rejected(r) => r.to_string(),
             },
+            outcome: verdict.clone(),
             payload_hash: facts.payload_hash.clone(),
             payload_bytes: facts.payload_bytes,
             tokens: facts.tokens,
@@ -586,63 +690,56 @@ impl Shell {
             verify_seconds: detail.effect_seconds,
             replay_seconds: detail.replay_seconds,
         };
-        if let Err(e) = self.verdicts.append(&record) {
-            // Without a durable record the verdict is not given: the node's request times out
-            // and its lease is reissued.
+        let accepted = match (&verdict, checked) {
+            (Verdict::Accepted, Some((delta, norm, payload))) => Some((delta, norm, payload)),
+            _ => None,
+        };
+        if let Err(e) = self.record(
+            &record,
+            accepted.as_ref().map(|(_, n, p)| (*n, p.as_slice())),
+        ) {
+            // Without a durable record the verdict is not given: the node's request times out,
+            // it submits again or its lease is reissued.
             tracing::error!(error = %e, "cannot record a verdict; not answering");
             return;
         }
+        if let Err(e) = self.verdicts.append(&record) {
+            tracing::warn!(error = %e, "cannot append to verdicts.jsonl (the store has the verdict)");
+        }
         let replayed = detail.replay.is_some();
         let round = self.machine.round().0;
-        let peer_id: Option<PeerId> = key.parse().ok();
-        let p = peer_id.map(|id| {
-            self.peers.entry(id).or_insert_with(|| PeerStatus {
-                peer: key.to_string(),
-                ..Default::default()
-            })
-        });
+        let dense = accepted
+            .as_ref()
+            .map_or(0, |(d, _, _)| d.dense_fp32_bytes());
+        self.status_tx.send_modify(|s| s.tally(&record, dense));
+        if let Ok(id) = key.parse::<PeerId>() {
+            self.peers
+                .entry(id)
+                .or_insert_with(|| PeerStatus {
+                    peer: key.to_string(),
+                    ..Default::default()
+                })
+                .tally(&record);
+        }
         match &verdict {
             Verdict::Accepted => {
-                if let Some(p) = p {
-                    p.accepted += 1;
-                    p.tokens += facts.tokens;
-                }
                 tracing::info!(peer = key, %lease, round, tokens = facts.tokens, replayed, "accepted delta");
-                if let Some((delta, norm)) = accepted {
+                if let Some((delta, norm, _)) = accepted {
                     self.structure.accepted(norm);
-                    self.status_tx.send_modify(|s| {
-                        s.bytes_uploaded += facts.payload_bytes;
-                        s.bytes_dense_fp32 += delta.dense_fp32_bytes();
-                        s.accepted_deltas += 1;
-                    });
                     self.deltas.insert(lease, (delta, facts.tokens));
                 }
             }
             Verdict::Rejected(reason) => {
-                if let Some(p) = p {
-                    p.rejected += 1;
-                }
                 tracing::warn!(peer = key, %lease, round, reason = %reason, "rejected submission");
-                self.status_tx.send_modify(|s| {
-                    *s.rejects_by_reason
-                        .entry(reason.label().to_string())
-                        .or_default() += 1;
-                    s.recent_rejects.push(RejectRecord {
-                        peer: key.to_string(),
-                        round,
-                        reason: reason.to_string(),
-                    });
-                    if s.recent_rejects.len() > RECENT_REJECTS {
-                        s.recent_rejects.remove(0);
-                    }
-                });
             }
         }
-        self.status_tx.send_modify(|s| {
-            s.verify_seconds += detail.effect_seconds;
-            s.replay_seconds += detail.replay_seconds;
-            s.replays += replayed as u64;
-        });
+        if resume::decides_lease(&verdict) {
+            self.decided.entry(lease).or_insert_with(|| Decided {
+                peer: key.to_string(),
+                payload_hash: facts.payload_hash,
+                verdict: verdict.clone(),
+            });
+        }
         let banned = self.reputation.record(key, &verdict, replayed);
         if let Some(ch) = channel {
             let _ = swarm
@@ -662,6 +759,23 @@ impl Shell {
             self.perform(swarm, actions);
         }
         self.publish_status();
+    }
+
+    /// Commits `record` (and an accepted delta: its norm and payload) to the store.
+    fn record(&mut self, record: &VerdictRecord, accepted: Option<(f64, &[u8])>) -> Result<()> {
+        let accepted = match accepted {
+            Some((norm, payload)) => Some(AcceptedRecord {
+                lease: record.lease,
+                peer: record.peer.clone(),
+                round: record.round,
+                shard: record.shard,
+                payload: self.blobs.put_bytes(payload)?,
+                tokens: record.tokens,
+                norm,
+            }),
+            None => None,
+        };
+        self.store.record_verdict(record, accepted.as_ref())
     }
 
     /// The most tokens one shard can hold; claims above it are cut to it.
@@ -685,8 +799,16 @@ impl Shell {
                     lease,
                     verdict,
                 } => self.decide(swarm, &peer, lease, verdict, None),
-                Action::Excluded { peer, lease } => {
+                Action::Excluded {
+                    peer,
+                    lease,
+                    round,
+                    shard,
+                } => {
                     tracing::warn!(%peer, %lease, "accepted delta excluded: its peer was banned");
+                    if let Err(e) = self.store.exclude(round.0, shard.0) {
+                        tracing::error!(error = %e, "cannot record an exclusion");
+                    }
                     self.deltas.remove(&lease);
                 }
                 Action::Aggregate { round, accepted } => {
@@ -742,6 +864,16 @@ impl Shell {
         result: RoundResult,
     ) -> Result<()> {
         let adapter = self.blobs.put_bytes(&result.adapter_bytes)?;
+        let outer_state = self.blobs.put_bytes(&result.outer_state)?;
+        let mut next = self.run_state.clone();
+        next.round = round.0 + 1;
+        next.adapter = adapter;
+        next.outer_state = Some(outer_state);
+        next.heldout_loss.push(result.heldout_loss);
+        next.checkpoints.extend(result.checkpoint.clone());
+        // Committed before the round opens: a stop from here on resumes at the next round.
+        self.store.set_run(&next)?;
+        self.run_state = next;
         say!(
             "round {}: held-out loss {:.4}",
             round.0 + 1,

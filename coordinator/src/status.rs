@@ -66,3 +66,43 @@ pub struct Status {
     pub recent_rejects: Vec<RejectRecord>,
     pub checkpoints: Vec<Checkpoint>,
 }
+
+impl Status {
+    /// Counts one recorded verdict (`dense_fp32` = the bytes of its delta as dense fp32): the
+    /// same whether it was just decided or read back after a restart.
+    pub fn tally(&mut self, v: &crate::verify::log::VerdictRecord, dense_fp32: u64) {
+        if v.outcome == herd_protocol::messages::Verdict::Accepted {
+            self.bytes_uploaded += v.payload_bytes;
+            self.bytes_dense_fp32 += dense_fp32;
+            self.accepted_deltas += 1;
+        } else {
+            *self.rejects_by_reason.entry(v.verdict.clone()).or_default() += 1;
+            self.recent_rejects.push(RejectRecord {
+                peer: v.peer.clone(),
+                round: v.round,
+                reason: v.reason.clone(),
+            });
+            if self.recent_rejects.len() > RECENT_REJECTS {
+                self.recent_rejects.remove(0);
+            }
+        }
+        self.verify_seconds += v.verify_seconds;
+        self.replay_seconds += v.replay_seconds;
+        self.replays += v.replay.is_some() as u64;
+    }
+}
+
+impl PeerStatus {
+    /// Counts one verdict on this peer's work.
+    pub fn tally(&mut self, v: &crate::verify::log::VerdictRecord) {
+        if v.outcome == herd_protocol::messages::Verdict::Accepted {
+            self.accepted += 1;
+            self.tokens += v.tokens;
+        } else {
+            self.rejected += 1;
+        }
+    }
+}
+
+/// Rejections kept in [`Status::recent_rejects`].
+pub const RECENT_REJECTS: usize = 50;

@@ -150,11 +150,17 @@ impl Coordinator {
     /// Writes `run.toml` (the given body after run/model/data lines) into `dir` and starts it on
     /// 127.0.0.1 port 0, waiting (bounded) for its addresses.
     pub fn start(dir: &Path, body: &str) -> Coordinator {
+        Coordinator::start_on(dir, body, 0)
+    }
+
+    /// Like [`Coordinator::start`] on TCP port `port` (a coordinator restarted on the same
+    /// dir and port is the same peer at the same address). Its stderr is appended to.
+    pub fn start_on(dir: &Path, body: &str, port: u16) -> Coordinator {
         use std::io::BufRead;
         let config = dir.join("run.toml");
         let text = format!(
             "run = \"test\"\nbase_model = {:?}\ndata = {:?}\nheldout = {:?}\ndata_dir = \"coordinator\"\n\
-             listen = [\"/ip4/127.0.0.1/tcp/0\"]\nhttp = \"127.0.0.1:0\"\n{body}",
+             listen = [\"/ip4/127.0.0.1/tcp/{port}\"]\nhttp = \"127.0.0.1:0\"\n{body}",
             default_asset("base"),
             default_asset("data/train.jsonl"),
             default_asset("data/heldout.jsonl"),
@@ -165,7 +171,13 @@ impl Coordinator {
             .args(["serve", "--config"])
             .arg(&config)
             .stdout(std::process::Stdio::piped())
-            .stderr(std::fs::File::create(&log).unwrap())
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&log)
+                    .unwrap(),
+            )
             .spawn()
             .unwrap();
         let stdout = child.stdout.take().unwrap();
@@ -233,6 +245,15 @@ impl Drop for Coordinator {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// Child processes killed on drop (so a failing test leaves nothing running).

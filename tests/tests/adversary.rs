@@ -55,9 +55,24 @@ async fn every_attack_is_rejected_with_its_reason_and_repeat_offenders_are_banne
             .submit(peer.sign(&lease, payload.clone(), &(&out).into()))
             .await;
         assert_eq!(verdict, Verdict::Accepted, "an honest delta is accepted");
-        honest.push((lease, out, payload));
+        honest.push((lease, out, payload, peer));
     }
-    let (_, first_out, first_payload) = &honest[0];
+    // The same submission again (its answer was lost, or the coordinator restarted): the same
+    // verdict, counted once. Other bytes for a decided lease: a duplicate.
+    {
+        let (lease, out, payload, peer) = &mut honest[0];
+        let sub = peer.sign(lease, payload.clone(), &(&*out).into());
+        assert_eq!(peer.submit(sub).await, Verdict::Accepted);
+        let other = encode_for(lease, &out.delta.scaled(0.5));
+        let sub = peer.sign(lease, other, &(&*out).into());
+        assert_eq!(
+            peer.submit(sub).await,
+            Verdict::Rejected(RejectReason::Duplicate)
+        );
+        let status = coordinator.status().unwrap();
+        assert_eq!(status["accepted_deltas"], 3, "counted once: {status}");
+    }
+    let (_, first_out, first_payload, _) = &honest[0];
 
     // One attack per fresh identity: (name, how the payload is made, the reason expected).
     // Each closure gets the attacker's lease and its honestly trained outcome. Noise and a

@@ -3,7 +3,9 @@
 
 use std::time::Duration;
 
-use herd_tests::{Coordinator, Reaper, bin, default_asset, get_bytes, get_json, run, wait_until};
+use herd_tests::{
+    Coordinator, Reaper, bin, default_asset, free_port, get_bytes, get_json, run, wait_until,
+};
 use serde_json::Value;
 
 const ROUND: &str = "[round]\nshards = 3\ninner_steps = 40\nlr = 3e-3\nbatch_size = 16\nmax_seq_len = 128\n\
@@ -130,4 +132,73 @@ fn a_node_killed_mid_shard_has_its_shard_reissued() {
     )
     .unwrap();
     assert_eq!(summary["rounds_completed"], 2);
+}
+
+/// SIGKILLs of the coordinator `HERD_CRASHES` times (default 5; `cargo xtask soak` runs 20).
+fn crashes() -> u32 {
+    std::env::var("HERD_CRASHES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5)
+}
+
+#[test]
+fn a_coordinator_killed_at_random_moments_loses_no_accepted_work() {
+    let tmp = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let crashes = crashes();
+    let rounds = 2 + crashes as u64;
+    let body = format!(
+        "rounds = {rounds}\nserve_after_finish = true\n[round]\nshards = 3\nsamples_per_shard = 32\n\
+         inner_steps = 6\nlr = 3e-3\nbatch_size = 8\nmax_seq_len = 128\nlease_secs = 60\nouter_lr = 0.7\n\
+         outer_momentum = 0.5\ncheckpoint_every = 2\n"
+    );
+    let mut coordinator = Coordinator::start_on(tmp.path(), &body, port);
+    let _nodes = Reaper(
+        (0..3)
+            .map(|i| coordinator.start_node(&tmp.path().join(format!("node-{i}"))))
+            .collect(),
+    );
+    // Kill at seeded random moments, 0.5 to 4 s after each start: while loading, leasing,
+    // verifying, aggregating — wherever it happens to be.
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut mid_run = 0;
+    for crash in 0..crashes {
+        state = state
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        let wait = Duration::from_millis(500 + (state >> 33) % 3500);
+        std::thread::sleep(wait);
+        let status = coordinator.status();
+        if status.as_ref().is_some_and(|s| s["finished"] == false) {
+            mid_run += 1;
+        }
+        let round = status.map(|s| s["round"].clone());
+        eprintln!(
+            "crash {}: SIGKILL after {wait:?} (round {round:?})",
+            crash + 1
+        );
+        coordinator.child.kill().unwrap();
+        coordinator.child.wait().unwrap();
+        coordinator = Coordinator::start_on(tmp.path(), &body, port);
+    }
+    let status = wait_until(Duration::from_secs(600), "the run to finish", || {
+        coordinator.status().filter(|s| s["finished"] == true)
+    });
+    assert_eq!(status["rounds_completed"], rounds, "{status}");
+    drop(coordinator); // the audit reads a stopped coordinator's state
+    // Every round counted exactly its quorum of accepted deltas, once each, and the adapter
+    // equals θ_0 with the recorded deltas applied again, bit for bit.
+    let (out, stdout, stderr) = run(bin("herd-coordinator")
+        .args(["audit", "--config"])
+        .arg(tmp.path().join("run.toml")));
+    let expected = format!("{:?}", vec![3; rounds as usize]);
+    assert!(
+        out.status.success() && stdout.contains("bit for bit") && stdout.contains(&expected),
+        "{stdout}{stderr}"
+    );
+    assert!(
+        mid_run * 2 >= crashes,
+        "only {mid_run} of {crashes} kills hit a running round"
+    );
 }

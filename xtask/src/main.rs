@@ -44,6 +44,12 @@ enum Task {
         #[arg(long, default_value_t = 1_000_000)]
         inputs: u64,
     },
+    /// The coordinator crash test with more kills: a multi-node run whose coordinator is
+    /// SIGKILLed at random moments and restarted, then audited bit for bit.
+    Soak {
+        #[arg(long, default_value_t = 20)]
+        crashes: u32,
+    },
     /// Rebuild the embedded default (model/default) with the project's own tooling.
     MakeDefault {
         #[arg(long, default_value_t = 4000)]
@@ -66,20 +72,27 @@ fn main() -> Result<()> {
         } => demo::calibrate(&root, replays, &devices, demo),
         Task::Fuzz { inputs } => {
             // The fuzz test reads its budget from the environment; release for speed.
-            let mut cmd = std::process::Command::new(
-                std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()),
-            );
-            cmd.args([
+            let args = [
                 "test",
                 "--release",
                 "-p",
                 "herd-protocol",
                 "--lib",
                 "fuzz::",
-                "--",
-                "--nocapture",
-            ])
-            .env("HERD_FUZZ_INPUTS", inputs.to_string());
+            ];
+            let mut cmd = util::cargo_command(&args);
+            cmd.args(["--", "--nocapture"])
+                .env("HERD_FUZZ_INPUTS", inputs.to_string());
+            util::run(&mut cmd)
+        }
+        Task::Soak { crashes } => {
+            libtorch::setup(&root, false)?;
+            // The test drives the built binaries, as `cargo xtask test` does.
+            util::cargo(&["build", "--workspace", "--bins"])?;
+            let args = ["test", "-p", "herd-tests", "--test", "network"];
+            let mut cmd = util::cargo_command(&args);
+            cmd.args(["a_coordinator_killed", "--", "--nocapture"])
+                .env("HERD_CRASHES", crashes.to_string());
             util::run(&mut cmd)
         }
         Task::MakeDefault { steps } => {

@@ -14,10 +14,15 @@ pub fn workspace_root() -> PathBuf {
 
 /// Runs `cargo <args>` with the cargo that runs us, failing on a non-zero exit.
 pub fn cargo(args: &[&str]) -> Result<()> {
+    run(&mut cargo_command(args))
+}
+
+/// `cargo <args>` with the cargo that runs us, to add to before running.
+pub fn cargo_command(args: &[&str]) -> Command {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.args(args);
-    run(&mut cmd)
+    cmd
 }
 
 pub fn run(cmd: &mut Command) -> Result<()> {

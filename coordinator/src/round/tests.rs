@@ -295,7 +295,9 @@ fn a_banned_peer_loses_its_accepted_shards_and_leases() {
         banned,
         vec![Action::Excluded {
             peer: "a".into(),
-            lease: a.lease
+            lease: a.lease,
+            round: a.round,
+            shard: a.shard,
         }]
     );
     assert_eq!(m.accepted_count(), 1);
@@ -436,4 +438,72 @@ fn thousands_of_simulated_peers_with_failures_complete_every_round() {
     }
     assert_eq!(aggregated, 20);
     assert!(m.is_finished());
+}
+
+#[test]
+fn a_resumed_machine_keeps_its_round_accepted_shards_and_live_leases() {
+    let accepted = |shard: u32| Accepted {
+        lease: LeaseId(shard as u64 + 1),
+        peer: "a".into(),
+        shard: ShardId(shard),
+        tokens: 100,
+    };
+    // Round 2 of 5 with shard 0 accepted and shard 1 leased to b until t = 5000.
+    let (mut m, due) = RoundMachine::resume(
+        cfg(3, 3, 5),
+        Round(2),
+        adapter(2),
+        vec![accepted(0)],
+        vec![(LeaseId(9), "b".into(), ShardId(1), 5000)],
+        1 << 32,
+    );
+    assert!(due.is_empty());
+    assert_eq!(
+        (m.round(), m.adapter(), m.accepted_count()),
+        (Round(2), adapter(2), 1)
+    );
+    let g = grant(&mut m, "c", 1000);
+    assert_eq!(
+        (g.shard, g.lease),
+        (ShardId(2), LeaseId(1 << 32)),
+        "new ids, free shard"
+    );
+    assert!(matches!(
+        m.handle(Event::LeaseRequested { peer: "d".into() }, 1000)
+            .pop(),
+        Some(Action::NoWork { .. })
+    ));
+    // b's lease from before the stop is honoured.
+    let old = Grant {
+        lease: LeaseId(9),
+        round: Round(2),
+        shard: ShardId(1),
+        ranges: m.shard_ranges(Round(2), ShardId(1)),
+        seed: m.shard_seed(Round(2), ShardId(1)),
+        expires_at_ms: 5000,
+        base_adapter: adapter(2),
+    };
+    assert_eq!(verdict(&submit(&mut m, "b", &old, 2000)), Verdict::Accepted);
+
+    // A round that had reached quorum aggregates at once; a finished run stays finished.
+    let (_, due) = RoundMachine::resume(
+        cfg(2, 2, 5),
+        Round(1),
+        adapter(1),
+        vec![accepted(0), accepted(1)],
+        Vec::new(),
+        1,
+    );
+    assert!(
+        matches!(due.as_slice(), [Action::Aggregate { round: Round(1), accepted }] if accepted.len() == 2)
+    );
+    let (m, due) = RoundMachine::resume(
+        cfg(2, 2, 5),
+        Round(5),
+        adapter(5),
+        Vec::new(),
+        Vec::new(),
+        1,
+    );
+    assert!(m.is_finished() && matches!(due.as_slice(), [Action::Finished { rounds: 5 }]));
 }

@@ -41,7 +41,7 @@ pub struct EffectConfig {
 }
 
 /// The losses behind an effect verdict (logged with it).
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
 pub struct EffectReport {
     pub shard_before: f64,
     pub shard_after: f64,

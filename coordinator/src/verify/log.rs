@@ -1,16 +1,17 @@
 //! The verdict log: one JSON line per verdict with its reason and the figures behind it,
 //! appended and fsynced before the node is told, so no verdict is ever lost or rewritten.
-//! (`verdicts.jsonl` in the data dir; issue 5 moves the coordinator's state into redb.)
+//! (`verdicts.jsonl` in the data dir, for people to read; the record the coordinator restarts
+//! from is `store`.)
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// One verdict as recorded.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct VerdictRecord {
     pub time_ms: u64,
     pub peer: String,
@@ -21,6 +22,8 @@ pub struct VerdictRecord {
     pub verdict: String,
     /// The reason in words (empty when accepted).
     pub reason: String,
+    /// The verdict as sent (what a resubmission of the same payload gets again).
+    pub outcome: herd_protocol::messages::Verdict,
     pub payload_hash: Option<String>,
     pub payload_bytes: u64,
     pub tokens: u64,

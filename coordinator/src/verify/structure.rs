@@ -48,6 +48,11 @@ impl StructureState {
         self.norms.push_back(norm);
     }
 
+    /// Remembers that `hash` was submitted for `(round, shard)` (rebuilding after a restart).
+    pub fn remember(&mut self, hash: ContentId, at: (Round, ShardId)) {
+        self.seen.entry(hash).or_insert(at);
+    }
+
     /// Checks `payload` (already hash-checked as `hash`) for shard `shard` of `round`, whose
     /// lease seed is `seed`.
     #[allow(clippy::too_many_arguments)]

@@ -10,17 +10,21 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use herd_protocol::messages::{LeaseRequest, PROTOCOL_VERSION, RpcRequest, RpcResponse, Verdict};
+use herd_protocol::messages::{
+    LeaseRequest, PROTOCOL_VERSION, RpcRequest, RpcResponse, Submission, Verdict,
+};
 use herd_protocol::net::{Role, build_swarm, load_or_create_identity, pinned_peer};
 use libp2p::Multiaddr;
 
 use crate::commands::ComputeArgs;
-use network::NetFailure;
+use network::{Client, NetFailure};
 use worker::Worker;
 
 /// Failed dials before a node that never reached its coordinator gives up.
 const FIRST_CONTACT_ATTEMPTS: u32 = 3;
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// Deliveries of one submission tried while the coordinator is unreachable.
+const SUBMIT_ATTEMPTS: u32 = 8;
 
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
@@ -131,7 +135,7 @@ async fn run_async(args: RunArgs) -> Result<()> {
                 }
             };
             let bytes = outcome.submission.payload.len();
-            let verdict = client.rpc(RpcRequest::Submit(Box::new(outcome.submission))).await;
+            let verdict = submit(&client, outcome.submission, lease.expires_at_ms).await;
             shards += 1;
             let accepted = matches!(verdict, Ok(RpcResponse::Verdict(Verdict::Accepted)));
             match verdict {
@@ -161,6 +165,42 @@ async fn run_async(args: RunArgs) -> Result<()> {
     drop(client);
     let _ = net.await;
     result
+}
+
+/// Sends `submission`, and again while the coordinator cannot be reached (it may be
+/// restarting) and its lease is not over: the coordinator answers a repeated submission with
+/// the verdict it already gave, so a retry never counts twice.
+async fn submit(
+    client: &Client,
+    submission: Submission,
+    expires_at_ms: u64,
+) -> Result<RpcResponse, NetFailure> {
+    let mut wait = Duration::from_millis(500);
+    for attempt in 1.. {
+        match client
+            .rpc(RpcRequest::Submit(Box::new(submission.clone())))
+            .await
+        {
+            Err(NetFailure::Stopped) => return Err(NetFailure::Stopped),
+            Err(e)
+                if now_ms() + wait.as_millis() as u64 <= expires_at_ms
+                    && attempt < SUBMIT_ATTEMPTS =>
+            {
+                tracing::warn!(error = %e, attempt, retry_in = ?wait, "submission not delivered; retrying");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(MAX_BACKOFF);
+            }
+            other => return other,
+        }
+    }
+    unreachable!("the loop returns")
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 fn unreachable_message(addr: &Multiaddr, e: &NetFailure) -> String {
