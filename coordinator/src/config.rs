@@ -93,6 +93,13 @@ pub struct RoundSection {
     pub outer_momentum: f64,
     /// Publish a checkpoint every k rounds (and after the last).
     pub checkpoint_every: u64,
+    /// Stragglers: a round still open after this multiple of the median duration of recent
+    /// rounds closes with the shards it has, if at least `deadline_quorum` (default: half the
+    /// quorum, rounded up); deltas that arrive later are rejected as `stale_round`. 0 = wait
+    /// for quorum however long it takes (leases still expire).
+    #[serde(default = "default_straggler_multiple")]
+    pub straggler_multiple: f64,
+    pub deadline_quorum: Option<u32>,
     /// Delta codec: `topk[:FRACTION[:BLOCK]]`, `int8[:BLOCK]` or `raw`.
     #[serde(default, deserialize_with = "codec_from_str")]
     pub codec: CodecSpec,
@@ -100,6 +107,10 @@ pub struct RoundSection {
 
 fn one() -> f64 {
     1.0
+}
+
+fn default_straggler_multiple() -> f64 {
+    3.0
 }
 
 fn codec_from_str<'de, D: serde::Deserializer<'de>>(d: D) -> Result<CodecSpec, D::Error> {
@@ -191,6 +202,8 @@ impl Default for RoundSection {
             outer_lr: 0.7,
             outer_momentum: 0.9,
             checkpoint_every: 1,
+            straggler_multiple: default_straggler_multiple(),
+            deadline_quorum: None,
             codec: CodecSpec::default(),
         }
     }
@@ -243,6 +256,12 @@ impl RunConfig {
         if !(r.lr > 0.0 && r.outer_lr > 0.0 && (0.0..1.0).contains(&r.outer_momentum)) {
             bail!("round.lr and outer_lr must be positive, outer_momentum in [0, 1)");
         }
+        if !(r.straggler_multiple >= 0.0
+            && r.deadline_quorum
+                .is_none_or(|q| q >= 1 && q <= self.quorum()))
+        {
+            bail!("round.straggler_multiple must be >= 0 and round.deadline_quorum in 1..=quorum");
+        }
         if !(r.lr_final_fraction > 0.0 && r.lr_final_fraction <= 1.0) {
             bail!("round.lr_final_fraction must be in (0, 1]");
         }
@@ -285,6 +304,11 @@ impl RunConfig {
                 .samples_per_shard
                 .unwrap_or((data_len / self.round.shards as u64).max(1)),
             seed: self.seed,
+            straggler_multiple: self.round.straggler_multiple,
+            deadline_quorum: self
+                .round
+                .deadline_quorum
+                .unwrap_or(self.quorum().div_ceil(2)),
         }
     }
 

@@ -6,8 +6,9 @@
 //! shard; the lease expires after `lease_ms` and the shard is reissued. A submission that
 //! passes the lease rules and the shell's stateless checks is handed to verification (the
 //! lease then no longer expires); the verification's outcome decides the verdict, and a
-//! rejected shard is reissued at once. The round closes when `quorum` shards are accepted;
-//! then the shell aggregates and reports back, and the next round opens. A banned peer's
+//! rejected shard is reissued at once. The round closes when `quorum` shards are accepted, or
+//! past its straggler deadline (a multiple of recent rounds' durations) with at least
+//! `deadline_quorum`; then the shell aggregates and reports back, and the next round opens. A banned peer's
 //! accepted shards of the open round are dropped and reissued.
 
 use std::collections::{BTreeMap, HashMap};
@@ -30,7 +31,16 @@ pub struct MachineConfig {
     pub data_len: u64,
     pub samples_per_shard: u64,
     pub seed: u64,
+    /// Stragglers: a round still open after this multiple of the median of recent rounds'
+    /// durations closes with what it has, if that is at least `deadline_quorum` accepted
+    /// shards (0 turns the deadline off).
+    pub straggler_multiple: f64,
+    pub deadline_quorum: u32,
 }
+
+/// Quorum-closed rounds whose durations set the deadline, and how many must be known first.
+const DURATION_WINDOW: usize = 16;
+const DURATION_WARMUP: usize = 3;
 
 /// What the shell tells the machine.
 #[derive(Debug, Clone, PartialEq)]
@@ -135,6 +145,13 @@ pub enum Action {
         lease: LeaseId,
         shard: ShardId,
     },
+    /// The round ran past its straggler deadline and closes with fewer than `quorum` shards
+    /// (an [`Action::Aggregate`] follows); later submissions for it are stale.
+    DeadlinePassed {
+        round: Round,
+        accepted: usize,
+        waited_ms: u64,
+    },
     /// Quorum reached: aggregate these accepted deltas into the next adapter.
     Aggregate {
         round: Round,
@@ -192,6 +209,11 @@ pub struct RoundMachine {
     accepted: BTreeMap<ShardId, Accepted>,
     leases: HashMap<LeaseId, LeaseRecord>,
     next_lease: u64,
+    /// When the open round opened (set by the first event after it did: the machine has no
+    /// clock of its own).
+    opened_at_ms: Option<u64>,
+    /// How long recent rounds took to reach quorum.
+    durations: std::collections::VecDeque<u64>,
 }
 
 impl RoundMachine {
@@ -215,6 +237,8 @@ impl RoundMachine {
             accepted: BTreeMap::new(),
             leases: HashMap::new(),
             next_lease: 1,
+            opened_at_ms: None,
+            durations: std::collections::VecDeque::new(),
         }
     }
 
@@ -328,9 +352,27 @@ impl RoundMachine {
         u64::from_le_bytes(h.finalize().as_bytes()[..8].try_into().expect("8 bytes"))
     }
 
+    /// The time the open round closes without quorum, if there is one yet.
+    pub fn deadline_ms(&self) -> Option<u64> {
+        if self.phase != Phase::Open
+            || self.cfg.straggler_multiple <= 0.0
+            || self.durations.len() < DURATION_WARMUP
+        {
+            return None;
+        }
+        let mut d: Vec<u64> = self.durations.iter().copied().collect();
+        d.sort_unstable();
+        let median = d[d.len() / 2];
+        Some(self.opened_at_ms? + (median as f64 * self.cfg.straggler_multiple) as u64)
+    }
+
     /// Feeds one event at time `now_ms`; returns what to do, in order.
     pub fn handle(&mut self, event: Event, now_ms: u64) -> Vec<Action> {
+        if self.phase == Phase::Open && self.opened_at_ms.is_none() {
+            self.opened_at_ms = Some(now_ms);
+        }
         let mut actions = self.expire(now_ms);
+        actions.extend(self.check_deadline(now_ms));
         match event {
             Event::Tick => {}
             Event::LeaseRequested { peer } => actions.push(self.grant(peer, now_ms)),
@@ -368,7 +410,9 @@ impl RoundMachine {
                     }
                 }
             }
-            Event::Verified { lease, result } => actions.extend(self.verified(lease, result)),
+            Event::Verified { lease, result } => {
+                actions.extend(self.verified(lease, result, now_ms));
+            }
             Event::Banned { peer, reason } => actions.extend(self.ban(&peer, &reason)),
             Event::Returned { peer, lease } => {
                 let released = matches!(
@@ -441,7 +485,12 @@ impl RoundMachine {
         }
     }
 
-    fn verified(&mut self, lease: LeaseId, result: Result<(), RejectReason>) -> Vec<Action> {
+    fn verified(
+        &mut self,
+        lease: LeaseId,
+        result: Result<(), RejectReason>,
+        now_ms: u64,
+    ) -> Vec<Action> {
         let Some(record) = self.leases.get(&lease) else {
             return Vec::new();
         };
@@ -480,6 +529,12 @@ impl RoundMachine {
             verdict,
         }];
         if close {
+            if let Some(opened) = self.opened_at_ms {
+                if self.durations.len() == DURATION_WINDOW {
+                    self.durations.pop_front();
+                }
+                self.durations.push_back(now_ms.saturating_sub(opened));
+            }
             actions.extend(self.close_round());
         }
         actions
@@ -624,6 +679,35 @@ impl RoundMachine {
         out
     }
 
+    /// Closes the open round with what it has once its straggler deadline has passed.
+    /// Shards still out are not waited for: their deltas would come from an older θ than the
+    /// next round's, so they are rejected as stale rather than merged with a weight.
+    fn check_deadline(&mut self, now_ms: u64) -> Vec<Action> {
+        let Some(deadline) = self.deadline_ms() else {
+            return Vec::new();
+        };
+        if now_ms < deadline || self.accepted.len() < self.cfg.deadline_quorum.max(1) as usize {
+            return Vec::new();
+        }
+        let mut actions = vec![Action::DeadlinePassed {
+            round: self.round,
+            accepted: self.accepted.len(),
+            waited_ms: now_ms.saturating_sub(self.opened_at_ms.unwrap_or(now_ms)),
+        }];
+        // Live leases of the closed round end now, so their shards are not counted as held.
+        let live: Vec<LeaseId> = self
+            .leases
+            .iter()
+            .filter(|(_, r)| r.round == self.round && r.state == LeaseState::Active)
+            .map(|(id, _)| *id)
+            .collect();
+        for lease in live {
+            self.end_lease(lease, LeaseState::Expired);
+        }
+        actions.extend(self.close_round());
+        actions
+    }
+
     fn close_round(&mut self) -> Vec<Action> {
         self.phase = Phase::Aggregating;
         let accepted = self.accepted.values().cloned().collect();
@@ -636,6 +720,7 @@ impl RoundMachine {
     fn open_next(&mut self, adapter: ContentId) -> Vec<Action> {
         self.adapter = adapter;
         self.round = Round(self.round.0 + 1);
+        self.opened_at_ms = None; // set by the next event
         self.accepted.clear();
         self.holders = vec![None; self.cfg.shards as usize];
         // Leases of the closed round can only be rejected now; forget the finished ones.

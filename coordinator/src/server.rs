@@ -10,9 +10,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result};
 use futures::StreamExt;
 use herd_protocol::delta::{Delta, DeltaLayout};
+use herd_protocol::manifest;
 use herd_protocol::messages::*;
 use herd_protocol::net::{Behaviour, BehaviourEvent, Role, build_swarm, load_or_create_identity};
-use herd_protocol::{LeaseId, Round};
+use herd_protocol::{ContentId, LeaseId, Round};
 use libp2p::request_response::{self, ResponseChannel};
 use libp2p::swarm::SwarmEvent;
 use libp2p::{Multiaddr, PeerId, Swarm, gossipsub};
@@ -27,7 +28,7 @@ use crate::engine::{
 };
 use crate::resume::{self, Decided};
 use crate::round::{Action, Event, RoundMachine};
-use crate::status::{PeerStatus, Status};
+use crate::status::{Checkpoint, CheckpointFile, PeerStatus, Status};
 use crate::store::{AcceptedRecord, LeaseRecord, RunState, Store};
 use crate::verify::effect::EffectConfig;
 use crate::verify::envelope;
@@ -62,6 +63,7 @@ pub async fn serve(cfg: RunConfig, shutdown: impl std::future::Future<Output = (
         .with_context(|| format!("creating {}", cfg.data_dir.display()))?;
     let keypair = load_or_create_identity(&cfg.data_dir.join("identity.key"))?;
     let local_peer = keypair.public().to_peer_id();
+    let identity = keypair.clone(); // signs checkpoint manifests
     let mut swarm = build_swarm(keypair, Role::Coordinator)?;
     for addr in &cfg.listen {
         let addr: Multiaddr = addr
@@ -208,6 +210,7 @@ pub async fn serve(cfg: RunConfig, shutdown: impl std::future::Future<Output = (
         store,
         run_state,
         decided,
+        identity,
         status_tx,
         checkpoints_dir,
         peers,
@@ -282,6 +285,8 @@ struct Shell {
     run_state: RunState,
     /// Decided submissions by lease: a resubmission of the same payload gets the same answer.
     decided: HashMap<LeaseId, Decided>,
+    /// The coordinator's key: signs checkpoint manifests.
+    identity: libp2p::identity::Keypair,
     status_tx: watch::Sender<Status>,
     checkpoints_dir: std::path::PathBuf,
     peers: HashMap<PeerId, PeerStatus>,
@@ -794,6 +799,18 @@ impl Shell {
                 Action::LeaseExpired { peer, lease, shard } => {
                     tracing::warn!(%peer, %lease, %shard, "lease expired; shard reissued");
                 }
+                Action::DeadlinePassed {
+                    round,
+                    accepted,
+                    waited_ms,
+                } => {
+                    tracing::warn!(
+                        round = round.0,
+                        accepted,
+                        waited_ms,
+                        "straggler deadline: closing the round without full quorum; later deltas for it are stale"
+                    );
+                }
                 Action::Verdict {
                     peer,
                     lease,
@@ -870,7 +887,11 @@ impl Shell {
         next.adapter = adapter;
         next.outer_state = Some(outer_state);
         next.heldout_loss.push(result.heldout_loss);
-        next.checkpoints.extend(result.checkpoint.clone());
+        let mut checkpoint = result.checkpoint.clone();
+        if let Some(c) = checkpoint.as_mut() {
+            self.write_manifest(c)?;
+        }
+        next.checkpoints.extend(checkpoint.clone());
         // Committed before the round opens: a stop from here on resumes at the next round.
         self.store.set_run(&next)?;
         self.run_state = next;
@@ -882,7 +903,7 @@ impl Shell {
         self.status_tx.send_modify(|s| {
             s.heldout_loss.push(result.heldout_loss);
             s.rounds_completed = round.0 + 1;
-            if let Some(c) = result.checkpoint.clone() {
+            if let Some(c) = checkpoint {
                 s.checkpoints.push(c);
             }
         });
@@ -890,6 +911,78 @@ impl Shell {
             .machine
             .handle(Event::Aggregated { round, adapter }, now_ms());
         self.perform(swarm, actions);
+        Ok(())
+    }
+
+    /// Signs what checkpoint `c` is built from into its dir (`manifest.json`, see
+    /// `herd_protocol::manifest`) and lists the two files with the checkpoint's.
+    fn write_manifest(&self, c: &mut Checkpoint) -> Result<()> {
+        let dir = self.checkpoints_dir.join(&c.id);
+        let parent = self.run_state.checkpoints.last();
+        let parent_manifest = parent
+            .map(|p| {
+                let path = self
+                    .checkpoints_dir
+                    .join(&p.id)
+                    .join(manifest::MANIFEST_FILE);
+                std::fs::read(&path)
+                    .with_context(|| format!("reading {}", path.display()))
+                    .map(|bytes| manifest::Parent {
+                        checkpoint: p.id.clone(),
+                        manifest_blake3: ContentId::of(&bytes).to_hex(),
+                    })
+            })
+            .transpose()?;
+        let from = parent.map_or(0, |p| p.round);
+        let accepted = self.store.accepted_between(from, c.round)?;
+        let mut round_tokens: HashMap<u64, u64> = HashMap::new();
+        for a in &accepted {
+            *round_tokens.entry(a.round).or_default() += a.tokens;
+        }
+        let deltas = accepted
+            .iter()
+            .map(|a| manifest::ManifestDelta {
+                round: a.round,
+                shard: a.shard,
+                peer: a.peer.clone(),
+                lease: a.lease,
+                payload_blake3: a.payload.to_hex(),
+                tokens: a.tokens,
+                weight: a.tokens as f64 / round_tokens[&a.round].max(1) as f64,
+            })
+            .collect();
+        let m = manifest::Manifest {
+            run: self.cfg.run.clone(),
+            checkpoint: c.id.clone(),
+            round: c.round,
+            coordinator: self.identity.public().to_peer_id().to_string(),
+            base_model: manifest::BaseModel {
+                config: self.assets.config.to_hex(),
+                weights: self.assets.weights.to_hex(),
+                tokenizer: self.assets.tokenizer.to_hex(),
+            },
+            parent: parent_manifest,
+            rounds: manifest::RoundSpan { from, to: c.round },
+            deltas,
+            files: c
+                .files
+                .iter()
+                .map(|f| manifest::ManifestFile {
+                    name: f.name.clone(),
+                    size: f.size,
+                    blake3: f.blake3.clone(),
+                })
+                .collect(),
+        };
+        m.write_signed(&dir, &self.identity)?;
+        for name in [manifest::MANIFEST_FILE, manifest::SIGNATURE_FILE] {
+            let bytes = std::fs::read(dir.join(name))?;
+            c.files.push(CheckpointFile {
+                name: name.into(),
+                size: bytes.len() as u64,
+                blake3: ContentId::of(&bytes).to_hex(),
+            });
+        }
         Ok(())
     }
 

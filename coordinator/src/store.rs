@@ -174,6 +174,17 @@ impl Store {
         Ok(())
     }
 
+    /// The accepted deltas of rounds `from..to`, in (round, shard) order.
+    pub fn accepted_between(&self, from: u64, to: u64) -> Result<Vec<AcceptedRecord>> {
+        let tx = self.db.begin_read()?;
+        let table = tx.open_table(ACCEPTED)?;
+        let mut out = Vec::new();
+        for item in table.range((from, 0)..(to, 0))? {
+            out.push(decode(item?.1.value(), "accepted delta")?);
+        }
+        Ok(out)
+    }
+
     /// Forgets the accepted delta of `(round, shard)` (its peer was banned before the round
     /// closed); its verdict stays.
     pub fn exclude(&self, round: u64, shard: u32) -> Result<()> {
@@ -261,7 +272,11 @@ mod tests {
             snap.verdicts[0].norm.unwrap().is_nan(),
             "NaN figures survive"
         );
-        assert_eq!(snap.accepted, vec![accepted]);
+        assert_eq!(snap.accepted, vec![accepted.clone()]);
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.accepted_between(2, 3).unwrap(), vec![accepted]);
+        assert!(store.accepted_between(0, 2).unwrap().is_empty());
+        drop(store);
         Store::open(&path).unwrap().exclude(2, 1).unwrap();
         assert!(
             Store::open(&path)

@@ -37,6 +37,8 @@ enum Command {
     Generate(commands::generate::GenerateArgs),
     /// Fold an adapter into its base model, writing a model dir transformers loads.
     Merge(commands::merge::MergeArgs),
+    /// Check a checkpoint dir against its signed manifest (signer, files, sizes, blake3).
+    VerifyCheckpoint(commands::verify_checkpoint::VerifyCheckpointArgs),
     /// Join a coordinator and contribute training until the run ends (or Ctrl-C).
     Run(daemon::RunArgs),
     /// Rebuild the embedded default (tiny base model + instruction data). Used by `cargo xtask make-default`.
@@ -52,6 +54,7 @@ fn main() -> ExitCode {
         Command::TrainLocal(args) => commands::train_local::run(args),
         Command::Generate(args) => commands::generate::run(args),
         Command::Merge(args) => commands::merge::run(args),
+        Command::VerifyCheckpoint(args) => commands::verify_checkpoint::run(args),
         Command::Run(args) => daemon::run(args),
         Command::MakeDefault(args) => commands::make_default::run(args),
     };

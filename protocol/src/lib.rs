@@ -19,6 +19,7 @@ pub mod framing;
 #[cfg(test)]
 mod fuzz;
 pub mod ids;
+pub mod manifest;
 pub mod messages;
 pub mod net;
 pub mod signing;

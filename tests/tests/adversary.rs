@@ -343,14 +343,15 @@ async fn every_attack_is_rejected_with_its_reason_and_repeat_offenders_are_banne
 /// With error feedback, which node trains which shard changes each node's residual and so the
 /// result, even between two honest runs (a few percent at 20 rounds with the default codec).
 /// Without it (`raw`, the default here) an honest shard's delta depends only on the shard, so
-/// the honest and the attacked run can only differ by what the attacker got in.
+/// the honest and the attacked run can only differ by what the attacker got in. No straggler
+/// deadline either: both runs wait for every shard, so they aggregate the same ones.
 /// `HERD_ATTACK_CODEC` picks another codec.
 fn run_config(rounds: u64) -> String {
     let codec = std::env::var("HERD_ATTACK_CODEC").unwrap_or_else(|_| "raw".into());
     format!(
         "rounds = {rounds}\n[round]\nshards = 3\nsamples_per_shard = 126\ninner_steps = 20\nlr = 3e-3\n\
          batch_size = 16\nmax_seq_len = 128\nlease_secs = 60\nouter_lr = 0.7\nouter_momentum = 0.5\n\
-         checkpoint_every = 100\ncodec = {codec:?}\n"
+         checkpoint_every = 100\nstraggler_multiple = 0\ncodec = {codec:?}\n"
     )
 }
 

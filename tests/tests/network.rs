@@ -90,6 +90,41 @@ fn three_nodes_train_one_model_whose_checkpoint_downloads_and_evaluates() {
         ))
         .is_err()
     );
+
+    // Provenance: signed by this coordinator, built from the 15 accepted deltas, every file
+    // as listed; a changed byte or a changed manifest fails with the file named.
+    let signer = coordinator.addr.rsplit("/p2p/").next().unwrap().to_string();
+    let verify = || {
+        run(bin("herd-node")
+            .args(["verify-checkpoint", "--coordinator", &signer])
+            .arg(&adapter))
+    };
+    let (out, stdout, stderr) = verify();
+    assert!(
+        out.status.success() && stdout.contains("15 verified deltas of 3 peers over rounds 0..5"),
+        "{stdout}{stderr}"
+    );
+    let weights = adapter.join("adapter_model.safetensors");
+    let good = std::fs::read(&weights).unwrap();
+    let mut bad = good.clone();
+    *bad.last_mut().unwrap() ^= 1;
+    std::fs::write(&weights, &bad).unwrap();
+    let (out, _, stderr) = verify();
+    assert!(
+        !out.status.success()
+            && stderr.contains("adapter_model.safetensors")
+            && stderr.contains("was changed"),
+        "{stderr}"
+    );
+    std::fs::write(&weights, &good).unwrap();
+    let manifest = adapter.join("manifest.json");
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    std::fs::write(&manifest, text.replace("\"round\": 5", "\"round\": 6")).unwrap();
+    let (out, _, stderr) = verify();
+    assert!(
+        !out.status.success() && stderr.contains("signature does not match"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -151,7 +186,7 @@ fn a_coordinator_killed_at_random_moments_loses_no_accepted_work() {
     let body = format!(
         "rounds = {rounds}\nserve_after_finish = true\n[round]\nshards = 3\nsamples_per_shard = 32\n\
          inner_steps = 6\nlr = 3e-3\nbatch_size = 8\nmax_seq_len = 128\nlease_secs = 60\nouter_lr = 0.7\n\
-         outer_momentum = 0.5\ncheckpoint_every = 2\n"
+         outer_momentum = 0.5\ncheckpoint_every = 2\nstraggler_multiple = 0\n"
     );
     let mut coordinator = Coordinator::start_on(tmp.path(), &body, port);
     let _nodes = Reaper(
@@ -200,5 +235,63 @@ fn a_coordinator_killed_at_random_moments_loses_no_accepted_work() {
     assert!(
         mid_run * 2 >= crashes,
         "only {mid_run} of {crashes} kills hit a running round"
+    );
+}
+
+#[test]
+fn a_node_frozen_longer_than_its_lease_loses_the_shard_and_rejoins_by_itself() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Long enough that the other node cannot finish the run alone while node 1 is away.
+    let body = "rounds = 60\nserve_after_finish = true\n[round]\nshards = 2\nsamples_per_shard = 32\n\
+                inner_steps = 6\nlr = 3e-3\nbatch_size = 8\nmax_seq_len = 128\nlease_secs = 3\n\
+                outer_lr = 0.7\nouter_momentum = 0.5\ncheckpoint_every = 100\nstraggler_multiple = 0\n";
+    let coordinator = Coordinator::start(tmp.path(), body);
+    let mut nodes = Reaper(
+        (0..2)
+            .map(|i| coordinator.start_node(&tmp.path().join(format!("node-{i}"))))
+            .collect(),
+    );
+    let log = tmp.path().join("node-1.err");
+    let count = |what: &str| {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .matches(what)
+            .count()
+    };
+    // Freeze node 1 (SIGSTOP) as it starts a shard of round 1 or later, for over two leases:
+    // cut off as if its network were gone.
+    wait_until(Duration::from_secs(120), "round 1", || {
+        coordinator
+            .status()
+            .filter(|s| s["round"].as_u64() >= Some(1))
+    });
+    let started = count("training shard");
+    wait_until(Duration::from_secs(60), "node 1 to start a shard", || {
+        (count("training shard") > started).then_some(())
+    });
+    let pid = nodes.0[1].id().to_string();
+    run(std::process::Command::new("kill").args(["-STOP", &pid]));
+    std::thread::sleep(Duration::from_secs(8));
+    let coordinator_log = std::fs::read_to_string(&coordinator.log).unwrap();
+    assert!(
+        coordinator_log.contains("lease expired; shard reissued"),
+        "{coordinator_log}"
+    );
+    let accepted_before = count("delta accepted");
+    run(std::process::Command::new("kill").args(["-CONT", &pid]));
+    // Back, it takes new leases and contributes again, with no one's help.
+    wait_until(
+        Duration::from_secs(120),
+        "node 1 to contribute again",
+        || (count("delta accepted") > accepted_before).then_some(()),
+    );
+    let status = coordinator.status().unwrap();
+    assert_eq!(
+        status["finished"], false,
+        "the run outlasted the freeze: {status}"
+    );
+    assert!(
+        nodes.0[1].try_wait().unwrap().is_none(),
+        "node 1 still runs"
     );
 }

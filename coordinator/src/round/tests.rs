@@ -11,6 +11,8 @@ fn cfg(shards: u32, quorum: u32, rounds: u64) -> MachineConfig {
         data_len: 100,
         samples_per_shard: 10,
         seed: 7,
+        straggler_multiple: 0.0,
+        deadline_quorum: 1,
     }
 }
 
@@ -402,6 +404,8 @@ fn thousands_of_simulated_peers_with_failures_complete_every_round() {
             data_len: 10_000,
             samples_per_shard: 8,
             seed: 1,
+            straggler_multiple: 0.0,
+            deadline_quorum: 1,
         },
         adapter(0),
     );
@@ -506,4 +510,73 @@ fn a_resumed_machine_keeps_its_round_accepted_shards_and_live_leases() {
         1,
     );
     assert!(m.is_finished() && matches!(due.as_slice(), [Action::Finished { rounds: 5 }]));
+}
+
+/// A machine with the straggler deadline on, after three rounds of 100 ms each (peers a and b
+/// one shard each); returns it and the time.
+fn after_three_quick_rounds(multiple: f64, deadline_quorum: u32) -> (RoundMachine, u64) {
+    let mut c = cfg(2, 2, 10);
+    c.straggler_multiple = multiple;
+    c.deadline_quorum = deadline_quorum;
+    let mut m = RoundMachine::new(c, adapter(0));
+    let mut now = 0;
+    for round in 0..3u8 {
+        m.handle(Event::Tick, now);
+        let a = grant(&mut m, "a", now);
+        let b = grant(&mut m, "b", now);
+        now += 100;
+        submit(&mut m, "a", &a, now);
+        let closed = submit(&mut m, "b", &b, now);
+        assert!(closed.iter().any(|x| matches!(x, Action::Aggregate { .. })));
+        assert!(m.deadline_ms().is_none(), "no deadline while aggregating");
+        m.handle(
+            Event::Aggregated {
+                round: Round(round as u64),
+                adapter: adapter(round + 1),
+            },
+            now,
+        );
+    }
+    (m, now)
+}
+
+#[test]
+fn a_round_held_up_by_a_straggler_closes_at_its_deadline() {
+    // Rounds took 100 ms: the deadline is 300 ms after a round opens.
+    let (mut m, now) = after_three_quick_rounds(3.0, 1);
+    // Round 3: a is quick, b straggles.
+    m.handle(Event::Tick, now);
+    let opened = now;
+    assert_eq!(m.deadline_ms(), Some(opened + 300));
+    let a = grant(&mut m, "a", now);
+    let b = grant(&mut m, "b", now);
+    submit(&mut m, "a", &a, now + 50);
+    assert!(
+        m.handle(Event::Tick, opened + 299).is_empty(),
+        "not before the deadline"
+    );
+    let late = m.handle(Event::Tick, opened + 300);
+    assert!(
+        matches!(late.as_slice(), [Action::DeadlinePassed { round: Round(3), accepted: 1, .. }, Action::Aggregate { accepted, .. }] if accepted.len() == 1),
+        "{late:?}"
+    );
+    // The straggler's delta arrives after the round closed: stale, with its reason.
+    assert_eq!(
+        verdict(&submit(&mut m, "b", &b, opened + 400)),
+        Verdict::Rejected(RejectReason::StaleRound)
+    );
+}
+
+#[test]
+fn without_enough_accepted_shards_the_deadline_waits() {
+    let (mut m, now) = after_three_quick_rounds(2.0, 2);
+    m.handle(Event::Tick, now);
+    let a = grant(&mut m, "a", now);
+    submit(&mut m, "a", &a, now + 10);
+    // One shard of the two it needs: the round stays open past the deadline.
+    assert!(
+        m.handle(Event::Tick, now + 10_000)
+            .iter()
+            .all(|x| !matches!(x, Action::Aggregate { .. }))
+    );
 }

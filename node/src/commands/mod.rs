@@ -5,6 +5,7 @@ pub mod generate;
 pub mod make_default;
 pub mod merge;
 pub mod train_local;
+pub mod verify_checkpoint;
 
 use std::path::Path;
 

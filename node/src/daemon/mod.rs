@@ -76,7 +76,7 @@ async fn run_async(args: RunArgs) -> Result<()> {
     // Round announcements: informative for now (leases carry everything needed to work).
     let topic = libp2p::gossipsub::IdentTopic::new(herd_protocol::messages::ANNOUNCE_TOPIC);
     swarm.behaviour_mut().gossipsub.subscribe(&topic)?;
-    let (client, event_loop) = network::new(swarm, coordinator);
+    let (client, event_loop) = network::new(swarm, coordinator, addr.clone());
     let net = tokio::spawn(event_loop.run());
     let mut worker = Worker::new(&data_dir, device)?;
     let device_text = format!("{device:?}, {} threads", tch::get_num_threads());

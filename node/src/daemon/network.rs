@@ -11,7 +11,7 @@ use herd_protocol::messages::{
 use herd_protocol::net::{Behaviour, BehaviourEvent};
 use libp2p::request_response::{self, OutboundRequestId};
 use libp2p::swarm::SwarmEvent;
-use libp2p::{PeerId, Swarm};
+use libp2p::{Multiaddr, PeerId, Swarm};
 use tokio::sync::{mpsc, oneshot};
 
 /// Why a request to the coordinator did not get an answer.
@@ -68,6 +68,10 @@ impl Client {
 pub struct EventLoop {
     swarm: Swarm<Behaviour>,
     coordinator: PeerId,
+    /// Where the coordinator is. Given to the swarm again before every request: libp2p's
+    /// request-response forgets an address whose dial failed, so a node that once found the
+    /// coordinator down (restarting) would otherwise never dial it again.
+    coordinator_addr: Multiaddr,
     rx: mpsc::Receiver<Command>,
     pending_rpc: HashMap<OutboundRequestId, Reply<RpcResponse>>,
     pending_blob: HashMap<OutboundRequestId, Reply<BlobResponse>>,
@@ -75,15 +79,20 @@ pub struct EventLoop {
     last_dial_error: Option<String>,
 }
 
-/// Wires a client to an event loop for `swarm`, whose peer book already knows the
-/// coordinator's address.
-pub fn new(swarm: Swarm<Behaviour>, coordinator: PeerId) -> (Client, EventLoop) {
+/// Wires a client to an event loop for `swarm` that talks to `coordinator` at
+/// `coordinator_addr`.
+pub fn new(
+    swarm: Swarm<Behaviour>,
+    coordinator: PeerId,
+    coordinator_addr: Multiaddr,
+) -> (Client, EventLoop) {
     let (tx, rx) = mpsc::channel(16);
     (
         Client { tx },
         EventLoop {
             swarm,
             coordinator,
+            coordinator_addr,
             rx,
             pending_rpc: HashMap::new(),
             pending_blob: HashMap::new(),
@@ -107,6 +116,8 @@ impl EventLoop {
     }
 
     fn on_command(&mut self, command: Command) {
+        self.swarm
+            .add_peer_address(self.coordinator, self.coordinator_addr.clone());
         match command {
             Command::Rpc { request, reply } => {
                 let id = self
@@ -151,6 +162,12 @@ impl EventLoop {
                     }
                     Err(e) => tracing::debug!(error = %e, "ignored a malformed announcement"),
                 }
+            }
+            SwarmEvent::Dialing {
+                peer_id: Some(peer),
+                ..
+            } if peer == self.coordinator => {
+                self.last_dial_error = None; // a failure now is this dial's, not an old one's
             }
             SwarmEvent::OutgoingConnectionError { error, .. } => {
                 self.last_dial_error = Some(error.to_string());
