@@ -89,7 +89,8 @@ fn main() -> Result<()> {
             libtorch::setup(&root, false)?;
             // The test drives the built binaries, as `cargo xtask test` does.
             util::cargo(&["build", "--workspace", "--bins"])?;
-            let args = ["test", "-p", "herd-tests", "--test", "network"];
+            // --workspace, as `cargo xtask test` builds: the same features, so nothing is rebuilt.
+            let args = ["test", "--workspace", "--test", "network"];
             let mut cmd = util::cargo_command(&args);
             cmd.args(["a_coordinator_killed", "--", "--nocapture"])
                 .env("HERD_CRASHES", crashes.to_string());
