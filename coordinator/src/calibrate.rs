@@ -23,7 +23,7 @@ use serde::Serialize;
 
 use crate::config::RunConfig;
 use crate::engine::{count_examples, lease_for, lora_spec};
-use crate::round::{Grant, RoundMachine};
+use crate::round::Grant;
 
 /// The tolerance is this many times wider than the worst honest disagreement seen.
 pub const MARGIN: f64 = 10.0;
@@ -109,10 +109,7 @@ pub fn calibrate(
         model.config(),
         Some(cfg.round.max_seq_len as usize),
     )?;
-    let machine = RoundMachine::new(
-        cfg.machine_config(count_examples(&cfg.data)?),
-        ContentId::of(b"calibration"),
-    );
+    let machine = cfg.machine_config(count_examples(&cfg.data)?);
     let id = ContentId::of(b"unused");
     let assets = RunAssets {
         config: id,

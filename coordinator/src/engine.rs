@@ -81,6 +81,8 @@ pub struct VerifyDetail {
 }
 
 impl Engine {
+    /// The run's base model, data and θ_0, and the outer optimizer's initial state. The held-out
+    /// loss is not measured yet: [`Engine::start`] or [`Engine::restore`] does that, once.
     pub fn new(cfg: &RunConfig) -> Result<Self> {
         let model = Llama::load(&cfg.base_model, tch::Device::Cpu)?;
         let tok = TextTokenizer::from_dir(&cfg.base_model)?;
@@ -93,7 +95,7 @@ impl Engine {
             LoraConfig::try_from(&lora_spec(cfg))?,
             tch::Device::Cpu,
         )?;
-        let mut engine = Engine {
+        Ok(Engine {
             model,
             lora,
             outer: OuterOptimizer::new(cfg.round.outer_lr, cfg.round.outer_momentum),
@@ -105,31 +107,41 @@ impl Engine {
             heldout,
             heldout_loss: f64::NAN,
             base_model: cfg.base_model.clone(),
-        };
-        engine.heldout_loss = engine.evaluate_heldout(&engine.lora)?;
-        Ok(engine)
+        })
     }
 
-    /// Continues from a stored θ_r (`adapter`: an `adapter_model.safetensors` file) and outer
-    /// momentum: how a restarted coordinator picks up its run.
-    pub fn restore(&mut self, adapter: &Path, outer_state: Option<&[u8]>) -> Result<()> {
+    /// Starts a fresh run from θ_0: measures its held-out loss.
+    pub fn start(&mut self) -> Result<()> {
+        self.heldout_loss = self.evaluate_heldout(&self.lora)?;
+        Ok(())
+    }
+
+    /// Continues from a stored θ_r (`adapter`: an `adapter_model.safetensors` file), outer
+    /// momentum and θ_r's held-out loss as measured when it was made: how a restarted
+    /// coordinator picks up its run.
+    pub fn restore(
+        &mut self,
+        adapter: &Path,
+        outer_state: Option<&[u8]>,
+        heldout_loss: f64,
+    ) -> Result<()> {
         let layers = self.model.config().num_hidden_layers;
         load_adapter_weights(&mut self.lora, adapter, layers)
             .with_context(|| format!("loading the run's adapter {}", adapter.display()))?;
         if let Some(bytes) = outer_state {
             self.outer.restore_state(bytes)?;
         }
-        self.heldout_loss = self.evaluate_heldout(&self.lora)?;
+        self.heldout_loss = heldout_loss;
         Ok(())
     }
 
-    /// Applies recorded deltas as [`Engine::finish_round`] does, without evaluating: what
-    /// an audit replays.
-    pub fn apply_round(&mut self, deltas: &[(Delta, u64)]) -> Result<()> {
+    /// The robust mean of `deltas` and the outer step, without evaluating: the part of
+    /// [`Engine::finish_round`] an audit replays.
+    pub fn apply_round(&mut self, deltas: &[(Delta, u64)]) -> Result<RobustReport> {
         let weighted: Vec<(&Delta, u64)> = deltas.iter().map(|(d, w)| (d, *w)).collect();
-        let (mean, _) = robust_mean(&weighted, self.robustness)?;
+        let (mean, robust) = robust_mean(&weighted, self.robustness)?;
         self.outer.step(&self.lora, &mean)?;
-        Ok(())
+        Ok(robust)
     }
 
     pub fn layout(&self) -> DeltaLayout {
@@ -213,9 +225,7 @@ impl Engine {
         round: u64,
         checkpoint_dir: Option<&Path>,
     ) -> Result<RoundResult> {
-        let weighted: Vec<(&Delta, u64)> = deltas.iter().map(|(d, w)| (d, *w)).collect();
-        let (mean, robust) = robust_mean(&weighted, self.robustness)?;
-        self.outer.step(&self.lora, &mean)?;
+        let robust = self.apply_round(deltas)?;
         self.heldout_loss = self.evaluate_heldout(&self.lora)?;
         let checkpoint = checkpoint_dir
             .map(|dir| self.write_checkpoint(dir, round, self.heldout_loss))
@@ -241,11 +251,7 @@ impl Engine {
         for name in ["adapter_config.json", "adapter_model.safetensors"] {
             let bytes =
                 std::fs::read(path.join(name)).with_context(|| format!("reading back {name}"))?;
-            files.push(CheckpointFile {
-                name: name.into(),
-                size: bytes.len() as u64,
-                blake3: blake3::hash(&bytes).to_hex().to_string(),
-            });
+            files.push(CheckpointFile::of(name, &bytes));
         }
         Ok(Checkpoint {
             id,

@@ -13,7 +13,7 @@ use libp2p::PeerId;
 
 use crate::blobs::BlobStore;
 use crate::config::RunConfig;
-use crate::round::{Accepted, Grant, RoundMachine};
+use crate::round::{Accepted, Grant, MachineConfig};
 use crate::status::{PeerStatus, Status};
 use crate::store::Snapshot;
 use crate::verify::log::VerdictRecord;
@@ -61,12 +61,12 @@ pub struct OpenRound {
     pub live: Vec<(Grant, String)>,
 }
 
-/// Reads the open `round` back from `snapshot`: `machine` (a fresh machine of the run) gives
-/// shard ranges and seeds.
+/// Reads the open `round` (whose adapter is `adapter`) back from `snapshot`.
 pub fn open_round(
     snapshot: &Snapshot,
     round: Round,
-    machine: &RoundMachine,
+    adapter: ContentId,
+    machine: &MachineConfig,
     cfg: &RunConfig,
     layout: &DeltaLayout,
     blobs: &BlobStore,
@@ -105,7 +105,7 @@ pub fn open_round(
                 ranges: machine.shard_ranges(round, shard),
                 seed: machine.shard_seed(round, shard),
                 expires_at_ms: l.expires_at_ms,
-                base_adapter: machine.adapter(),
+                base_adapter: adapter,
             };
             (grant, l.peer.clone())
         })

@@ -38,6 +38,37 @@ pub struct MachineConfig {
     pub deadline_quorum: u32,
 }
 
+impl MachineConfig {
+    /// The examples shard `shard` of `round` covers: consecutive slices that walk through the
+    /// data round after round, wrapping at the end.
+    pub fn shard_ranges(&self, round: Round, shard: ShardId) -> Vec<SampleRange> {
+        let n = self.data_len.max(1);
+        let k = self.samples_per_shard.clamp(1, n);
+        let start = (round.0 * self.shards as u64 + shard.0 as u64) * k % n;
+        let end = start + k;
+        if end <= n {
+            vec![SampleRange { start, end }]
+        } else {
+            vec![
+                SampleRange { start, end: n },
+                SampleRange {
+                    start: 0,
+                    end: end - n,
+                },
+            ]
+        }
+    }
+
+    /// The training seed of a shard: distinct per run, round and shard; known to replays.
+    pub fn shard_seed(&self, round: Round, shard: ShardId) -> u64 {
+        let mut h = blake3::Hasher::new();
+        h.update(&self.seed.to_le_bytes());
+        h.update(&round.0.to_le_bytes());
+        h.update(&shard.0.to_le_bytes());
+        u64::from_le_bytes(h.finalize().as_bytes()[..8].try_into().expect("8 bytes"))
+    }
+}
+
 /// Quorum-closed rounds whose durations set the deadline, and how many must be known first.
 const DURATION_WINDOW: usize = 16;
 const DURATION_WARMUP: usize = 3;
@@ -323,33 +354,14 @@ impl RoundMachine {
         out
     }
 
-    /// The examples shard `shard` of `round` covers: consecutive slices that walk through the
-    /// data round after round, wrapping at the end.
+    /// See [`MachineConfig::shard_ranges`].
     pub fn shard_ranges(&self, round: Round, shard: ShardId) -> Vec<SampleRange> {
-        let n = self.cfg.data_len.max(1);
-        let k = self.cfg.samples_per_shard.clamp(1, n);
-        let start = (round.0 * self.cfg.shards as u64 + shard.0 as u64) * k % n;
-        let end = start + k;
-        if end <= n {
-            vec![SampleRange { start, end }]
-        } else {
-            vec![
-                SampleRange { start, end: n },
-                SampleRange {
-                    start: 0,
-                    end: end - n,
-                },
-            ]
-        }
+        self.cfg.shard_ranges(round, shard)
     }
 
-    /// The training seed of a shard: distinct per run, round and shard; known to replays.
+    /// See [`MachineConfig::shard_seed`].
     pub fn shard_seed(&self, round: Round, shard: ShardId) -> u64 {
-        let mut h = blake3::Hasher::new();
-        h.update(&self.cfg.seed.to_le_bytes());
-        h.update(&round.0.to_le_bytes());
-        h.update(&shard.0.to_le_bytes());
-        u64::from_le_bytes(h.finalize().as_bytes()[..8].try_into().expect("8 bytes"))
+        self.cfg.shard_seed(round, shard)
     }
 
     /// The time the open round closes without quorum, if there is one yet.

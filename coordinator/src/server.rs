@@ -5,7 +5,7 @@
 //! to stop and awaited, then `summary.json` is written.
 
 use std::collections::{HashMap, VecDeque};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use futures::StreamExt;
@@ -13,7 +13,7 @@ use herd_protocol::delta::{Delta, DeltaLayout};
 use herd_protocol::manifest;
 use herd_protocol::messages::*;
 use herd_protocol::net::{Behaviour, BehaviourEvent, Role, build_swarm, load_or_create_identity};
-use herd_protocol::{ContentId, LeaseId, Round};
+use herd_protocol::{LeaseId, Round};
 use libp2p::request_response::{self, ResponseChannel};
 use libp2p::swarm::SwarmEvent;
 use libp2p::{Multiaddr, PeerId, Swarm, gossipsub};
@@ -28,7 +28,7 @@ use crate::engine::{
 };
 use crate::resume::{self, Decided};
 use crate::round::{Action, Event, RoundMachine};
-use crate::status::{Checkpoint, CheckpointFile, PeerStatus, Status};
+use crate::status::{Checkpoint, PeerStatus, Status};
 use crate::store::{AcceptedRecord, LeaseRecord, RunState, Store};
 use crate::verify::effect::EffectConfig;
 use crate::verify::envelope;
@@ -48,13 +48,6 @@ macro_rules! say {
 
 /// How long a finished coordinator keeps answering "run finished" before it exits.
 const LINGER_AFTER_FINISH: Duration = Duration::from_secs(3);
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
 
 /// Runs the coordinator until the run finishes (and, with `serve_after_finish`, until
 /// `shutdown` resolves) or `shutdown` resolves.
@@ -77,7 +70,7 @@ pub async fn serve(cfg: RunConfig, shutdown: impl std::future::Future<Output = (
     swarm.behaviour_mut().gossipsub.subscribe(&topic)?;
 
     tracing::info!(model = %cfg.base_model.display(), "loading the base model");
-    let engine = Engine::new(&cfg)?;
+    let mut engine = Engine::new(&cfg)?;
     let layout = engine.layout();
     let mut blobs = BlobStore::open(&cfg.data_dir.join("blobs"))?;
     let weights = cfg.base_model.join("model.safetensors");
@@ -94,7 +87,6 @@ pub async fn serve(cfg: RunConfig, shutdown: impl std::future::Future<Output = (
     };
     let store = Store::open(&cfg.data_dir.join("state.redb"))?;
     let snapshot = store.load()?;
-    let mut engine = engine;
     let run_state = match snapshot.run.clone() {
         Some(mut run) => {
             let adapter = blobs
@@ -102,7 +94,8 @@ pub async fn serve(cfg: RunConfig, shutdown: impl std::future::Future<Output = (
                 .with_context(|| format!("the run's adapter {} is missing", run.adapter))?
                 .to_path_buf();
             let outer = run.outer_state.map(|id| blobs.read(&id)).transpose()?;
-            engine.restore(&adapter, outer.as_deref())?;
+            let loss = run.heldout_loss.last().copied().unwrap_or(f64::NAN);
+            engine.restore(&adapter, outer.as_deref(), loss)?;
             run.epoch += 1;
             say!(
                 "resuming at round {} (held-out loss {:.4})",
@@ -112,6 +105,7 @@ pub async fn serve(cfg: RunConfig, shutdown: impl std::future::Future<Output = (
             run
         }
         None => {
+            engine.start()?;
             let loss0 = engine.heldout_loss();
             say!("round 0: held-out loss {loss0:.4} (before training)");
             RunState {
@@ -127,8 +121,15 @@ pub async fn serve(cfg: RunConfig, shutdown: impl std::future::Future<Output = (
     store.set_run(&run_state)?;
     let machine_cfg = cfg.machine_config(count_examples(&cfg.data)?);
     let round = Round(run_state.round);
-    let probe = RoundMachine::new(machine_cfg.clone(), run_state.adapter);
-    let open_round = resume::open_round(&snapshot, round, &probe, &cfg, &layout, &blobs)?;
+    let open_round = resume::open_round(
+        &snapshot,
+        round,
+        run_state.adapter,
+        &machine_cfg,
+        &cfg,
+        &layout,
+        &blobs,
+    )?;
     let (machine, due) = RoundMachine::resume(
         machine_cfg,
         round,
@@ -199,6 +200,7 @@ pub async fn serve(cfg: RunConfig, shutdown: impl std::future::Future<Output = (
         machine,
         blobs,
         engine: Some(engine),
+        waiting_aggregation: None,
         engine_task: None,
         deltas: open_round.deltas,
         leases,
@@ -268,6 +270,8 @@ struct Shell {
     blobs: BlobStore,
     /// `None` while a task owns it.
     engine: Option<Engine>,
+    /// A closed round's deltas, waiting for the engine to come back from a verification.
+    waiting_aggregation: Option<(Round, Vec<(Delta, u64)>)>,
     engine_task: Option<EngineTask>,
     /// Accepted deltas of the current round, with their token weights.
     deltas: HashMap<LeaseId, (Delta, u64)>,
@@ -323,6 +327,7 @@ impl Shell {
                         EngineDone::Verified(lease, outcome) => self.on_verified(swarm, lease, *outcome),
                         EngineDone::Aggregated(round, result) => self.on_round_result(swarm, round, result?)?,
                     }
+                    self.start_aggregation();
                     self.start_verification(swarm);
                 }
                 () = &mut shutdown => {
@@ -444,14 +449,18 @@ impl Shell {
                         shard: grant.shard.0,
                         expires_at_ms: grant.expires_at_ms,
                     };
-                    if let Err(e) = self.store.record_lease(grant.lease.0, &record) {
-                        // Not answering: the node asks again, and the lease expires here.
-                        tracing::error!(error = %e, "cannot record a lease; not answering");
-                        return;
+                    match self.store.record_lease(grant.lease.0, &record) {
+                        Ok(()) => {
+                            let lease = lease_for(&self.cfg, &self.assets, grant);
+                            self.leases.insert(lease.id, lease.clone());
+                            Some(RpcResponse::Lease(Box::new(lease)))
+                        }
+                        Err(e) => {
+                            // Not answering: the node asks again, and the lease expires here.
+                            tracing::error!(error = %e, "cannot record a lease; not answering");
+                            None
+                        }
                     }
-                    let lease = lease_for(&self.cfg, &self.assets, grant);
-                    self.leases.insert(lease.id, lease.clone());
-                    Some(RpcResponse::Lease(Box::new(lease)))
                 }
                 Action::NoWork {
                     retry_after_ms,
@@ -789,6 +798,25 @@ impl Shell {
         r.inner_steps as u64 * r.batch_size as u64 * r.max_seq_len as u64
     }
 
+    /// Hands the closed round's deltas to the engine if one is waiting and the engine is free.
+    fn start_aggregation(&mut self) {
+        if self.engine.is_none() {
+            return;
+        }
+        let Some((round, deltas)) = self.waiting_aggregation.take() else {
+            return;
+        };
+        let mut engine = self.engine.take().expect("checked above");
+        let dir = (round.0 + 1 == self.cfg.rounds
+            || (round.0 + 1) % self.cfg.checkpoint_every() == 0)
+            .then(|| self.checkpoints_dir.clone());
+        tracing::info!(round = round.0, deltas = deltas.len(), "aggregating");
+        self.engine_task = Some(tokio::task::spawn_blocking(move || {
+            let result = engine.finish_round(&deltas, round.0 + 1, dir.as_deref());
+            (engine, EngineDone::Aggregated(round, result))
+        }));
+    }
+
     /// Side effects of actions that answer no request.
     fn perform(&mut self, swarm: &mut Swarm<Behaviour>, actions: Vec<Action>) {
         if actions.is_empty() {
@@ -834,16 +862,10 @@ impl Shell {
                         .filter_map(|a| self.deltas.remove(&a.lease))
                         .collect();
                     self.deltas.clear();
-                    // Quorum is reached right after a verification returned the engine.
-                    let mut engine = self.engine.take().expect("the engine is free at quorum");
-                    let dir = (round.0 + 1 == self.cfg.rounds
-                        || (round.0 + 1) % self.cfg.checkpoint_every() == 0)
-                        .then(|| self.checkpoints_dir.clone());
-                    tracing::info!(round = round.0, deltas = deltas.len(), "aggregating");
-                    self.engine_task = Some(tokio::task::spawn_blocking(move || {
-                        let result = engine.finish_round(&deltas, round.0 + 1, dir.as_deref());
-                        (engine, EngineDone::Aggregated(round, result))
-                    }));
+                    // A round closed by its deadline may find the engine verifying: then the
+                    // aggregation starts when it comes back.
+                    self.waiting_aggregation = Some((round, deltas));
+                    self.start_aggregation();
                 }
                 Action::RoundOpened { round, adapter } => {
                     // Leases of closed rounds are only needed while their verdict is pending.
@@ -921,16 +943,14 @@ impl Shell {
         let parent = self.run_state.checkpoints.last();
         let parent_manifest = parent
             .map(|p| {
-                let path = self
-                    .checkpoints_dir
-                    .join(&p.id)
-                    .join(manifest::MANIFEST_FILE);
-                std::fs::read(&path)
-                    .with_context(|| format!("reading {}", path.display()))
-                    .map(|bytes| manifest::Parent {
+                p.files
+                    .iter()
+                    .find(|f| f.name == manifest::MANIFEST_FILE)
+                    .map(|f| manifest::Parent {
                         checkpoint: p.id.clone(),
-                        manifest_blake3: ContentId::of(&bytes).to_hex(),
+                        manifest_blake3: f.blake3.clone(),
                     })
+                    .with_context(|| format!("checkpoint {} lists no manifest", p.id))
             })
             .transpose()?;
         let from = parent.map_or(0, |p| p.round);
@@ -964,25 +984,9 @@ impl Shell {
             parent: parent_manifest,
             rounds: manifest::RoundSpan { from, to: c.round },
             deltas,
-            files: c
-                .files
-                .iter()
-                .map(|f| manifest::ManifestFile {
-                    name: f.name.clone(),
-                    size: f.size,
-                    blake3: f.blake3.clone(),
-                })
-                .collect(),
+            files: c.files.clone(),
         };
-        m.write_signed(&dir, &self.identity)?;
-        for name in [manifest::MANIFEST_FILE, manifest::SIGNATURE_FILE] {
-            let bytes = std::fs::read(dir.join(name))?;
-            c.files.push(CheckpointFile {
-                name: name.into(),
-                size: bytes.len() as u64,
-                blake3: ContentId::of(&bytes).to_hex(),
-            });
-        }
+        c.files.extend(m.write_signed(&dir, &self.identity)?);
         Ok(())
     }
 

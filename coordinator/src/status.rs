@@ -2,13 +2,8 @@
 
 use serde::{Deserialize, Serialize};
 
-/// One file of a checkpoint.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct CheckpointFile {
-    pub name: String,
-    pub size: u64,
-    pub blake3: String,
-}
+/// One file of a checkpoint: name, size, blake3 (what its signed manifest lists too).
+pub use herd_protocol::manifest::ManifestFile as CheckpointFile;
 
 /// A published checkpoint (a PEFT adapter dir).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -79,6 +79,17 @@ pub struct ManifestFile {
     pub blake3: String,
 }
 
+impl ManifestFile {
+    /// The entry of a file `name` holding `bytes`.
+    pub fn of(name: &str, bytes: &[u8]) -> Self {
+        ManifestFile {
+            name: name.to_string(),
+            size: bytes.len() as u64,
+            blake3: ContentId::of(bytes).to_hex(),
+        }
+    }
+}
+
 /// The signature file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ManifestSignature {
@@ -157,9 +168,13 @@ fn signed_bytes(manifest: &[u8]) -> Vec<u8> {
 }
 
 impl Manifest {
-    /// Writes `manifest.json` and its signature by `key` into `dir`; returns the blake3 of
-    /// the manifest's bytes (what a child checkpoint names as its parent).
-    pub fn write_signed(&self, dir: &Path, key: &Keypair) -> Result<ContentId, ManifestError> {
+    /// Writes `manifest.json` and its signature by `key` into `dir`; returns the two files'
+    /// entries (the manifest's blake3 is what a child checkpoint names as its parent).
+    pub fn write_signed(
+        &self,
+        dir: &Path,
+        key: &Keypair,
+    ) -> Result<[ManifestFile; 2], ManifestError> {
         let bytes = serde_json::to_vec_pretty(self).map_err(|e| ManifestError::Format {
             path: dir.join(MANIFEST_FILE),
             what: "manifest",
@@ -177,7 +192,10 @@ impl Manifest {
             let path = dir.join(name);
             std::fs::write(&path, content).map_err(io(&path))?;
         }
-        Ok(ContentId::of(&bytes))
+        Ok([
+            ManifestFile::of(MANIFEST_FILE, &bytes),
+            ManifestFile::of(SIGNATURE_FILE, &sig_bytes),
+        ])
     }
 }
 
@@ -287,11 +305,7 @@ mod tests {
                 tokens: 10,
                 weight: 1.0,
             }],
-            files: vec![ManifestFile {
-                name: "adapter_model.safetensors".into(),
-                size: 7,
-                blake3: ContentId::of(b"weights").to_hex(),
-            }],
+            files: vec![ManifestFile::of("adapter_model.safetensors", b"weights")],
         };
         manifest.write_signed(dir, key).unwrap();
         manifest

@@ -105,6 +105,14 @@ pub struct Lease {
     pub base_adapter: ContentId,
 }
 
+/// Unix time in milliseconds: the clock lease expiries are stated in.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
 /// The result of a lease: a signed LoRA delta.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Submission {

@@ -286,9 +286,6 @@ pub fn noise_like(like: &Delta, seed: u64) -> Delta {
 
 /// How long until `lease` has expired, plus a margin.
 pub fn wait_for_lease_expiry(lease: &Lease) -> Duration {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64;
+    let now = herd_protocol::messages::now_ms();
     Duration::from_millis(lease.expires_at_ms.saturating_sub(now) + 500)
 }

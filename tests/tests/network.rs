@@ -93,7 +93,8 @@ fn three_nodes_train_one_model_whose_checkpoint_downloads_and_evaluates() {
 
     // Provenance: signed by this coordinator, built from the 15 accepted deltas, every file
     // as listed; a changed byte or a changed manifest fails with the file named.
-    let signer = coordinator.addr.rsplit("/p2p/").next().unwrap().to_string();
+    let addr: libp2p::Multiaddr = coordinator.addr.parse().unwrap();
+    let signer = herd_protocol::net::pinned_peer(&addr).unwrap().to_string();
     let verify = || {
         run(bin("herd-node")
             .args(["verify-checkpoint", "--coordinator", &signer])

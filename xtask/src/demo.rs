@@ -12,7 +12,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
-use crate::{libtorch, util};
+use crate::util;
 
 #[derive(Debug, clap::Args)]
 pub struct DemoArgs {
@@ -65,9 +65,7 @@ pub struct DemoArgs {
 }
 
 pub fn run(root: &Path, args: DemoArgs) -> Result<()> {
-    libtorch::setup(root, false)?;
-    // Same build as `cargo xtask test` (all bins, one feature set), so nothing is built twice.
-    util::cargo(&["build", "--workspace", "--bins"])?;
+    util::build_bins(root)?;
     let started = Instant::now();
     let stamp = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
     let run_dir = root.join(&args.runs).join(format!("demo-{stamp}"));
@@ -287,8 +285,7 @@ impl Drop for Children {
 /// `cargo xtask calibrate`: the demo's run config (same flags), each shard trained at 1 and
 /// 2 threads.
 pub fn calibrate(root: &Path, replays: usize, devices: &str, args: DemoArgs) -> Result<()> {
-    libtorch::setup(root, false)?;
-    util::cargo(&["build", "--workspace", "--bins"])?;
+    util::build_bins(root)?;
     let stamp = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
     let dir = root.join(&args.runs).join(format!("calibration-{stamp}"));
     std::fs::create_dir_all(&dir)?;

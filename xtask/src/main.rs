@@ -86,9 +86,7 @@ fn main() -> Result<()> {
             util::run(&mut cmd)
         }
         Task::Soak { crashes } => {
-            libtorch::setup(&root, false)?;
-            // The test drives the built binaries, as `cargo xtask test` does.
-            util::cargo(&["build", "--workspace", "--bins"])?;
+            util::build_bins(&root)?; // the test drives the built binaries
             // --workspace, as `cargo xtask test` builds: the same features, so nothing is rebuilt.
             let args = ["test", "--workspace", "--test", "network"];
             let mut cmd = util::cargo_command(&args);

@@ -12,6 +12,13 @@ pub fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
+/// libtorch in place, then every binary built the way `cargo xtask test` builds them (one
+/// feature set, so nothing is built twice): what the tasks that run the binaries need first.
+pub fn build_bins(root: &Path) -> Result<()> {
+    crate::libtorch::setup(root, false)?;
+    cargo(&["build", "--workspace", "--bins"])
+}
+
 /// Runs `cargo <args>` with the cargo that runs us, failing on a non-zero exit.
 pub fn cargo(args: &[&str]) -> Result<()> {
     run(&mut cargo_command(args))

@@ -40,34 +40,22 @@ async fn serve(dir: &Path) -> (String, Vec<u8>) {
     (url, bytes)
 }
 
-/// Runs curl with `args`; returns the HTTP status it saw.
+/// Runs curl with `args`, discarding the body; returns the HTTP status it saw.
 async fn curl(args: Vec<String>) -> u16 {
-    tokio::task::spawn_blocking(move || {
-        let out = Command::new("curl")
-            .args(["-sS", "-o", "/dev/null", "-w", "%{http_code}"])
-            .args(&args)
-            .output()
-            .expect("curl is installed (.ci/run installs it)");
-        String::from_utf8_lossy(&out.stdout)
-            .trim()
-            .parse()
-            .unwrap_or(0)
-    })
-    .await
-    .unwrap()
+    curl_to(Path::new("/dev/null"), args).await
 }
 
 /// Runs curl with `args`, writing the body to `out`; returns the HTTP status.
 async fn curl_to(out: &Path, args: Vec<String>) -> u16 {
-    let mut all = vec!["-o".to_string(), out.display().to_string()];
-    all.extend(args);
+    let out = out.to_path_buf();
     tokio::task::spawn_blocking(move || {
-        let out = Command::new("curl")
-            .args(["-sS", "-w", "%{http_code}"])
-            .args(&all)
+        let result = Command::new("curl")
+            .args(["-sS", "-w", "%{http_code}", "-o"])
+            .arg(&out)
+            .args(&args)
             .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout)
+            .expect("curl is installed (.ci/run installs it)");
+        String::from_utf8_lossy(&result.stdout)
             .trim()
             .parse()
             .unwrap_or(0)

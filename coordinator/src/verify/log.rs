@@ -1,7 +1,6 @@
-//! The verdict log: one JSON line per verdict with its reason and the figures behind it,
-//! appended and fsynced before the node is told, so no verdict is ever lost or rewritten.
-//! (`verdicts.jsonl` in the data dir, for people to read; the record the coordinator restarts
-//! from is `store`.)
+//! The verdict log, `verdicts.jsonl` in the data dir: one JSON line per verdict with its
+//! reason and the figures behind it, for people to read. Not fsynced: the durable record,
+//! which the coordinator restarts from, is `store`.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -49,13 +48,12 @@ impl VerdictLog {
         Ok(VerdictLog { file })
     }
 
-    /// Appends `record` and waits until it is on disk.
+    /// Appends `record`.
     pub fn append(&mut self, record: &VerdictRecord) -> Result<()> {
         let mut line = serde_json::to_vec(record)?;
         line.push(b'\n');
         self.file
             .write_all(&line)
-            .context("writing the verdict log")?;
-        self.file.sync_data().context("syncing the verdict log")
+            .context("writing the verdict log")
     }
 }

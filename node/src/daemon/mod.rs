@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use herd_protocol::messages::{
-    LeaseRequest, PROTOCOL_VERSION, RpcRequest, RpcResponse, Submission, Verdict,
+    LeaseRequest, PROTOCOL_VERSION, RpcRequest, RpcResponse, Submission, Verdict, now_ms,
 };
 use herd_protocol::net::{Role, build_swarm, load_or_create_identity, pinned_peer};
 use libp2p::Multiaddr;
@@ -72,7 +72,6 @@ async fn run_async(args: RunArgs) -> Result<()> {
     let keypair = load_or_create_identity(&data_dir.join("identity.key"))?;
     tracing::info!(peer = %keypair.public().to_peer_id(), data_dir = %data_dir.display(), "herd node starting");
     let mut swarm = build_swarm(keypair.clone(), Role::Node)?;
-    swarm.add_peer_address(coordinator, addr.clone());
     // Round announcements: informative for now (leases carry everything needed to work).
     let topic = libp2p::gossipsub::IdentTopic::new(herd_protocol::messages::ANNOUNCE_TOPIC);
     swarm.behaviour_mut().gossipsub.subscribe(&topic)?;
@@ -194,13 +193,6 @@ async fn submit(
         }
     }
     unreachable!("the loop returns")
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 fn unreachable_message(addr: &Multiaddr, e: &NetFailure) -> String {

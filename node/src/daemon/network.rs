@@ -68,9 +68,7 @@ impl Client {
 pub struct EventLoop {
     swarm: Swarm<Behaviour>,
     coordinator: PeerId,
-    /// Where the coordinator is. Given to the swarm again before every request: libp2p's
-    /// request-response forgets an address whose dial failed, so a node that once found the
-    /// coordinator down (restarting) would otherwise never dial it again.
+    /// Where the coordinator is (sent along with every request).
     coordinator_addr: Multiaddr,
     rx: mpsc::Receiver<Command>,
     pending_rpc: HashMap<OutboundRequestId, Reply<RpcResponse>>,
@@ -116,23 +114,24 @@ impl EventLoop {
     }
 
     fn on_command(&mut self, command: Command) {
-        self.swarm
-            .add_peer_address(self.coordinator, self.coordinator_addr.clone());
+        // The address goes with every request: request-response drops an address whose dial
+        // failed, so a node that once found the coordinator down would never dial it again.
+        let addr = vec![self.coordinator_addr.clone()];
         match command {
             Command::Rpc { request, reply } => {
-                let id = self
-                    .swarm
-                    .behaviour_mut()
-                    .rpc
-                    .send_request(&self.coordinator, request);
+                let id = self.swarm.behaviour_mut().rpc.send_request_with_addresses(
+                    &self.coordinator,
+                    request,
+                    addr,
+                );
                 self.pending_rpc.insert(id, reply);
             }
             Command::Blob { request, reply } => {
-                let id = self
-                    .swarm
-                    .behaviour_mut()
-                    .blob
-                    .send_request(&self.coordinator, request);
+                let id = self.swarm.behaviour_mut().blob.send_request_with_addresses(
+                    &self.coordinator,
+                    request,
+                    addr,
+                );
                 self.pending_blob.insert(id, reply);
             }
         }
