@@ -8,10 +8,10 @@ use herd_protocol::delta::Delta;
 use herd_protocol::{ContentId, Round, ShardId};
 use serde::Serialize;
 
-use crate::blobs::BlobStore;
 use crate::config::RunConfig;
 use crate::engine::{Engine, count_examples};
 use crate::store::Store;
+use herd_protocol::blobs::BlobStore;
 
 /// What an audit found.
 #[derive(Debug, Clone, Serialize)]

@@ -23,9 +23,14 @@ pub struct RunConfig {
     /// libp2p listen addresses.
     #[serde(default = "default_listen")]
     pub listen: Vec<String>,
-    /// HTTP listen address (`host:port`; port 0 picks one).
+    /// HTTP listen address (`host:port`; port 0 picks one), or `off`: checkpoints then travel
+    /// only over libp2p, from whichever peers hold them.
     #[serde(default = "default_http")]
     pub http: String,
+    /// Peers on private or loopback addresses count as reachable (AutoNAT dial-backs): for a
+    /// LAN, containers or a test on one machine. Leave off on the internet.
+    #[serde(default)]
+    pub lan: bool,
     pub rounds: u64,
     #[serde(default)]
     pub seed: u64,
@@ -326,6 +331,11 @@ impl RunConfig {
 
     pub fn quorum(&self) -> u32 {
         self.round.quorum.unwrap_or(self.round.shards)
+    }
+
+    /// The HTTP address to bind, unless HTTP is off.
+    pub fn http_addr(&self) -> Option<&str> {
+        (self.http != "off").then_some(self.http.as_str())
     }
 
     pub fn checkpoint_every(&self) -> u64 {

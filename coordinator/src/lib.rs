@@ -8,7 +8,7 @@
 //! - [`verify`]: the layers a submission passes (envelope, structure, effect, replay,
 //!   reputation) and the durable verdict log.
 //! - [`aggregate`]: robust token-weighted mean and DiLoCo's outer Nesterov step.
-//! - [`blobs`]: content-addressed blob store; [`http`]: the HTTP API; [`status`]: what it shows.
+//! - [`http`]: the HTTP API; [`status`]: what it shows.
 //! - [`store`]: the durable state (redb): run, leases, verdicts, accepted deltas.
 //! - [`config`]: the `run.toml` of a run.
 //! - [`audit`]: rebuilds the adapter from θ_0 and the recorded deltas, to compare bit for bit.
@@ -17,7 +17,6 @@
 
 pub mod aggregate;
 pub mod audit;
-pub mod blobs;
 pub mod calibrate;
 pub mod config;
 pub mod engine;

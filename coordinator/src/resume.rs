@@ -11,7 +11,6 @@ use herd_protocol::messages::{RejectReason, Verdict};
 use herd_protocol::{ContentId, LeaseId, Round, ShardId};
 use libp2p::PeerId;
 
-use crate::blobs::BlobStore;
 use crate::config::RunConfig;
 use crate::round::{Accepted, Grant, MachineConfig};
 use crate::status::{PeerStatus, Status};
@@ -19,6 +18,7 @@ use crate::store::Snapshot;
 use crate::verify::log::VerdictRecord;
 use crate::verify::reputation::Reputation;
 use crate::verify::structure::StructureState;
+use herd_protocol::blobs::BlobStore;
 
 /// A decided submission: what it was and what it got.
 #[derive(Debug, Clone)]

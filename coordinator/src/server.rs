@@ -9,10 +9,13 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use futures::StreamExt;
+use herd_protocol::blobs::BlobStore;
 use herd_protocol::delta::{Delta, DeltaLayout};
 use herd_protocol::manifest;
 use herd_protocol::messages::*;
-use herd_protocol::net::{Behaviour, BehaviourEvent, Role, build_swarm, load_or_create_identity};
+use herd_protocol::net::{
+    Behaviour, BehaviourEvent, NetOptions, Role, build_swarm, load_or_create_identity,
+};
 use herd_protocol::{LeaseId, Round};
 use libp2p::request_response::{self, ResponseChannel};
 use libp2p::swarm::SwarmEvent;
@@ -21,7 +24,6 @@ use serde_json::json;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::blobs::BlobStore;
 use crate::config::RunConfig;
 use crate::engine::{
     Engine, RoundResult, VerifyDetail, VerifyJob, VerifyOutcome, count_examples, lease_for,
@@ -57,7 +59,12 @@ pub async fn serve(cfg: RunConfig, shutdown: impl std::future::Future<Output = (
     let keypair = load_or_create_identity(&cfg.data_dir.join("identity.key"))?;
     let local_peer = keypair.public().to_peer_id();
     let identity = keypair.clone(); // signs checkpoint manifests
-    let mut swarm = build_swarm(keypair, Role::Coordinator)?;
+    let mut swarm = build_swarm(keypair, Role::Coordinator, NetOptions { lan: cfg.lan })?;
+    // The coordinator is every run's DHT bootstrap: it answers queries from the start.
+    swarm
+        .behaviour_mut()
+        .kad
+        .set_mode(Some(libp2p::kad::Mode::Server));
     for addr in &cfg.listen {
         let addr: Multiaddr = addr
             .parse()
@@ -144,6 +151,9 @@ pub async fn serve(cfg: RunConfig, shutdown: impl std::future::Future<Output = (
     );
 
     let checkpoints_dir = cfg.data_dir.join("checkpoints");
+    for c in &run_state.checkpoints {
+        register_checkpoint_files(&mut blobs, &checkpoints_dir, c)?;
+    }
     let mut status = Status {
         run: cfg.run.clone(),
         peer_id: local_peer.to_string(),
@@ -174,19 +184,27 @@ pub async fn serve(cfg: RunConfig, shutdown: impl std::future::Future<Output = (
         layout.numel() as u64 * 4,
     );
     let (status_tx, status_rx) = watch::channel(status);
-    let listener = tokio::net::TcpListener::bind(&cfg.http)
-        .await
-        .with_context(|| format!("binding HTTP on {}", cfg.http))?;
-    say!("http: http://{}", listener.local_addr()?);
     let (http_stop_tx, http_stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let app = crate::http::router(status_rx, checkpoints_dir.clone());
-    let http: JoinHandle<std::io::Result<()>> = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async {
-                let _ = http_stop_rx.await;
-            })
-            .await
-    });
+    let http: Option<JoinHandle<std::io::Result<()>>> = match cfg.http_addr() {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding HTTP on {addr}"))?;
+            say!("http: http://{}", listener.local_addr()?);
+            let app = crate::http::router(status_rx, checkpoints_dir.clone());
+            Some(tokio::spawn(async move {
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(async {
+                        let _ = http_stop_rx.await;
+                    })
+                    .await
+            }))
+        }
+        None => {
+            say!("http: off (checkpoints are served over libp2p only)");
+            None
+        }
+    };
     let verdicts = VerdictLog::open(&cfg.data_dir.join("verdicts.jsonl"))?;
     let leases = open_round
         .live
@@ -223,10 +241,32 @@ pub async fn serve(cfg: RunConfig, shutdown: impl std::future::Future<Output = (
     shell.perform(&mut swarm, due);
     let result = shell.run(&mut swarm, shutdown).await;
     let _ = http_stop_tx.send(());
-    http.await.context("HTTP task")??;
+    if let Some(http) = http {
+        http.await.context("HTTP task")??;
+    }
     result?;
     let summary = shell.write_summary()?;
     say!("summary: {}", summary.display());
+    Ok(())
+}
+
+/// Registers checkpoint `c`'s files in the blob store (in place), so peers can fetch them by
+/// the hashes its manifest lists.
+fn register_checkpoint_files(
+    blobs: &mut BlobStore,
+    checkpoints_dir: &std::path::Path,
+    c: &Checkpoint,
+) -> Result<()> {
+    let dir = checkpoints_dir.join(&c.id);
+    for f in &c.files {
+        let id = blobs.put_file(&dir.join(&f.name))?;
+        anyhow::ensure!(
+            id.to_hex() == f.blake3,
+            "checkpoint {}: {} does not match the hash it was published with",
+            c.id,
+            f.name
+        );
+    }
     Ok(())
 }
 
@@ -376,18 +416,7 @@ impl Shell {
                     },
                 ..
             })) => {
-                let response = match self.blobs.read_chunk(
-                    &request.id,
-                    request.offset,
-                    request.len.min(BLOB_CHUNK_BYTES),
-                ) {
-                    Some(Ok((total, bytes))) => BlobResponse::Chunk { total, bytes },
-                    Some(Err(e)) => {
-                        tracing::error!(error = %e, "reading a blob");
-                        BlobResponse::NotFound
-                    }
-                    None => BlobResponse::NotFound,
-                };
+                let response = self.blobs.serve(&request);
                 let _ = swarm.behaviour_mut().blob.send_response(channel, response);
             }
             SwarmEvent::Behaviour(BehaviourEvent::Rpc(
@@ -436,6 +465,14 @@ impl Shell {
             }
             RpcRequest::Return { lease } => Event::Returned { peer: key, lease },
             RpcRequest::Submit(sub) => return self.on_submission(swarm, peer, *sub, channel),
+            RpcRequest::Latest => {
+                let latest = self.latest();
+                let _ = swarm
+                    .behaviour_mut()
+                    .rpc
+                    .send_response(channel, RpcResponse::Latest(Box::new(latest)));
+                return;
+            }
         };
         let actions = self.machine.handle(event, now_ms());
         let mut channel = Some(channel);
@@ -872,21 +909,12 @@ impl Shell {
                     let pending = &self.pending;
                     self.leases
                         .retain(|id, l| l.round == round || pending.contains_key(id));
-                    let ann = RoundAnnouncement {
-                        run: self.cfg.run.clone(),
-                        round,
-                        adapter,
-                    };
-                    if let Ok(bytes) = herd_protocol::framing::encode(&ann) {
-                        // No subscribers yet is fine: nodes also learn rounds from their leases.
-                        let _ = swarm
-                            .behaviour_mut()
-                            .gossipsub
-                            .publish(self.topic.clone(), bytes);
-                    }
+                    self.announce(swarm, round, adapter);
                 }
                 Action::Finished { rounds } => {
                     say!("run finished after {rounds} rounds");
+                    // The last checkpoint has no round opening after it to travel with.
+                    self.announce(swarm, Round(rounds), self.run_state.adapter);
                     self.finished_at = Some(tokio::time::Instant::now());
                     self.status_tx.send_modify(|s| s.finished = true);
                 }
@@ -894,6 +922,71 @@ impl Shell {
             }
         }
         self.publish_status();
+    }
+
+    /// Tells subscribed nodes about round `round` and the latest checkpoint (which nodes
+    /// fetch and then serve to downloaders).
+    fn announce(
+        &self,
+        swarm: &mut Swarm<Behaviour>,
+        round: Round,
+        adapter: herd_protocol::ContentId,
+    ) {
+        let ann = RoundAnnouncement {
+            run: self.cfg.run.clone(),
+            round,
+            adapter,
+            checkpoint: self.latest_checkpoint(),
+        };
+        if let Ok(bytes) = herd_protocol::framing::encode(&ann) {
+            // No subscribers yet is fine: nodes also learn rounds from their leases.
+            let _ = swarm
+                .behaviour_mut()
+                .gossipsub
+                .publish(self.topic.clone(), bytes);
+        }
+    }
+
+    /// The newest checkpoint as peers fetch it: every file of its dir by content id.
+    fn latest_checkpoint(&self) -> Option<CheckpointRef> {
+        let c = self.run_state.checkpoints.last()?;
+        let files = c
+            .files
+            .iter()
+            .map(|f| {
+                Some(NamedBlob {
+                    name: f.name.clone(),
+                    id: f.blake3.parse().ok()?,
+                })
+            })
+            .collect::<Option<Vec<_>>>()?;
+        Some(CheckpointRef {
+            name: c.id.clone(),
+            round: c.round,
+            files,
+        })
+    }
+
+    /// What `herd-node pull` asks first: the base model's files and the latest checkpoint.
+    fn latest(&self) -> Latest {
+        Latest {
+            run: self.cfg.run.clone(),
+            base_model: vec![
+                NamedBlob {
+                    name: "config.json".into(),
+                    id: self.assets.config,
+                },
+                NamedBlob {
+                    name: "model.safetensors".into(),
+                    id: self.assets.weights,
+                },
+                NamedBlob {
+                    name: "tokenizer.json".into(),
+                    id: self.assets.tokenizer,
+                },
+            ],
+            checkpoint: self.latest_checkpoint(),
+        }
     }
 
     fn on_round_result(
@@ -912,6 +1005,7 @@ impl Shell {
         let mut checkpoint = result.checkpoint.clone();
         if let Some(c) = checkpoint.as_mut() {
             self.write_manifest(c)?;
+            register_checkpoint_files(&mut self.blobs, &self.checkpoints_dir, c)?;
         }
         next.checkpoints.extend(checkpoint.clone());
         // Committed before the round opens: a stop from here on resumes at the next round.

@@ -41,6 +41,9 @@ enum Command {
     VerifyCheckpoint(commands::verify_checkpoint::VerifyCheckpointArgs),
     /// Join a coordinator and contribute training until the run ends (or Ctrl-C).
     Run(daemon::RunArgs),
+    /// Download a run's base model and latest checkpoint from its peers over libp2p
+    /// (hash-checked, resumable), and check the checkpoint's signed manifest.
+    Pull(daemon::pull::PullArgs),
     /// Rebuild the embedded default (tiny base model + instruction data). Used by `cargo xtask make-default`.
     #[command(hide = true)]
     MakeDefault(commands::make_default::MakeDefaultArgs),
@@ -56,6 +59,7 @@ fn main() -> ExitCode {
         Command::Merge(args) => commands::merge::run(args),
         Command::VerifyCheckpoint(args) => commands::verify_checkpoint::run(args),
         Command::Run(args) => daemon::run(args),
+        Command::Pull(args) => daemon::pull::run(args),
         Command::MakeDefault(args) => commands::make_default::run(args),
     };
     match result {

@@ -62,3 +62,57 @@ impl StepProgress {
         }
     }
 }
+
+/// Reports bytes of a download: an indicatif bar on a TTY, a log line per tenth otherwise.
+#[derive(Debug)]
+pub struct ByteProgress {
+    bar: Option<ProgressBar>,
+    label: String,
+    total: u64,
+    done: u64,
+    next_log: u64,
+}
+
+impl ByteProgress {
+    /// Starts at `done` of `total` bytes (a resumed download starts part-way).
+    pub fn new(total: u64, done: u64, label: &str) -> Self {
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let bar = ProgressBar::new(total);
+            bar.set_style(
+                ProgressStyle::with_template(
+                    "{prefix} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} ({eta})",
+                )
+                .expect("static template")
+                .progress_chars("=> "),
+            );
+            bar.set_prefix(label.to_string());
+            bar.set_position(done);
+            bar
+        });
+        ByteProgress {
+            bar,
+            label: label.to_string(),
+            total,
+            done,
+            next_log: done + total / 10,
+        }
+    }
+
+    pub fn add(&mut self, bytes: u64) {
+        self.done += bytes;
+        match &self.bar {
+            Some(bar) => bar.set_position(self.done),
+            None if self.done >= self.next_log && self.done < self.total => {
+                self.next_log = self.done + self.total / 10;
+                tracing::info!(what = %self.label, done = self.done, total = self.total, "downloading");
+            }
+            None => {}
+        }
+    }
+
+    pub fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}

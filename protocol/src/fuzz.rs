@@ -100,6 +100,17 @@ fn decodes(target: &str, input: &[u8], layout: &DeltaLayout) -> bool {
     }
 }
 
+fn sample_checkpoint() -> CheckpointRef {
+    CheckpointRef {
+        name: "round-0004".into(),
+        round: 4,
+        files: vec![NamedBlob {
+            name: "manifest.json".into(),
+            id: ContentId::of(b"m"),
+        }],
+    }
+}
+
 fn layout() -> DeltaLayout {
     DeltaLayout(vec![("a".into(), vec![4, 6]), ("b".into(), vec![10])])
 }
@@ -191,6 +202,7 @@ fn seeds(target: &str, layout: &DeltaLayout) -> Vec<Vec<u8>> {
                 })),
                 enc(&RpcRequest::Submit(Box::new(sub))),
                 enc(&RpcRequest::Return { lease: LeaseId(9) }),
+                enc(&RpcRequest::Latest),
             ]
         }
         "rpc_response" => vec![
@@ -210,24 +222,47 @@ fn seeds(target: &str, layout: &DeltaLayout) -> Vec<Vec<u8>> {
             enc(&RpcResponse::Refused {
                 reason: "no".into(),
             }),
+            enc(&RpcResponse::Latest(Box::new(Latest {
+                run: "run".into(),
+                base_model: vec![NamedBlob {
+                    name: "config.json".into(),
+                    id: ContentId::of(b"c"),
+                }],
+                checkpoint: Some(sample_checkpoint()),
+            }))),
         ],
-        "blob_request" => vec![enc(&BlobRequest {
-            id: ContentId::of(b"b"),
-            offset: 7,
-            len: 1024,
-        })],
-        "blob_response" => vec![
-            enc(&BlobResponse::Chunk {
-                total: 10,
-                bytes: vec![1, 2, 3],
+        "blob_request" => vec![
+            enc(&BlobRequest::Outline {
+                id: ContentId::of(b"b"),
+                first: 7,
             }),
+            enc(&BlobRequest::Group {
+                id: ContentId::of(b"b"),
+                index: 2,
+            }),
+        ],
+        "blob_response" => vec![
+            enc(&BlobResponse::Outline {
+                total: 10,
+                cvs: vec![[3; 32]; 2],
+            }),
+            enc(&BlobResponse::Group(vec![1, 2, 3])),
             enc(&BlobResponse::NotFound),
         ],
-        "announcement" => vec![enc(&RoundAnnouncement {
-            run: "run".into(),
-            round: Round(4),
-            adapter: ContentId::of(b"c"),
-        })],
+        "announcement" => vec![
+            enc(&RoundAnnouncement {
+                run: "run".into(),
+                round: Round(4),
+                adapter: ContentId::of(b"c"),
+                checkpoint: None,
+            }),
+            enc(&RoundAnnouncement {
+                run: "run".into(),
+                round: Round(4),
+                adapter: ContentId::of(b"c"),
+                checkpoint: Some(sample_checkpoint()),
+            }),
+        ],
         other => unreachable!("unknown fuzz target {other}"),
     }
 }

@@ -9,10 +9,15 @@
 //! - `fuzz` (tests only): mutation fuzzing of every decoder (`cargo xtask fuzz` runs millions).
 //! - [`signing`]: the canonical bytes a submission signature covers.
 //! - [`framing`]: length-prefixed bincode with caps checked before allocating.
+//! - [`outline`]: blake3 chaining values of a blob's 1 MiB groups, so each downloaded group is
+//!   checked against the blob's id on arrival.
+//! - [`blobs`]: the content-addressed blob store both sides keep and serve from.
 //! - [`net`]: the libp2p behaviour both sides run.
 //!
-//! Everything but `net` is pure data: no I/O, no tch, so each decoder can be fuzzed alone.
+//! Everything but `net` and `blobs` is pure data: no I/O, no tch, so each decoder can be
+//! fuzzed alone.
 
+pub mod blobs;
 pub mod codec;
 pub mod delta;
 pub mod framing;
@@ -22,6 +27,7 @@ pub mod ids;
 pub mod manifest;
 pub mod messages;
 pub mod net;
+pub mod outline;
 pub mod signing;
 pub mod sketch;
 

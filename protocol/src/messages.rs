@@ -10,18 +10,22 @@ use crate::ids::{ContentId, LeaseId, Round, SampleRange, ShardId};
 pub const PROTOCOL_VERSION: u32 = 1;
 /// Control: leases, submissions, returns.
 pub const RPC_PROTOCOL: &str = "/herd/rpc/1";
-/// Blobs by content id, in chunks.
-pub const BLOB_PROTOCOL: &str = "/herd/blob/1";
+/// Blobs by content id, in hash-verified groups (see [`crate::outline`]).
+pub const BLOB_PROTOCOL: &str = "/herd/blob/2";
 /// Gossipsub topic of round announcements.
 pub const ANNOUNCE_TOPIC: &str = "herd/rounds/1";
 
 /// A request carries at most one delta; 64 MiB fits a rank-16 all-target LoRA of a 1B model in fp32.
 pub const MAX_RPC_REQUEST_BYTES: usize = 64 << 20;
 pub const MAX_RPC_RESPONSE_BYTES: usize = 1 << 20;
-pub const BLOB_CHUNK_BYTES: u32 = 1 << 20;
+/// Chaining values per outline page: 512 KiB, so one page fits a response like one group does.
+pub const OUTLINE_PAGE: usize = 16 << 10;
 pub const MAX_BLOB_REQUEST_BYTES: usize = 1 << 10;
-pub const MAX_BLOB_RESPONSE_BYTES: usize = BLOB_CHUNK_BYTES as usize + (1 << 10);
-pub const MAX_ANNOUNCE_BYTES: usize = 1 << 10;
+pub const MAX_BLOB_RESPONSE_BYTES: usize = crate::outline::GROUP_BYTES as usize + (1 << 10);
+/// Room for a round and the latest checkpoint's file list.
+pub const MAX_ANNOUNCE_BYTES: usize = 4 << 10;
+/// Files a checkpoint may list in an announcement or an answer.
+pub const MAX_CHECKPOINT_FILES: usize = 16;
 /// Longest run name, device description or reason string accepted.
 pub const MAX_TEXT_BYTES: usize = 256;
 
@@ -34,6 +38,8 @@ pub enum RpcRequest {
     Submit(Box<Submission>),
     /// Give a lease back unfinished (the node is stopping), so it is reissued at once.
     Return { lease: LeaseId },
+    /// What the run is built on and its latest checkpoint, to download them from peers.
+    Latest,
 }
 
 /// What the coordinator answers.
@@ -48,6 +54,7 @@ pub enum RpcResponse {
     },
     Verdict(Verdict),
     Returned,
+    Latest(Box<Latest>),
     /// The request itself was refused (e.g. a version this coordinator does not speak).
     Refused {
         reason: String,
@@ -277,19 +284,67 @@ impl RejectReason {
     }
 }
 
-/// A chunk of a blob.
+/// What a peer asks of another's blobs: a page of a blob's outline (the hashes its groups are
+/// checked against), or one group.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct BlobRequest {
-    pub id: ContentId,
-    pub offset: u64,
-    /// At most [`BLOB_CHUNK_BYTES`].
-    pub len: u32,
+pub enum BlobRequest {
+    Outline { id: ContentId, first: u64 },
+    Group { id: ContentId, index: u64 },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum BlobResponse {
-    Chunk { total: u64, bytes: Vec<u8> },
+    /// The blob's size and at most [`OUTLINE_PAGE`] chaining values from `first`.
+    Outline {
+        total: u64,
+        cvs: Vec<[u8; 32]>,
+    },
+    Group(Vec<u8>),
     NotFound,
+}
+
+/// A file by name and content id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NamedBlob {
+    pub name: String,
+    pub id: ContentId,
+}
+
+/// A published checkpoint: its name and every file of its dir (signed manifest included).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckpointRef {
+    pub name: String,
+    pub round: u64,
+    pub files: Vec<NamedBlob>,
+}
+
+/// The answer to [`RpcRequest::Latest`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Latest {
+    pub run: String,
+    /// The base model's files (`config.json`, `model.safetensors`, `tokenizer.json`).
+    pub base_model: Vec<NamedBlob>,
+    pub checkpoint: Option<CheckpointRef>,
+}
+
+impl CheckpointRef {
+    /// Whether its names are plain file names and its size is within the caps: names become
+    /// paths on the downloader's disk.
+    pub fn is_well_formed(&self) -> bool {
+        plain_name(&self.name)
+            && self.files.len() <= MAX_CHECKPOINT_FILES
+            && self.files.iter().all(|f| plain_name(&f.name))
+    }
+}
+
+/// A name that is one path component: no separators, not `.` or `..`, not hidden, not long.
+pub fn plain_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_TEXT_BYTES
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
 /// Published on [`ANNOUNCE_TOPIC`] when a round opens.
@@ -298,4 +353,6 @@ pub struct RoundAnnouncement {
     pub run: String,
     pub round: Round,
     pub adapter: ContentId,
+    /// The latest checkpoint, for nodes that seed checkpoints to downloaders.
+    pub checkpoint: Option<CheckpointRef>,
 }

@@ -1,6 +1,9 @@
 //! The libp2p side both node and coordinator run: TCP and QUIC with noise and yamux, identify,
-//! ping, request-response for `/herd/rpc/1` and `/herd/blob/1` (length-prefixed bincode with
-//! per-message caps), gossipsub for round announcements; plus persistent identities.
+//! ping, request-response for `/herd/rpc/1` and `/herd/blob/2` (length-prefixed bincode with
+//! per-message caps), gossipsub for round announcements, a kademlia DHT of its own
+//! (`/herd/kad/1`) where peers say which blobs they hold, and what lets peers behind NAT take
+//! part: AutoNAT (am I reachable?), a circuit relay served by the coordinator, and DCUtR (hole
+//! punching through it); plus persistent identities.
 
 use std::io;
 use std::marker::PhantomData;
@@ -12,8 +15,10 @@ use libp2p::identity::Keypair;
 use libp2p::multiaddr::Protocol;
 use libp2p::request_response::{self, ProtocolSupport};
 use libp2p::swarm::NetworkBehaviour;
+use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::{
-    Multiaddr, PeerId, StreamProtocol, Swarm, gossipsub, identify, noise, ping, tcp, yamux,
+    Multiaddr, PeerId, StreamProtocol, Swarm, autonat, dcutr, gossipsub, identify, kad, noise,
+    ping, relay, tcp, yamux,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -124,7 +129,18 @@ pub struct Behaviour {
     pub rpc: request_response::Behaviour<RpcCodec>,
     pub blob: request_response::Behaviour<BlobCodec>,
     pub gossipsub: gossipsub::Behaviour,
+    /// Who holds which blob (provider records keyed by content id).
+    pub kad: kad::Behaviour<kad::store::MemoryStore>,
+    pub autonat: autonat::Behaviour,
+    /// Serves relayed connections: the coordinator only.
+    pub relay: Toggle<relay::Behaviour>,
+    /// Listens through a relay when AutoNAT says this peer is not reachable.
+    pub relay_client: relay::client::Behaviour,
+    pub dcutr: dcutr::Behaviour,
 }
+
+/// Herd's own DHT: it must not mix with the public IPFS one.
+pub const KAD_PROTOCOL: &str = "/herd/kad/1";
 
 /// Which side of `/herd/rpc/1` this peer is. Blobs are served by everyone.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -133,11 +149,24 @@ pub enum Role {
     Node,
 }
 
+/// How a swarm is set up beyond its role.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct NetOptions {
+    /// Treat private and loopback addresses as reachable when answering AutoNAT dial-back
+    /// requests: for a LAN, containers, or a test on one machine. Off on the internet, where a
+    /// private address says nothing about reachability.
+    pub lan: bool,
+}
+
 /// How long a request may take before it fails; a delta upload on a slow home line included.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// Builds the swarm: TCP and QUIC, noise, yamux, and [`Behaviour`].
-pub fn build_swarm(keypair: Keypair, role: Role) -> Result<Swarm<Behaviour>, NetError> {
+/// Builds the swarm: TCP and QUIC, noise, yamux, a relay client transport, and [`Behaviour`].
+pub fn build_swarm(
+    keypair: Keypair,
+    role: Role,
+    options: NetOptions,
+) -> Result<Swarm<Behaviour>, NetError> {
     let build = |e: &dyn std::fmt::Display| NetError::Build(e.to_string());
     let swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
@@ -148,7 +177,10 @@ pub fn build_swarm(keypair: Keypair, role: Role) -> Result<Swarm<Behaviour>, Net
         )
         .map_err(|e| build(&e))?
         .with_quic()
-        .with_behaviour(|key| {
+        .with_relay_client(noise::Config::new, yamux::Config::default)
+        .map_err(|e| build(&e))?
+        .with_behaviour(|key, relay_client| {
+            let local = key.public().to_peer_id();
             let rpc_support = match role {
                 Role::Coordinator => ProtocolSupport::Inbound,
                 Role::Node => ProtocolSupport::Outbound,
@@ -178,12 +210,44 @@ pub fn build_swarm(keypair: Keypair, role: Role) -> Result<Swarm<Behaviour>, Net
                     gossipsub::MessageAuthenticity::Signed(key.clone()),
                     gossip_config,
                 )?,
+                kad: kademlia(local),
+                autonat: autonat::Behaviour::new(
+                    local,
+                    autonat::Config {
+                        // Nodes ask the coordinator (added as a server), not whoever they meet.
+                        use_connected: false,
+                        boot_delay: Duration::from_secs(1),
+                        only_global_ips: !options.lan,
+                        ..Default::default()
+                    },
+                ),
+                relay: Toggle::from(
+                    (role == Role::Coordinator)
+                        .then(|| relay::Behaviour::new(local, relay::Config::default())),
+                ),
+                relay_client,
+                dcutr: dcutr::Behaviour::new(local),
             })
         })
         .map_err(|e| build(&e))?
         .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(300)))
         .build();
     Ok(swarm)
+}
+
+/// A kademlia behaviour on herd's own protocol. Provider records are re-published hourly and
+/// live a day (libp2p's defaults are for the IPFS network's churn; a run's peers are fewer).
+fn kademlia(local: PeerId) -> kad::Behaviour<kad::store::MemoryStore> {
+    let mut config = kad::Config::new(StreamProtocol::new(KAD_PROTOCOL));
+    config.set_query_timeout(Duration::from_secs(10));
+    config.set_provider_publication_interval(Some(Duration::from_secs(3600)));
+    config.set_provider_record_ttl(Some(Duration::from_secs(24 * 3600)));
+    kad::Behaviour::with_config(local, kad::store::MemoryStore::new(local), config)
+}
+
+/// The content id as a DHT key.
+pub fn blob_key(id: &crate::ContentId) -> kad::RecordKey {
+    kad::RecordKey::new(&id.0)
 }
 
 /// The PeerId a multiaddr pins with its trailing `/p2p/<id>`, if any.

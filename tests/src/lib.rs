@@ -158,9 +158,15 @@ impl Coordinator {
     pub fn start_on(dir: &Path, body: &str, port: u16) -> Coordinator {
         use std::io::BufRead;
         let config = dir.join("run.toml");
+        // A body may set `http` itself (e.g. "off").
+        let http = if body.lines().any(|l| l.starts_with("http =")) {
+            ""
+        } else {
+            "http = \"127.0.0.1:0\"\n"
+        };
         let text = format!(
             "run = \"test\"\nbase_model = {:?}\ndata = {:?}\nheldout = {:?}\ndata_dir = \"coordinator\"\n\
-             listen = [\"/ip4/127.0.0.1/tcp/{port}\"]\nhttp = \"127.0.0.1:0\"\n{body}",
+             listen = [\"/ip4/127.0.0.1/tcp/{port}\"]\n{http}{body}",
             default_asset("base"),
             default_asset("data/train.jsonl"),
             default_asset("data/heldout.jsonl"),
@@ -220,19 +226,28 @@ impl Coordinator {
         get_json(&format!("{}/v1/status", self.http))
     }
 
-    /// Starts a node for this coordinator with its own data dir; stderr to `<data_dir>.log`.
+    /// Starts a node for this coordinator with its own data dir; stdout to `<data_dir>.log`,
+    /// stderr to `<data_dir>.err`.
     pub fn start_node(&self, data_dir: &Path) -> std::process::Child {
+        self.start_node_with(data_dir, &[])
+    }
+
+    /// [`Coordinator::start_node`] with more `herd-node run` flags.
+    pub fn start_node_with(&self, data_dir: &Path, flags: &[&str]) -> std::process::Child {
         let log = data_dir.with_extension("log");
         bin("herd-node")
             .args([
                 "run",
                 "--threads",
                 "1",
+                "--listen",
+                LOOPBACK,
                 "--coordinator",
-                &self.addr,
-                "--data-dir",
             ])
+            .arg(&self.addr)
+            .arg("--data-dir")
             .arg(data_dir)
+            .args(flags)
             .stdout(std::fs::File::create(&log).unwrap())
             .stderr(std::fs::File::create(log.with_extension("err")).unwrap())
             .spawn()
@@ -246,6 +261,9 @@ impl Drop for Coordinator {
         let _ = self.child.wait();
     }
 }
+
+/// Where test nodes listen: loopback, a port the system picks.
+pub const LOOPBACK: &str = "/ip4/127.0.0.1/tcp/0";
 
 /// A TCP port on 127.0.0.1 that was free a moment ago.
 pub fn free_port() -> u16 {

@@ -296,3 +296,90 @@ fn a_node_frozen_longer_than_its_lease_loses_the_shard_and_rejoins_by_itself() {
         "node 1 still runs"
     );
 }
+
+#[test]
+fn with_http_off_a_fresh_node_pulls_the_base_model_and_latest_checkpoint_from_other_nodes() {
+    let tmp = tempfile::tempdir().unwrap();
+    // `lan`: the coordinator confirms nodes on 127.0.0.1 as reachable, so the DHT hands them
+    // out as providers.
+    let body = "rounds = 2\nhttp = \"off\"\nlan = true\nserve_after_finish = true\n[round]\nshards = 2\n\
+                samples_per_shard = 16\ninner_steps = 4\nlr = 3e-3\nbatch_size = 8\nmax_seq_len = 128\n\
+                lease_secs = 60\nouter_lr = 0.7\nouter_momentum = 0.5\ncheckpoint_every = 1\n";
+    let coordinator = Coordinator::start(tmp.path(), body);
+    let _nodes = Reaper(
+        (0..2)
+            .map(|i| {
+                coordinator.start_node_with(
+                    &tmp.path().join(format!("node-{i}")),
+                    &["--seed-after-finish"],
+                )
+            })
+            .collect(),
+    );
+    // Both nodes hold the final checkpoint (announced when the run finished) and serve it.
+    for i in 0..2 {
+        let log = tmp.path().join(format!("node-{i}.err"));
+        wait_until(
+            Duration::from_secs(240),
+            "the nodes to seed the final checkpoint",
+            || {
+                std::fs::read_to_string(&log)
+                    .unwrap_or_default()
+                    .lines()
+                    .any(|l| l.contains("seeding checkpoint") && l.contains("round-00002"))
+                    .then_some(())
+            },
+        );
+    }
+    let out = tmp.path().join("pulled");
+    let report = tmp.path().join("pull.json");
+    let (status, stdout, stderr) = run(bin("herd-node")
+        .args(["pull", "--listen", herd_tests::LOOPBACK, "--coordinator"])
+        .arg(&coordinator.addr)
+        .arg("--data-dir")
+        .arg(tmp.path().join("fresh"))
+        .arg("--out")
+        .arg(&out)
+        .arg("--report")
+        .arg(&report));
+    assert!(status.status.success(), "{stdout}{stderr}");
+    assert!(
+        stdout.contains("round-00002") && stdout.contains("signature and hashes ok"),
+        "{stdout}"
+    );
+    // The base model, byte for byte.
+    for name in ["config.json", "model.safetensors", "tokenizer.json"] {
+        assert_eq!(
+            std::fs::read(out.join("base-model").join(name)).unwrap(),
+            std::fs::read(default_asset("base").join(name)).unwrap(),
+            "{name}"
+        );
+    }
+    // The checkpoint, as the coordinator wrote it, and it checks out against this coordinator.
+    let published = tmp.path().join("coordinator/checkpoints/round-00002");
+    let pulled = out.join("checkpoints/round-00002");
+    for entry in std::fs::read_dir(&published).unwrap() {
+        let name = entry.unwrap().file_name();
+        assert_eq!(
+            std::fs::read(pulled.join(&name)).unwrap(),
+            std::fs::read(published.join(&name)).unwrap(),
+            "{name:?}"
+        );
+    }
+    let addr: libp2p::Multiaddr = coordinator.addr.parse().unwrap();
+    let signer = herd_protocol::net::pinned_peer(&addr).unwrap().to_string();
+    let (verified, vout, verr) = run(bin("herd-node")
+        .args(["verify-checkpoint", "--coordinator", &signer])
+        .arg(&pulled));
+    assert!(verified.status.success(), "{vout}{verr}");
+    // Every byte came from the nodes; the coordinator only said what is current.
+    let report: Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    let from = report["bytes_from"].as_object().unwrap();
+    assert_eq!(from.get(&signer), None, "{report}");
+    let total: u64 = from.values().map(|v| v.as_u64().unwrap()).sum();
+    let weights = std::fs::metadata(default_asset("base/model.safetensors"))
+        .unwrap()
+        .len();
+    assert!(total > weights, "{report}");
+    println!("{stdout}{report}");
+}

@@ -97,6 +97,8 @@ pub fn run(root: &Path, args: DemoArgs) -> Result<()> {
             "run",
             "--threads",
             "1",
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
             "--coordinator",
             &addr,
             "--data-dir",

@@ -2,21 +2,29 @@
 //! submit; reconnects with backoff; on Ctrl-C hands its lease back and exits.
 
 mod cache;
+mod fetch;
 mod network;
+pub mod pull;
 mod residual;
+mod seed;
 mod worker;
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use herd_protocol::messages::RoundAnnouncement;
 use herd_protocol::messages::{
     LeaseRequest, PROTOCOL_VERSION, RpcRequest, RpcResponse, Submission, Verdict, now_ms,
 };
-use herd_protocol::net::{Role, build_swarm, load_or_create_identity, pinned_peer};
-use libp2p::Multiaddr;
+use herd_protocol::net::{NetOptions, Role, build_swarm, load_or_create_identity, pinned_peer};
+use libp2p::identity::Keypair;
+use libp2p::{Multiaddr, PeerId};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 
 use crate::commands::ComputeArgs;
+use cache::BlobCache;
 use network::{Client, NetFailure};
 use worker::Worker;
 
@@ -26,17 +34,36 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// Deliveries of one submission tried while the coordinator is unreachable.
 const SUBMIT_ATTEMPTS: u32 = 8;
 
+/// Where the run is and where this node keeps its state: shared by `run` and `pull`.
 #[derive(Debug, clap::Args)]
-pub struct RunArgs {
+pub struct JoinArgs {
     /// The coordinator's multiaddr, ending in its PeerId: /ip4/1.2.3.4/tcp/4001/p2p/12D3KooW...
     #[arg(long, env = "HERD_COORDINATOR")]
     coordinator: String,
     /// Where the identity key and the blob cache live (default: $XDG_DATA_HOME/herd-node).
     #[arg(long, env = "HERD_DATA_DIR")]
     data_dir: Option<PathBuf>,
+    /// Addresses to listen on, so other peers can fetch blobs from this node (repeatable).
+    #[arg(
+        long,
+        env = "HERD_LISTEN",
+        value_delimiter = ',',
+        default_values_t = ["/ip4/0.0.0.0/tcp/0".to_string(), "/ip4/0.0.0.0/udp/0/quic-v1".to_string()]
+    )]
+    listen: Vec<String>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    join: JoinArgs,
     /// Stop after this many shards (default: until the run finishes).
     #[arg(long)]
     max_shards: Option<u64>,
+    /// When the run is over, keep serving its checkpoints and base model to other peers until
+    /// Ctrl-C.
+    #[arg(long, env = "HERD_SEED_AFTER_FINISH")]
+    seed_after_finish: bool,
     #[command(flatten)]
     compute: ComputeArgs,
 }
@@ -57,13 +84,26 @@ pub fn run(args: RunArgs) -> Result<()> {
     result
 }
 
-async fn run_async(args: RunArgs) -> Result<()> {
-    let device = args.compute.apply()?;
-    let addr: Multiaddr = args
-        .coordinator
+/// A node's link to a run: its identity, its blob cache, and the network loop.
+struct Joined {
+    data_dir: PathBuf,
+    keypair: Keypair,
+    addr: Multiaddr,
+    coordinator: PeerId,
+    cache: BlobCache,
+    client: Client,
+    net: JoinHandle<()>,
+    announced: mpsc::Receiver<RoundAnnouncement>,
+}
+
+/// Checks the coordinator's address, loads (or makes) this node's identity and cache, and
+/// starts the network loop; blobs already cached are announced in the DHT.
+async fn join(args: &JoinArgs) -> Result<Joined> {
+    let coordinator = &args.coordinator;
+    let addr: Multiaddr = coordinator
         .parse()
-        .with_context(|| format!("--coordinator `{}` is not a multiaddr", args.coordinator))?;
-    let Some(coordinator) = pinned_peer(&addr) else {
+        .with_context(|| format!("--coordinator `{coordinator}` is not a multiaddr"))?;
+    let Some(peer) = pinned_peer(&addr) else {
         bail!(
             "--coordinator must end with /p2p/<PeerId> so the node knows whom it talks to (the coordinator prints its full address at start)"
         );
@@ -71,13 +111,54 @@ async fn run_async(args: RunArgs) -> Result<()> {
     let data_dir = args.data_dir.clone().unwrap_or_else(default_data_dir);
     let keypair = load_or_create_identity(&data_dir.join("identity.key"))?;
     tracing::info!(peer = %keypair.public().to_peer_id(), data_dir = %data_dir.display(), "herd node starting");
-    let mut swarm = build_swarm(keypair.clone(), Role::Node)?;
-    // Round announcements: informative for now (leases carry everything needed to work).
+    let mut swarm = build_swarm(keypair.clone(), Role::Node, NetOptions::default())?;
+    // Listening lets other peers fetch blobs from this node (AutoNAT tells whether they can).
+    for listen in &args.listen {
+        let listen: Multiaddr = listen
+            .parse()
+            .with_context(|| format!("--listen `{listen}` is not a multiaddr"))?;
+        swarm
+            .listen_on(listen.clone())
+            .with_context(|| format!("listening on {listen}"))?;
+    }
     let topic = libp2p::gossipsub::IdentTopic::new(herd_protocol::messages::ANNOUNCE_TOPIC);
     swarm.behaviour_mut().gossipsub.subscribe(&topic)?;
-    let (client, event_loop) = network::new(swarm, coordinator, addr.clone());
+    let cache = BlobCache::open(data_dir.join("cache"))?;
+    let (client, event_loop, announced) = network::new(swarm, peer, addr.clone(), cache.shared());
     let net = tokio::spawn(event_loop.run());
-    let mut worker = Worker::new(&data_dir, device)?;
+    for id in cache.ids() {
+        client.provide(id).await;
+    }
+    Ok(Joined {
+        data_dir,
+        keypair,
+        addr,
+        coordinator: peer,
+        cache,
+        client,
+        net,
+        announced,
+    })
+}
+
+async fn run_async(args: RunArgs) -> Result<()> {
+    let device = args.compute.apply()?;
+    let Joined {
+        data_dir,
+        keypair,
+        addr,
+        cache,
+        client,
+        net,
+        announced,
+        ..
+    } = join(&args.join).await?;
+    let seeding = tokio::spawn(seed::seed_announced(
+        client.clone(),
+        cache.shared(),
+        announced,
+    ));
+    let mut worker = Worker::new(&data_dir, cache, device)?;
     let device_text = format!("{device:?}, {} threads", tch::get_num_threads());
 
     let mut contacted = false;
@@ -98,6 +179,10 @@ async fn run_async(args: RunArgs) -> Result<()> {
                 Ok(RpcResponse::Lease(lease)) => *lease,
                 Ok(RpcResponse::NoWork { finished: true, reason, .. }) => {
                     println!("the run is over ({reason}); {shards} shards contributed");
+                    if args.seed_after_finish {
+                        println!("seeding the run's checkpoints to other peers until Ctrl-C");
+                        let _ = tokio::signal::ctrl_c().await;
+                    }
                     return Ok(());
                 }
                 Ok(RpcResponse::NoWork { retry_after_ms, reason, .. }) => {
@@ -161,6 +246,8 @@ async fn run_async(args: RunArgs) -> Result<()> {
         }
     }
     .await;
+    seeding.abort(); // it holds a client: the network loop ends only when all are gone
+    let _ = seeding.await;
     drop(client);
     let _ = net.await;
     result

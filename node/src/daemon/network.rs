@@ -1,20 +1,36 @@
 //! The node's libp2p side, after rust-libp2p's file-sharing example: a cloneable [`Client`]
 //! sends commands over a bounded channel to the [`EventLoop`], which owns the swarm and
 //! answers each command through a oneshot. The loop ends when the last client is dropped.
+//!
+//! Besides talking to the coordinator, the loop serves the node's blob store to other peers,
+//! finds and announces blob providers in the DHT, forwards the coordinator's round
+//! announcements, and keeps the node reachable: AutoNAT asks the coordinator whether this node
+//! can be dialed, and if not, the node listens through the coordinator's relay.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use herd_protocol::ContentId;
+use herd_protocol::blobs::BlobStore;
 use herd_protocol::messages::{
     BlobRequest, BlobResponse, MAX_ANNOUNCE_BYTES, RoundAnnouncement, RpcRequest, RpcResponse,
 };
-use herd_protocol::net::{Behaviour, BehaviourEvent};
+use herd_protocol::net::{Behaviour, BehaviourEvent, KAD_PROTOCOL, blob_key};
+use libp2p::multiaddr::Protocol;
 use libp2p::request_response::{self, OutboundRequestId};
 use libp2p::swarm::SwarmEvent;
-use libp2p::{Multiaddr, PeerId, Swarm};
+use libp2p::{Multiaddr, PeerId, Swarm, autonat, identify, kad, relay};
 use tokio::sync::{mpsc, oneshot};
 
-/// Why a request to the coordinator did not get an answer.
+/// The blob store the loop serves from and downloads land in.
+pub type SharedStore = Arc<Mutex<BlobStore>>;
+
+/// How long a provider lookup may take before it answers with what it found.
+const PROVIDER_LOOKUP: Duration = Duration::from_secs(5);
+
+/// Why a request did not get an answer.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum NetFailure {
     #[error("cannot connect: {0}")]
@@ -33,24 +49,66 @@ enum Command {
         reply: Reply<RpcResponse>,
     },
     Blob {
+        peer: PeerId,
         request: BlobRequest,
         reply: Reply<BlobResponse>,
     },
+    Providers {
+        id: ContentId,
+        reply: oneshot::Sender<Vec<PeerId>>,
+    },
+    Provide {
+        id: ContentId,
+    },
 }
 
-/// Sends requests to the coordinator.
+/// Sends requests to the coordinator and to other peers.
 #[derive(Clone)]
 pub struct Client {
     tx: mpsc::Sender<Command>,
+    coordinator: PeerId,
 }
 
 impl Client {
+    pub fn coordinator(&self) -> PeerId {
+        self.coordinator
+    }
+
     pub async fn rpc(&self, request: RpcRequest) -> Result<RpcResponse, NetFailure> {
         self.request(|reply| Command::Rpc { request, reply }).await
     }
 
-    pub async fn blob(&self, request: BlobRequest) -> Result<BlobResponse, NetFailure> {
-        self.request(|reply| Command::Blob { request, reply }).await
+    pub async fn blob(
+        &self,
+        peer: PeerId,
+        request: BlobRequest,
+    ) -> Result<BlobResponse, NetFailure> {
+        self.request(|reply| Command::Blob {
+            peer,
+            request,
+            reply,
+        })
+        .await
+    }
+
+    /// Peers (other than this one) that say they hold blob `id`, connected and ready to ask;
+    /// empty when the DHT knows none.
+    pub async fn providers(&self, id: ContentId) -> Vec<PeerId> {
+        let (reply, rx) = oneshot::channel();
+        if self
+            .tx
+            .send(Command::Providers { id, reply })
+            .await
+            .is_err()
+        {
+            return Vec::new();
+        }
+        rx.await.unwrap_or_default()
+    }
+
+    /// Tells the DHT this node holds blob `id` (and serves it).
+    pub async fn provide(&self, id: ContentId) {
+        let _ = self.tx.send(Command::Provide { id }).await;
     }
 
     /// Hands the event loop a command carrying a reply channel and waits for the answer.
@@ -64,44 +122,78 @@ impl Client {
     }
 }
 
+/// A provider lookup in flight: it answers once the query is over and the providers it found
+/// are connected (or failed to be), or at its deadline with those that are.
+struct Lookup {
+    reply: oneshot::Sender<Vec<PeerId>>,
+    ready: Vec<PeerId>,
+    dialing: HashSet<PeerId>,
+    query_done: bool,
+    deadline: Instant,
+}
+
 /// Owns the swarm; see the module docs.
 pub struct EventLoop {
     swarm: Swarm<Behaviour>,
     coordinator: PeerId,
-    /// Where the coordinator is (sent along with every request).
+    /// Where the coordinator is (sent along with every request to it).
     coordinator_addr: Multiaddr,
     rx: mpsc::Receiver<Command>,
+    store: SharedStore,
+    announcements: mpsc::Sender<RoundAnnouncement>,
     pending_rpc: HashMap<OutboundRequestId, Reply<RpcResponse>>,
     pending_blob: HashMap<OutboundRequestId, Reply<BlobResponse>>,
+    lookups: HashMap<kad::QueryId, Lookup>,
+    /// Where other peers were last reached, to dial them again.
+    addresses: HashMap<PeerId, Multiaddr>,
     /// The last reason a dial to the coordinator failed, for a useful error message.
     last_dial_error: Option<String>,
+    listening_via_relay: bool,
 }
 
 /// Wires a client to an event loop for `swarm` that talks to `coordinator` at
-/// `coordinator_addr`.
+/// `coordinator_addr`, serves `store`, and forwards round announcements to the returned
+/// receiver.
 pub fn new(
-    swarm: Swarm<Behaviour>,
+    mut swarm: Swarm<Behaviour>,
     coordinator: PeerId,
     coordinator_addr: Multiaddr,
-) -> (Client, EventLoop) {
+    store: SharedStore,
+) -> (Client, EventLoop, mpsc::Receiver<RoundAnnouncement>) {
     let (tx, rx) = mpsc::channel(16);
+    let (announcements, announced) = mpsc::channel(16);
+    let behaviour = swarm.behaviour_mut();
+    // The coordinator is the DHT's entry point and the judge of this node's reachability.
+    behaviour
+        .kad
+        .add_address(&coordinator, coordinator_addr.clone());
+    behaviour
+        .autonat
+        .add_server(coordinator, Some(coordinator_addr.clone()));
     (
-        Client { tx },
+        Client { tx, coordinator },
         EventLoop {
             swarm,
             coordinator,
             coordinator_addr,
             rx,
+            store,
+            announcements,
             pending_rpc: HashMap::new(),
             pending_blob: HashMap::new(),
+            lookups: HashMap::new(),
+            addresses: HashMap::new(),
             last_dial_error: None,
+            listening_via_relay: false,
         },
+        announced,
     )
 }
 
 impl EventLoop {
     /// Runs until every [`Client`] is dropped. Cancel-safe only as a whole.
     pub async fn run(mut self) {
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
         loop {
             tokio::select! {
                 event = self.swarm.select_next_some() => self.on_event(event),
@@ -109,16 +201,18 @@ impl EventLoop {
                     Some(c) => self.on_command(c),
                     None => return,
                 },
+                _ = tick.tick() => self.settle_lookups(),
             }
         }
     }
 
     fn on_command(&mut self, command: Command) {
-        // The address goes with every request: request-response drops an address whose dial
-        // failed, so a node that once found the coordinator down would never dial it again.
-        let addr = vec![self.coordinator_addr.clone()];
         match command {
             Command::Rpc { request, reply } => {
+                // The address goes with every request: request-response drops an address whose
+                // dial failed, so a node that once found the coordinator down would never dial
+                // it again.
+                let addr = vec![self.coordinator_addr.clone()];
                 let id = self.swarm.behaviour_mut().rpc.send_request_with_addresses(
                     &self.coordinator,
                     request,
@@ -126,22 +220,67 @@ impl EventLoop {
                 );
                 self.pending_rpc.insert(id, reply);
             }
-            Command::Blob { request, reply } => {
+            Command::Blob {
+                peer,
+                request,
+                reply,
+            } => {
+                let addr = if peer == self.coordinator {
+                    Some(self.coordinator_addr.clone())
+                } else {
+                    self.addresses.get(&peer).cloned()
+                };
                 let id = self.swarm.behaviour_mut().blob.send_request_with_addresses(
-                    &self.coordinator,
+                    &peer,
                     request,
-                    addr,
+                    addr.into_iter().collect(),
                 );
                 self.pending_blob.insert(id, reply);
+            }
+            Command::Providers { id, reply } => {
+                let query = self.swarm.behaviour_mut().kad.get_providers(blob_key(&id));
+                self.lookups.insert(
+                    query,
+                    Lookup {
+                        reply,
+                        ready: Vec::new(),
+                        dialing: HashSet::new(),
+                        query_done: false,
+                        deadline: Instant::now() + PROVIDER_LOOKUP,
+                    },
+                );
+            }
+            Command::Provide { id } => {
+                if let Err(e) = self
+                    .swarm
+                    .behaviour_mut()
+                    .kad
+                    .start_providing(blob_key(&id))
+                {
+                    tracing::warn!(%id, error = %e, "cannot announce a blob in the DHT");
+                }
             }
         }
     }
 
     fn on_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
         match event {
-            SwarmEvent::ConnectionEstablished { peer_id, .. } if peer_id == self.coordinator => {
-                tracing::info!(peer = %peer_id, "connected to the coordinator");
-                self.last_dial_error = None;
+            SwarmEvent::ConnectionEstablished {
+                peer_id, endpoint, ..
+            } => {
+                if peer_id == self.coordinator {
+                    tracing::info!(peer = %peer_id, "connected to the coordinator");
+                    self.last_dial_error = None;
+                } else if endpoint.is_dialer() {
+                    self.addresses
+                        .insert(peer_id, endpoint.get_remote_address().clone());
+                }
+                for lookup in self.lookups.values_mut() {
+                    if lookup.dialing.remove(&peer_id) {
+                        lookup.ready.push(peer_id);
+                    }
+                }
+                self.settle_lookups();
             }
             SwarmEvent::ConnectionClosed {
                 peer_id,
@@ -150,44 +289,158 @@ impl EventLoop {
             } if peer_id == self.coordinator => {
                 tracing::warn!("disconnected from the coordinator");
             }
-            SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(
-                libp2p::gossipsub::Event::Message { message, .. },
-            )) => {
-                match herd_protocol::framing::decode::<RoundAnnouncement, MAX_ANNOUNCE_BYTES>(
-                    &message.data,
-                ) {
-                    Ok(ann) => {
-                        tracing::info!(run = %ann.run, round = %ann.round, adapter = %ann.adapter, "round announced")
-                    }
-                    Err(e) => tracing::debug!(error = %e, "ignored a malformed announcement"),
-                }
-            }
             SwarmEvent::Dialing {
                 peer_id: Some(peer),
                 ..
             } if peer == self.coordinator => {
                 self.last_dial_error = None; // a failure now is this dial's, not an old one's
             }
-            SwarmEvent::OutgoingConnectionError { error, .. } => {
-                self.last_dial_error = Some(error.to_string());
+            SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
+                if peer_id == Some(self.coordinator) {
+                    self.last_dial_error = Some(error.to_string());
+                }
+                if let Some(peer) = peer_id {
+                    for lookup in self.lookups.values_mut() {
+                        lookup.dialing.remove(&peer);
+                    }
+                    self.settle_lookups();
+                }
             }
-            SwarmEvent::Behaviour(BehaviourEvent::Rpc(event)) => {
+            // A relayed address is how peers behind NAT are reached: tell the DHT about it.
+            SwarmEvent::NewListenAddr { address, .. }
+                if address.iter().any(|p| p == Protocol::P2pCircuit) =>
+            {
+                tracing::info!(%address, "reachable through the coordinator's relay");
+                self.swarm.add_external_address(address);
+            }
+            SwarmEvent::Behaviour(event) => self.on_behaviour(event),
+            _ => {}
+        }
+    }
+
+    fn on_behaviour(&mut self, event: BehaviourEvent) {
+        match event {
+            BehaviourEvent::Gossipsub(libp2p::gossipsub::Event::Message { message, .. }) => {
+                // Only the coordinator's word counts (gossipsub checked the signature).
+                if message.source != Some(self.coordinator) {
+                    return;
+                }
+                match herd_protocol::framing::decode::<RoundAnnouncement, MAX_ANNOUNCE_BYTES>(
+                    &message.data,
+                ) {
+                    Ok(ann) => {
+                        tracing::info!(run = %ann.run, round = %ann.round, adapter = %ann.adapter, "round announced");
+                        let _ = self.announcements.try_send(ann);
+                    }
+                    Err(e) => tracing::debug!(error = %e, "ignored a malformed announcement"),
+                }
+            }
+            BehaviourEvent::Rpc(event) => {
                 let dial = self.last_dial_error.clone();
                 let failure =
                     |e: &request_response::OutboundFailure| outbound_failure(dial.as_deref(), e);
                 let _ = settle(&mut self.pending_rpc, event, failure);
             }
-            SwarmEvent::Behaviour(BehaviourEvent::Blob(event)) => {
-                let dial = self.last_dial_error.clone();
-                let failure =
-                    |e: &request_response::OutboundFailure| outbound_failure(dial.as_deref(), e);
-                if let Some(channel) = settle(&mut self.pending_blob, event, failure) {
-                    // Serving blobs to other nodes comes with peer-to-peer downloads.
+            BehaviourEvent::Blob(event) => {
+                let failure = |e: &request_response::OutboundFailure| outbound_failure(None, e);
+                if let Some((request, channel)) = settle(&mut self.pending_blob, event, failure) {
+                    let response = self.store.lock().expect("blob store lock").serve(&request);
                     let _ = self
                         .swarm
                         .behaviour_mut()
                         .blob
-                        .send_response(channel, BlobResponse::NotFound);
+                        .send_response(channel, response);
+                }
+            }
+            // Peers that answer DHT queries go into the routing table.
+            BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. })
+                if info.protocols.iter().any(|p| p.as_ref() == KAD_PROTOCOL) =>
+            {
+                for addr in info.listen_addrs {
+                    self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
+                }
+            }
+            BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
+                id, result, step, ..
+            }) => self.on_query(id, result, step.last),
+            BehaviourEvent::Autonat(autonat::Event::StatusChanged { new, .. }) => {
+                self.on_reachability(new)
+            }
+            BehaviourEvent::RelayClient(relay::client::Event::ReservationReqAccepted {
+                relay_peer_id,
+                ..
+            }) => {
+                tracing::debug!(relay = %relay_peer_id, "relay reservation accepted");
+            }
+            _ => {}
+        }
+    }
+
+    fn on_query(&mut self, id: kad::QueryId, result: kad::QueryResult, last: bool) {
+        let local = *self.swarm.local_peer_id();
+        if let kad::QueryResult::GetProviders(Ok(kad::GetProvidersOk::FoundProviders {
+            providers,
+            ..
+        })) = &result
+            && self.lookups.contains_key(&id)
+        {
+            for peer in providers.iter().filter(|p| **p != local) {
+                let connected = self.swarm.is_connected(peer);
+                let lookup = self.lookups.get_mut(&id).expect("checked above");
+                if lookup.ready.contains(peer) || lookup.dialing.contains(peer) {
+                    continue;
+                }
+                if connected {
+                    lookup.ready.push(*peer);
+                // Dialled now, while the query still knows the addresses it was told.
+                } else if self.swarm.dial(*peer).is_ok() {
+                    lookup.dialing.insert(*peer);
+                }
+            }
+        }
+        if last && let Some(lookup) = self.lookups.get_mut(&id) {
+            lookup.query_done = true;
+        }
+        if let kad::QueryResult::StartProviding(Err(e)) = &result {
+            tracing::debug!(error = %e, "announcing a blob reached no DHT peer");
+        }
+        self.settle_lookups();
+    }
+
+    /// Answers the lookups that are complete or out of time.
+    fn settle_lookups(&mut self) {
+        let now = Instant::now();
+        let done: Vec<kad::QueryId> = self
+            .lookups
+            .iter()
+            .filter(|(_, l)| (l.query_done && l.dialing.is_empty()) || now >= l.deadline)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in done {
+            let lookup = self.lookups.remove(&id).expect("listed above");
+            if let Some(mut query) = self.swarm.behaviour_mut().kad.query_mut(&id) {
+                query.finish();
+            }
+            let _ = lookup.reply.send(lookup.ready);
+        }
+    }
+
+    /// Says in plain words whether other peers can reach this node, and if they cannot,
+    /// listens through the coordinator's relay.
+    fn on_reachability(&mut self, status: autonat::NatStatus) {
+        match status {
+            autonat::NatStatus::Public(addr) => tracing::info!(
+                %addr,
+                "reachability: public; other peers can download checkpoints from this node"
+            ),
+            autonat::NatStatus::Private if !self.listening_via_relay => {
+                tracing::info!(
+                    "reachability: behind NAT or a firewall; listening through the coordinator's relay"
+                );
+                let circuit = self.coordinator_addr.clone().with(Protocol::P2pCircuit);
+                match self.swarm.listen_on(circuit) {
+                    Ok(_) => self.listening_via_relay = true,
+                    Err(e) => tracing::warn!(error = %e, "cannot listen through the relay"),
                 }
             }
             _ => {}
@@ -208,13 +461,13 @@ fn outbound_failure(
     }
 }
 
-/// Hands a response (or failure) to whoever waits for it; returns the channel of an inbound
-/// request, which the caller must answer.
+/// Hands a response (or failure) to whoever waits for it; returns an inbound request with its
+/// channel, which the caller must answer.
 fn settle<Req, Resp>(
     pending: &mut HashMap<OutboundRequestId, Reply<Resp>>,
     event: request_response::Event<Req, Resp>,
     failure: impl Fn(&request_response::OutboundFailure) -> NetFailure,
-) -> Option<request_response::ResponseChannel<Resp>> {
+) -> Option<(Req, request_response::ResponseChannel<Resp>)> {
     match event {
         request_response::Event::Message {
             message:
@@ -238,9 +491,12 @@ fn settle<Req, Resp>(
             None
         }
         request_response::Event::Message {
-            message: request_response::Message::Request { channel, .. },
+            message:
+                request_response::Message::Request {
+                    request, channel, ..
+                },
             ..
-        } => Some(channel),
+        } => Some((request, channel)),
         _ => None,
     }
 }

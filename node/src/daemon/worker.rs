@@ -37,16 +37,16 @@ pub struct Outcome {
 }
 
 pub struct Worker {
-    cache: BlobCache,
+    pub cache: BlobCache,
     pub residuals: ResidualStore,
     device: tch::Device,
     loaded: Option<Loaded>,
 }
 
 impl Worker {
-    pub fn new(data_dir: &std::path::Path, device: tch::Device) -> Result<Self> {
+    pub fn new(data_dir: &std::path::Path, cache: BlobCache, device: tch::Device) -> Result<Self> {
         Ok(Worker {
-            cache: BlobCache::new(data_dir.join("cache"))?,
+            cache,
             residuals: ResidualStore::new(data_dir.join("residual")),
             device,
             loaded: None,
@@ -61,11 +61,20 @@ impl Worker {
         lease: &Lease,
     ) -> Result<Outcome> {
         let a = &lease.assets;
-        let config = self.cache.fetch(client, &a.config).await?;
-        let weights = self.cache.fetch(client, &a.weights).await?;
-        let tokenizer = self.cache.fetch(client, &a.tokenizer).await?;
-        let data = self.cache.fetch(client, &a.data).await?;
-        let adapter = self.cache.fetch(client, &lease.base_adapter).await?;
+        let config = self.cache.fetch(client, &a.config, "config.json").await?;
+        let weights = self
+            .cache
+            .fetch(client, &a.weights, "model.safetensors")
+            .await?;
+        let tokenizer = self
+            .cache
+            .fetch(client, &a.tokenizer, "tokenizer.json")
+            .await?;
+        let data = self.cache.fetch(client, &a.data, "training data").await?;
+        let adapter = self
+            .cache
+            .fetch(client, &lease.base_adapter, "the round's adapter")
+            .await?;
         let stale = self
             .loaded
             .as_ref()

@@ -1,0 +1,219 @@
+//! Downloading a blob from whichever peers hold it: the DHT names the providers, one of them
+//! sends the outline (checked against the blob's id), then groups come from several peers at
+//! once, each checked against the outline on arrival. A peer that sends bad bytes or fails is
+//! dropped; the coordinator is asked only when no other peer can serve. What has arrived stays
+//! in a partial file, so an interrupted download resumes where it stopped.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::fs::OpenOptions;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use futures::stream::{FuturesUnordered, StreamExt};
+use herd_protocol::ContentId;
+use herd_protocol::messages::{BlobRequest, BlobResponse, NamedBlob, OUTLINE_PAGE};
+use herd_protocol::outline::{MAX_BLOB_BYTES, Outline, group_count, group_range};
+use libp2p::PeerId;
+use rand::seq::SliceRandom;
+
+use super::network::{Client, SharedStore};
+use crate::progress::ByteProgress;
+
+/// Group requests in flight at once, spread over the providers.
+const PARALLEL_GROUPS: usize = 4;
+
+/// A blob in the store, and who sent how many of its bytes (empty if it was already there).
+#[derive(Debug)]
+pub struct Fetched {
+    pub path: PathBuf,
+    pub bytes_from: BTreeMap<PeerId, u64>,
+}
+
+/// The local path of blob `id`, downloading it first if the store lacks it; `what` names it
+/// in progress reports. The downloaded blob is then announced in the DHT.
+pub async fn fetch(
+    client: &Client,
+    store: &SharedStore,
+    id: ContentId,
+    what: &str,
+) -> Result<Fetched> {
+    if let Some(path) = store.lock().expect("blob store lock").path(&id) {
+        return Ok(Fetched {
+            path: path.to_path_buf(),
+            bytes_from: BTreeMap::new(),
+        });
+    }
+    let coordinator = client.coordinator();
+    let mut peers: Vec<PeerId> = client.providers(id).await;
+    peers.retain(|p| *p != coordinator);
+    peers.shuffle(&mut rand::rng());
+    tracing::debug!(%id, providers = peers.len(), "fetching a blob");
+    // The coordinator holds everything it publishes, but its bandwidth is the run's
+    // bottleneck: it is the last resort.
+    peers.push(coordinator);
+
+    let mut outline = None;
+    while outline.is_none() && !peers.is_empty() {
+        let peer = peers[0];
+        match fetch_outline(client, peer, &id).await {
+            Ok(o) => outline = Some(o),
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, "no outline from this peer");
+                peers.remove(0);
+            }
+        }
+    }
+    let Some(outline) = outline else {
+        bail!("no peer could serve {what} (blob {id})");
+    };
+
+    let partial = store.lock().expect("blob store lock").partial_path(&id);
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&partial)
+        .with_context(|| format!("opening {}", partial.display()))?;
+    let resumed = file.metadata()?.len() == outline.total();
+    file.set_len(outline.total())?;
+    let mut missing: VecDeque<u64> = VecDeque::new();
+    let mut have = 0;
+    for index in 0..outline.groups() {
+        let range = group_range(outline.total(), index);
+        if resumed {
+            let mut bytes = vec![0u8; (range.end - range.start) as usize];
+            if file.read_exact_at(&mut bytes, range.start).is_ok()
+                && outline.check_group(index, &bytes).is_ok()
+            {
+                have += bytes.len() as u64;
+                continue;
+            }
+        }
+        missing.push_back(index);
+    }
+    if have > 0 {
+        tracing::info!(what, bytes = have, "resuming a download");
+    }
+
+    let mut progress = ByteProgress::new(outline.total(), have, what);
+    let mut bytes_from = BTreeMap::new();
+    let mut in_flight = FuturesUnordered::new();
+    let mut turn = 0usize;
+    loop {
+        // Other peers first; the coordinator only when no one else is left.
+        let others: Vec<PeerId> = peers
+            .iter()
+            .copied()
+            .filter(|p| *p != coordinator)
+            .collect();
+        let serving = if others.is_empty() { &peers } else { &others };
+        while in_flight.len() < PARALLEL_GROUPS && !serving.is_empty() {
+            let Some(index) = missing.pop_front() else {
+                break;
+            };
+            let peer = serving[turn % serving.len()];
+            turn += 1;
+            let client = client.clone();
+            in_flight.push(async move {
+                let answer = client.blob(peer, BlobRequest::Group { id, index }).await;
+                (peer, index, answer)
+            });
+        }
+        let Some((peer, index, answer)) = in_flight.next().await else {
+            break; // nothing missing, nothing in flight: done, or no peer left
+        };
+        let verdict = match answer {
+            Ok(BlobResponse::Group(bytes)) => outline
+                .check_group(index, &bytes)
+                .map(|()| bytes)
+                .map_err(|e| format!("sent a bad group: {e}")),
+            Ok(BlobResponse::NotFound) => Err("does not have it".to_string()),
+            Ok(other) => Err(format!("answered {other:?}")),
+            Err(e) => Err(e.to_string()),
+        };
+        match verdict {
+            Ok(bytes) => {
+                let start = group_range(outline.total(), index).start;
+                file.write_all_at(&bytes, start)
+                    .with_context(|| format!("writing {}", partial.display()))?;
+                *bytes_from.entry(peer).or_default() += bytes.len() as u64;
+                progress.add(bytes.len() as u64);
+            }
+            Err(why) => {
+                if peers.contains(&peer) {
+                    tracing::warn!(%peer, what, %why, "dropping a peer from this download");
+                    peers.retain(|p| *p != peer);
+                }
+                missing.push_back(index);
+            }
+        }
+        if peers.is_empty() && in_flight.is_empty() {
+            break;
+        }
+    }
+    progress.finish();
+    if !missing.is_empty() {
+        bail!(
+            "no peer left to serve {what} (blob {id}); {} of {} groups kept for a resume",
+            outline.groups() - missing.len() as u64,
+            outline.groups()
+        );
+    }
+    file.sync_all()?;
+    drop(file);
+    let path = store
+        .lock()
+        .expect("blob store lock")
+        .adopt(&partial, outline)?;
+    client.provide(id).await;
+    Ok(Fetched { path, bytes_from })
+}
+
+/// Blob `id`'s outline from `peer`, page by page, checked against the id.
+async fn fetch_outline(client: &Client, peer: PeerId, id: &ContentId) -> Result<Outline> {
+    let mut cvs = Vec::new();
+    let mut total = None;
+    loop {
+        let first = cvs.len() as u64;
+        let (size, page) = match client
+            .blob(peer, BlobRequest::Outline { id: *id, first })
+            .await?
+        {
+            BlobResponse::Outline { total, cvs } => (total, cvs),
+            BlobResponse::NotFound => bail!("not found"),
+            other => bail!("answered {other:?}"),
+        };
+        if size > MAX_BLOB_BYTES || total.is_some_and(|t| t != size) {
+            bail!("inconsistent or oversized size {size}");
+        }
+        total = Some(size);
+        let groups = group_count(size);
+        if page.is_empty() || page.len() > OUTLINE_PAGE || first + page.len() as u64 > groups {
+            bail!("an outline page of {} entries at {first}", page.len());
+        }
+        cvs.extend(page);
+        if cvs.len() as u64 == groups {
+            return Ok(Outline::verify(id, size, cvs)?);
+        }
+    }
+}
+
+/// Fetches each named blob in turn; returns where each is, by name, and who sent what.
+pub async fn fetch_all(
+    client: &Client,
+    store: &SharedStore,
+    files: &[NamedBlob],
+) -> Result<(Vec<(String, PathBuf)>, BTreeMap<PeerId, u64>)> {
+    let mut paths = Vec::with_capacity(files.len());
+    let mut bytes_from: BTreeMap<PeerId, u64> = BTreeMap::new();
+    for f in files {
+        let fetched = fetch(client, store, f.id, &f.name).await?;
+        for (peer, n) in fetched.bytes_from {
+            *bytes_from.entry(peer).or_default() += n;
+        }
+        paths.push((f.name.clone(), fetched.path));
+    }
+    Ok((paths, bytes_from))
+}
