@@ -382,6 +382,9 @@ impl Shell {
         match event {
             SwarmEvent::NewListenAddr { address, .. } => {
                 say!("listening: {address}/p2p/{}", swarm.local_peer_id());
+                // A coordinator is reachable where its operator makes it listen; saying so
+                // lets it relay for nodes behind NAT (libp2p's relay serves only then).
+                swarm.add_external_address(address);
             }
             SwarmEvent::ConnectionEstablished { peer_id, .. } => {
                 let p = self.peers.entry(peer_id).or_insert_with(|| PeerStatus {

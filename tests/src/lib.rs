@@ -2,6 +2,7 @@
 //! `cargo xtask test` built, copy fixtures, and damage files in controlled ways.
 
 pub mod adversary;
+pub mod netns;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -20,6 +21,11 @@ pub fn root() -> PathBuf {
 /// A command for a workspace binary in the same profile dir as this test binary
 /// (`target/<profile>/deps/<test>` → `target/<profile>/<name>`).
 pub fn bin(name: &str) -> Command {
+    Command::new(bin_path(name))
+}
+
+/// The path of a workspace binary (see [`bin`]).
+pub fn bin_path(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test binary path");
     let dir = exe
         .parent()
@@ -31,7 +37,7 @@ pub fn bin(name: &str) -> Command {
         "{} not built: run `cargo build --workspace --bins` (cargo xtask test does)",
         path.display()
     );
-    Command::new(path)
+    path
 }
 
 /// `tests/fixtures/<name>`.
@@ -156,6 +162,13 @@ impl Coordinator {
     /// Like [`Coordinator::start`] on TCP port `port` (a coordinator restarted on the same
     /// dir and port is the same peer at the same address). Its stderr is appended to.
     pub fn start_on(dir: &Path, body: &str, port: u16) -> Coordinator {
+        let listen = format!("/ip4/127.0.0.1/tcp/{port}");
+        Coordinator::start_with(dir, body, &listen, bin("herd-coordinator"))
+    }
+
+    /// Starts `program` (herd-coordinator, perhaps run inside a network namespace) listening
+    /// on `listen`.
+    pub fn start_with(dir: &Path, body: &str, listen: &str, mut program: Command) -> Coordinator {
         use std::io::BufRead;
         let config = dir.join("run.toml");
         // A body may set `http` itself (e.g. "off").
@@ -166,14 +179,14 @@ impl Coordinator {
         };
         let text = format!(
             "run = \"test\"\nbase_model = {:?}\ndata = {:?}\nheldout = {:?}\ndata_dir = \"coordinator\"\n\
-             listen = [\"/ip4/127.0.0.1/tcp/{port}\"]\n{http}{body}",
+             listen = [\"{listen}\"]\n{http}{body}",
             default_asset("base"),
             default_asset("data/train.jsonl"),
             default_asset("data/heldout.jsonl"),
         );
         std::fs::write(&config, text).unwrap();
         let log = dir.join("coordinator.log");
-        let mut child = bin("herd-coordinator")
+        let mut child = program
             .args(["serve", "--config"])
             .arg(&config)
             .stdout(std::process::Stdio::piped())

@@ -383,3 +383,101 @@ fn with_http_off_a_fresh_node_pulls_the_base_model_and_latest_checkpoint_from_ot
     assert!(total > weights, "{report}");
     println!("{stdout}{report}");
 }
+
+#[test]
+fn a_node_behind_nat_serves_what_it_holds_by_dialling_back_a_peer_that_came_through_the_relay() {
+    use herd_tests::netns::{HOME_IP, INET_IP, NatLab};
+    let lab = match NatLab::create() {
+        Ok(lab) => lab,
+        // Network namespaces need root; CI runs as root and installs iptables.
+        Err(why) => {
+            eprintln!("skipped: cannot build the NAT lab: {why}");
+            return;
+        }
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let body = "rounds = 2\nhttp = \"off\"\nlan = true\nserve_after_finish = true\n[round]\nshards = 2\n\
+                samples_per_shard = 16\ninner_steps = 4\nlr = 3e-3\nbatch_size = 8\nmax_seq_len = 128\n\
+                lease_secs = 60\nouter_lr = 0.7\nouter_momentum = 0.5\ncheckpoint_every = 1\n";
+    let coordinator = Coordinator::start_with(
+        tmp.path(),
+        body,
+        &format!("/ip4/{INET_IP}/tcp/0"),
+        lab.inet(&herd_tests::bin_path("herd-coordinator")),
+    );
+    // The only contributor, at home behind the NAT.
+    let err = tmp.path().join("home.err");
+    let _home = Reaper(vec![
+        lab.home(&herd_tests::bin_path("herd-node"))
+            .args(["run", "--threads", "1", "--seed-after-finish", "--listen"])
+            .arg(format!("/ip4/{HOME_IP}/tcp/0"))
+            .arg("--coordinator")
+            .arg(&coordinator.addr)
+            .arg("--data-dir")
+            .arg(tmp.path().join("home"))
+            .env(
+                "HERD_LOG",
+                std::env::var("HERD_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdout(std::fs::File::create(tmp.path().join("home.log")).unwrap())
+            .stderr(std::fs::File::create(&err).unwrap())
+            .spawn()
+            .unwrap(),
+    ]);
+    let log = || std::fs::read_to_string(&err).unwrap_or_default();
+    // It finds out it is behind NAT, listens through the relay, and seeds the checkpoint.
+    let seeded_via_relay = |text: &str| {
+        text.contains("reachability: behind NAT")
+            && text.contains("reachable through the coordinator's relay")
+            && text
+                .lines()
+                .any(|l| l.contains("seeding checkpoint") && l.contains("round-00002"))
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while !seeded_via_relay(&log()) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let text = log();
+    assert!(
+        seeded_via_relay(&text),
+        "the home node did not seed through the relay:\n{text}\ncoordinator:\n{}",
+        std::fs::read_to_string(&coordinator.log).unwrap_or_default()
+    );
+    let home_peer = text
+        .lines()
+        .find_map(|l| l.split("peer=").nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .expect("the node logs its peer id")
+        .to_string();
+
+    // A fresh node on the internet side pulls: every byte from the node behind the NAT.
+    let report = tmp.path().join("pull.json");
+    let (status, stdout, stderr) = run(lab
+        .inet(&herd_tests::bin_path("herd-node"))
+        .args(["pull", "--listen"])
+        .arg(format!("/ip4/{INET_IP}/tcp/0"))
+        .arg("--coordinator")
+        .arg(&coordinator.addr)
+        .arg("--data-dir")
+        .arg(tmp.path().join("fresh"))
+        .arg("--out")
+        .arg(tmp.path().join("pulled"))
+        .arg("--report")
+        .arg(&report));
+    assert!(
+        status.status.success(),
+        "{stdout}{stderr}\nhome node:\n{}",
+        log()
+    );
+    let report: Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    let from = report["bytes_from"].as_object().unwrap();
+    let weights = std::fs::metadata(default_asset("base/model.safetensors"))
+        .unwrap()
+        .len();
+    assert!(
+        from.get(&home_peer).and_then(Value::as_u64) > Some(weights) && from.len() == 1,
+        "{report}\n{stderr}\nhome node:\n{}",
+        log()
+    );
+    println!("{stdout}{report}");
+}

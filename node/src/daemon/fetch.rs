@@ -217,3 +217,122 @@ pub async fn fetch_all(
     }
     Ok((paths, bytes_from))
 }
+
+#[cfg(test)]
+mod tests {
+    //! Real libp2p on 127.0.0.1 inside one process: an honest peer serving its store, and a
+    //! liar that corrupts one group.
+
+    use std::sync::{Arc, Mutex};
+
+    use herd_protocol::blobs::BlobStore;
+    use herd_protocol::net::{Behaviour, BehaviourEvent, NetOptions, Role, build_swarm};
+    use herd_protocol::outline::GROUP_BYTES;
+    use libp2p::identity::Keypair;
+    use libp2p::request_response;
+    use libp2p::swarm::SwarmEvent;
+    use libp2p::{Multiaddr, Swarm};
+
+    use super::*;
+    use crate::daemon::network;
+
+    /// A swarm listening on loopback, and its full address.
+    async fn listening() -> (Swarm<Behaviour>, Multiaddr) {
+        let key = Keypair::generate_ed25519();
+        let mut swarm = build_swarm(key, Role::Node, NetOptions::default()).unwrap();
+        swarm
+            .listen_on("/ip4/127.0.0.1/tcp/0".parse().unwrap())
+            .unwrap();
+        loop {
+            if let SwarmEvent::NewListenAddr { address, .. } = swarm.select_next_some().await {
+                let peer = *swarm.local_peer_id();
+                return (swarm, address.with_p2p(peer).unwrap());
+            }
+        }
+    }
+
+    fn store_with(dir: &std::path::Path, data: &[u8]) -> (SharedStore, ContentId) {
+        let mut store = BlobStore::open(dir).unwrap();
+        let id = store.put_bytes(data).unwrap();
+        (Arc::new(Mutex::new(store)), id)
+    }
+
+    /// A client whose "coordinator" (last-resort provider) is `peer` at `addr`.
+    async fn client_of(
+        addr: &Multiaddr,
+        store: SharedStore,
+    ) -> (Client, tokio::task::JoinHandle<()>) {
+        let key = Keypair::generate_ed25519();
+        let swarm = build_swarm(key, Role::Node, NetOptions::default()).unwrap();
+        let peer = herd_protocol::net::pinned_peer(addr).unwrap();
+        let (client, event_loop, _announced) = network::new(swarm, peer, addr.clone(), store);
+        (client, tokio::spawn(event_loop.run()))
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_bad_group_drops_its_sender_and_the_download_resumes_from_an_honest_peer() {
+        let data: Vec<u8> = (0..(3 * GROUP_BYTES + GROUP_BYTES / 2))
+            .map(|i| (i * 7 % 253) as u8)
+            .collect();
+        let tmp = tempfile::tempdir().unwrap();
+
+        // The honest peer: a node's own network loop, serving its store.
+        let (honest_store, id) = store_with(&tmp.path().join("honest"), &data);
+        let (swarm, honest_addr) = listening().await;
+        let nowhere: Multiaddr = "/ip4/127.0.0.1/tcp/9".parse().unwrap();
+        let (honest_client, honest_loop, _) =
+            network::new(swarm, PeerId::random(), nowhere, honest_store);
+        let honest = tokio::spawn(honest_loop.run());
+
+        // The liar: a true outline, but group 1 with one bit flipped.
+        let (liar_store, _) = store_with(&tmp.path().join("liar"), &data);
+        let (mut swarm, liar_addr) = listening().await;
+        let liar = tokio::spawn(async move {
+            loop {
+                if let SwarmEvent::Behaviour(BehaviourEvent::Blob(
+                    request_response::Event::Message {
+                        message:
+                            request_response::Message::Request {
+                                request, channel, ..
+                            },
+                        ..
+                    },
+                )) = swarm.select_next_some().await
+                {
+                    let mut response = liar_store.lock().unwrap().serve(&request);
+                    if let (BlobRequest::Group { index: 1, .. }, BlobResponse::Group(bytes)) =
+                        (&request, &mut response)
+                    {
+                        bytes[100] ^= 1;
+                    }
+                    let _ = swarm.behaviour_mut().blob.send_response(channel, response);
+                }
+            }
+        });
+
+        let mine = Arc::new(Mutex::new(
+            BlobStore::open(&tmp.path().join("mine")).unwrap(),
+        ));
+        let (client, net) = client_of(&liar_addr, mine.clone()).await;
+        let err = fetch(&client, &mine, id, "test blob").await.unwrap_err();
+        assert!(err.to_string().contains("3 of 4 groups kept"), "{err:#}");
+        assert!(!mine.lock().unwrap().contains(&id));
+        drop(client);
+        net.abort();
+
+        // The honest peer sends only the group that is missing.
+        let (client, net) = client_of(&honest_addr, mine.clone()).await;
+        let got = fetch(&client, &mine, id, "test blob").await.unwrap();
+        assert_eq!(std::fs::read(&got.path).unwrap(), data);
+        let honest_peer = herd_protocol::net::pinned_peer(&honest_addr).unwrap();
+        assert_eq!(got.bytes_from.get(&honest_peer), Some(&GROUP_BYTES));
+        assert_eq!(got.bytes_from.len(), 1);
+        // And now it is a cache hit.
+        let again = fetch(&client, &mine, id, "test blob").await.unwrap();
+        assert!(again.bytes_from.is_empty());
+        drop((client, honest_client));
+        net.abort();
+        honest.abort();
+        liar.abort();
+    }
+}

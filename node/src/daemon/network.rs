@@ -18,10 +18,13 @@ use herd_protocol::messages::{
     BlobRequest, BlobResponse, MAX_ANNOUNCE_BYTES, RoundAnnouncement, RpcRequest, RpcResponse,
 };
 use herd_protocol::net::{Behaviour, BehaviourEvent, KAD_PROTOCOL, blob_key};
+use libp2p::kad::store::RecordStore;
 use libp2p::multiaddr::Protocol;
 use libp2p::request_response::{self, OutboundRequestId};
+use libp2p::swarm::ConnectionId;
 use libp2p::swarm::SwarmEvent;
-use libp2p::{Multiaddr, PeerId, Swarm, autonat, identify, kad, relay};
+use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
+use libp2p::{Multiaddr, PeerId, Swarm, autonat, dcutr, identify, kad, relay};
 use tokio::sync::{mpsc, oneshot};
 
 /// The blob store the loop serves from and downloads land in.
@@ -149,6 +152,15 @@ pub struct EventLoop {
     /// The last reason a dial to the coordinator failed, for a useful error message.
     last_dial_error: Option<String>,
     listening_via_relay: bool,
+    /// Connections through the relay, by peer: closed once hole punching gives a direct one
+    /// (the relay caps what a circuit may carry, and request-response spreads requests over
+    /// every connection to a peer).
+    relayed: HashMap<PeerId, Vec<ConnectionId>>,
+    /// Direct (not relayed) connections open, by peer.
+    direct: HashMap<PeerId, usize>,
+    /// Peers that reached this node through the relay, to dial back directly once identify
+    /// says where they listen.
+    dial_back: HashSet<PeerId>,
 }
 
 /// Wires a client to an event loop for `swarm` that talks to `coordinator` at
@@ -185,6 +197,9 @@ pub fn new(
             addresses: HashMap::new(),
             last_dial_error: None,
             listening_via_relay: false,
+            relayed: HashMap::new(),
+            direct: HashMap::new(),
+            dial_back: HashSet::new(),
         },
         announced,
     )
@@ -266,8 +281,28 @@ impl EventLoop {
     fn on_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
         match event {
             SwarmEvent::ConnectionEstablished {
-                peer_id, endpoint, ..
+                peer_id,
+                endpoint,
+                connection_id,
+                ..
             } => {
+                if endpoint.is_relayed() {
+                    // Ready once a direct connection follows (reversal or hole punching).
+                    if self.has_direct(&peer_id) {
+                        self.swarm.close_connection(connection_id);
+                    } else {
+                        self.relayed.entry(peer_id).or_default().push(connection_id);
+                        if !endpoint.is_dialer() {
+                            self.dial_back.insert(peer_id);
+                        }
+                    }
+                    return;
+                }
+                *self.direct.entry(peer_id).or_default() += 1;
+                // A direct connection makes the relayed ones redundant.
+                for id in self.relayed.remove(&peer_id).unwrap_or_default() {
+                    self.swarm.close_connection(id);
+                }
                 if peer_id == self.coordinator {
                     tracing::info!(peer = %peer_id, "connected to the coordinator");
                     self.last_dial_error = None;
@@ -284,10 +319,24 @@ impl EventLoop {
             }
             SwarmEvent::ConnectionClosed {
                 peer_id,
-                num_established: 0,
+                connection_id,
+                endpoint,
+                num_established,
                 ..
-            } if peer_id == self.coordinator => {
-                tracing::warn!("disconnected from the coordinator");
+            } => {
+                if endpoint.is_relayed() {
+                    if let Some(ids) = self.relayed.get_mut(&peer_id) {
+                        ids.retain(|c| *c != connection_id);
+                    }
+                } else if let Some(n) = self.direct.get_mut(&peer_id) {
+                    *n = n.saturating_sub(1);
+                }
+                if num_established == 0 {
+                    self.dial_back.remove(&peer_id);
+                    if peer_id == self.coordinator {
+                        tracing::warn!("disconnected from the coordinator");
+                    }
+                }
             }
             SwarmEvent::Dialing {
                 peer_id: Some(peer),
@@ -299,7 +348,10 @@ impl EventLoop {
                 if peer_id == Some(self.coordinator) {
                     self.last_dial_error = Some(error.to_string());
                 }
-                if let Some(peer) = peer_id {
+                // A peer reached through the relay may still dial back directly.
+                if let Some(peer) = peer_id
+                    && !self.has_relayed(&peer)
+                {
                     for lookup in self.lookups.values_mut() {
                         lookup.dialing.remove(&peer);
                     }
@@ -307,12 +359,13 @@ impl EventLoop {
                 }
             }
             // A relayed address is how peers behind NAT are reached: tell the DHT about it.
-            SwarmEvent::NewListenAddr { address, .. }
-                if address.iter().any(|p| p == Protocol::P2pCircuit) =>
-            {
+            SwarmEvent::NewListenAddr { address, .. } if is_relayed(&address) => {
                 tracing::info!(%address, "reachable through the coordinator's relay");
                 self.swarm.add_external_address(address);
+                self.provide_again();
             }
+            // Provider records carry the addresses known when they were sent.
+            SwarmEvent::ExternalAddrConfirmed { .. } => self.provide_again(),
             SwarmEvent::Behaviour(event) => self.on_behaviour(event),
             _ => {}
         }
@@ -352,12 +405,33 @@ impl EventLoop {
                         .send_response(channel, response);
                 }
             }
-            // Peers that answer DHT queries go into the routing table.
-            BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. })
-                if info.protocols.iter().any(|p| p.as_ref() == KAD_PROTOCOL) =>
-            {
-                for addr in info.listen_addrs {
-                    self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
+            BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }) => {
+                // A peer that reached this one only through the relay may itself be reachable:
+                // dial it directly (connection reversal: no hole to punch when one side is
+                // public; DCUtR covers both sides behind NAT).
+                if self.dial_back.remove(&peer_id) && !info.listen_addrs.is_empty() {
+                    let direct = DialOpts::peer_id(peer_id)
+                        .addresses(
+                            info.listen_addrs
+                                .iter()
+                                .filter(|a| !is_relayed(a))
+                                .cloned()
+                                .collect(),
+                        )
+                        // Hole punching may be dialling it at the same moment, to no avail when
+                        // this side is behind NAT and the other is not.
+                        .condition(PeerCondition::Always)
+                        .build();
+                    tracing::debug!(peer = %peer_id, "reached through the relay: dialling it directly");
+                    if let Err(e) = self.swarm.dial(direct) {
+                        tracing::debug!(peer = %peer_id, error = %e, "cannot dial it directly");
+                    }
+                }
+                // Peers that answer DHT queries go into the routing table.
+                if info.protocols.iter().any(|p| p.as_ref() == KAD_PROTOCOL) {
+                    for addr in info.listen_addrs {
+                        self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
+                    }
                 }
             }
             BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
@@ -365,6 +439,19 @@ impl EventLoop {
             }) => self.on_query(id, result, step.last),
             BehaviourEvent::Autonat(autonat::Event::StatusChanged { new, .. }) => {
                 self.on_reachability(new)
+            }
+            BehaviourEvent::Dcutr(dcutr::Event {
+                remote_peer_id,
+                result,
+            }) => {
+                // A punched hole arrives as a direct ConnectionEstablished; a failure leaves the
+                // lookup waiting for the other side's reversal dial until its deadline.
+                match result {
+                    Ok(_) => tracing::debug!(peer = %remote_peer_id, "hole punched"),
+                    Err(e) => {
+                        tracing::debug!(peer = %remote_peer_id, error = %e, "hole punching failed")
+                    }
+                }
             }
             BehaviourEvent::RelayClient(relay::client::Event::ReservationReqAccepted {
                 relay_peer_id,
@@ -385,15 +472,18 @@ impl EventLoop {
             && self.lookups.contains_key(&id)
         {
             for peer in providers.iter().filter(|p| **p != local) {
-                let connected = self.swarm.is_connected(peer);
-                let lookup = self.lookups.get_mut(&id).expect("checked above");
+                let lookup = &self.lookups[&id];
                 if lookup.ready.contains(peer) || lookup.dialing.contains(peer) {
                     continue;
                 }
-                if connected {
+                let ready = self.has_direct(peer);
+                // Dialled now, while the query still knows the addresses it was told; a peer
+                // reached only through the relay waits for a direct connection.
+                let waiting = !ready && (self.has_relayed(peer) || self.swarm.dial(*peer).is_ok());
+                let lookup = self.lookups.get_mut(&id).expect("checked above");
+                if ready {
                     lookup.ready.push(*peer);
-                // Dialled now, while the query still knows the addresses it was told.
-                } else if self.swarm.dial(*peer).is_ok() {
+                } else if waiting {
                     lookup.dialing.insert(*peer);
                 }
             }
@@ -405,6 +495,25 @@ impl EventLoop {
             tracing::debug!(error = %e, "announcing a blob reached no DHT peer");
         }
         self.settle_lookups();
+    }
+
+    /// Whether a connection to `peer` through the relay is open.
+    fn has_relayed(&self, peer: &PeerId) -> bool {
+        self.relayed.get(peer).is_some_and(|c| !c.is_empty())
+    }
+
+    /// Whether a direct (not relayed) connection to `peer` is open.
+    fn has_direct(&self, peer: &PeerId) -> bool {
+        self.direct.get(peer).is_some_and(|n| *n > 0)
+    }
+
+    /// Sends this node's provider records again, with the addresses it now has.
+    fn provide_again(&mut self) {
+        let kad = &mut self.swarm.behaviour_mut().kad;
+        let keys: Vec<kad::RecordKey> = kad.store_mut().provided().map(|r| r.key.clone()).collect();
+        for key in keys {
+            let _ = kad.start_providing(key);
+        }
     }
 
     /// Answers the lookups that are complete or out of time.
@@ -446,6 +555,10 @@ impl EventLoop {
             _ => {}
         }
     }
+}
+
+fn is_relayed(addr: &Multiaddr) -> bool {
+    addr.iter().any(|p| p == Protocol::P2pCircuit)
 }
 
 /// A request failure as the node reports it; a failed dial says why the dial failed.
