@@ -468,12 +468,18 @@ impl Shell {
             }
             RpcRequest::Return { lease } => Event::Returned { peer: key, lease },
             RpcRequest::Submit(sub) => return self.on_submission(swarm, peer, *sub, channel),
-            RpcRequest::Latest => {
-                let latest = self.latest();
-                let _ = swarm
-                    .behaviour_mut()
-                    .rpc
-                    .send_response(channel, RpcResponse::Latest(Box::new(latest)));
+            RpcRequest::Published { checkpoint } => {
+                let response = match self.published(checkpoint.as_deref()) {
+                    Some(published) => RpcResponse::Published(Box::new(published)),
+                    None => RpcResponse::Refused {
+                        reason: format!(
+                            "run `{}` has no checkpoint {:?}",
+                            self.cfg.run,
+                            checkpoint.unwrap_or_default()
+                        ),
+                    },
+                };
+                let _ = swarm.behaviour_mut().rpc.send_response(channel, response);
                 return;
             }
         };
@@ -952,7 +958,10 @@ impl Shell {
 
     /// The newest checkpoint as peers fetch it: every file of its dir by content id.
     fn latest_checkpoint(&self) -> Option<CheckpointRef> {
-        let c = self.run_state.checkpoints.last()?;
+        self.checkpoint_ref(self.run_state.checkpoints.last()?)
+    }
+
+    fn checkpoint_ref(&self, c: &Checkpoint) -> Option<CheckpointRef> {
         let files = c
             .files
             .iter()
@@ -970,9 +979,20 @@ impl Shell {
         })
     }
 
-    /// What `herd-node pull` asks first: the base model's files and the latest checkpoint.
-    fn latest(&self) -> Latest {
-        Latest {
+    /// What `herd-node pull` asks first: the base model's files and checkpoint `name` (the
+    /// latest if `None`); `None` if there is no such checkpoint.
+    fn published(&self, name: Option<&str>) -> Option<Published> {
+        let checkpoint = match name {
+            None => self.latest_checkpoint(),
+            Some(name) => Some(
+                self.run_state
+                    .checkpoints
+                    .iter()
+                    .find(|c| c.id == name)
+                    .and_then(|c| self.checkpoint_ref(c))?,
+            ),
+        };
+        Some(Published {
             run: self.cfg.run.clone(),
             base_model: vec![
                 NamedBlob {
@@ -988,8 +1008,8 @@ impl Shell {
                     id: self.assets.tokenizer,
                 },
             ],
-            checkpoint: self.latest_checkpoint(),
-        }
+            checkpoint,
+        })
     }
 
     fn on_round_result(

@@ -202,7 +202,10 @@ fn seeds(target: &str, layout: &DeltaLayout) -> Vec<Vec<u8>> {
                 })),
                 enc(&RpcRequest::Submit(Box::new(sub))),
                 enc(&RpcRequest::Return { lease: LeaseId(9) }),
-                enc(&RpcRequest::Latest),
+                enc(&RpcRequest::Published { checkpoint: None }),
+                enc(&RpcRequest::Published {
+                    checkpoint: Some("round-00004".into()),
+                }),
             ]
         }
         "rpc_response" => vec![
@@ -222,7 +225,7 @@ fn seeds(target: &str, layout: &DeltaLayout) -> Vec<Vec<u8>> {
             enc(&RpcResponse::Refused {
                 reason: "no".into(),
             }),
-            enc(&RpcResponse::Latest(Box::new(Latest {
+            enc(&RpcResponse::Published(Box::new(Published {
                 run: "run".into(),
                 base_model: vec![NamedBlob {
                     name: "config.json".into(),

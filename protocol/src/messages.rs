@@ -38,8 +38,9 @@ pub enum RpcRequest {
     Submit(Box<Submission>),
     /// Give a lease back unfinished (the node is stopping), so it is reissued at once.
     Return { lease: LeaseId },
-    /// What the run is built on and its latest checkpoint, to download them from peers.
-    Latest,
+    /// What the run is built on and one of its checkpoints (`None`: the latest), to download
+    /// them from peers.
+    Published { checkpoint: Option<String> },
 }
 
 /// What the coordinator answers.
@@ -54,7 +55,7 @@ pub enum RpcResponse {
     },
     Verdict(Verdict),
     Returned,
-    Latest(Box<Latest>),
+    Published(Box<Published>),
     /// The request itself was refused (e.g. a version this coordinator does not speak).
     Refused {
         reason: String,
@@ -318,9 +319,9 @@ pub struct CheckpointRef {
     pub files: Vec<NamedBlob>,
 }
 
-/// The answer to [`RpcRequest::Latest`].
+/// The answer to [`RpcRequest::Published`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Latest {
+pub struct Published {
     pub run: String,
     /// The base model's files (`config.json`, `model.safetensors`, `tokenizer.json`).
     pub base_model: Vec<NamedBlob>,

@@ -91,6 +91,35 @@ fn three_nodes_train_one_model_whose_checkpoint_downloads_and_evaluates() {
         .is_err()
     );
 
+    // `herd-node pull` over HTTP gives the same files, resuming a partial one with `Range`.
+    let pulled = tmp.path().join("pulled/checkpoints/round-00005");
+    std::fs::create_dir_all(&pulled).unwrap();
+    let weights = std::fs::read(adapter.join("adapter_model.safetensors")).unwrap();
+    std::fs::write(
+        pulled.join(".adapter_model.safetensors.partial"),
+        &weights[..1000],
+    )
+    .unwrap();
+    let (out, stdout, stderr) = run(bin("herd-node")
+        .args(["pull", "--checkpoint", "round-00005", "--from"])
+        .arg(&coordinator.http)
+        .arg("--out")
+        .arg(tmp.path().join("pulled")));
+    assert!(
+        out.status.success()
+            && stdout.contains("signature and hashes ok")
+            && stderr.contains("resuming a download"),
+        "{stdout}{stderr}"
+    );
+    for file in last["files"].as_array().unwrap() {
+        let name = file["name"].as_str().unwrap();
+        assert_eq!(
+            std::fs::read(pulled.join(name)).unwrap(),
+            std::fs::read(adapter.join(name)).unwrap(),
+            "{name}"
+        );
+    }
+
     // Provenance: signed by this coordinator, built from the 15 accepted deltas, every file
     // as listed; a changed byte or a changed manifest fails with the file named.
     let addr: libp2p::Multiaddr = coordinator.addr.parse().unwrap();
@@ -334,7 +363,7 @@ fn with_http_off_a_fresh_node_pulls_the_base_model_and_latest_checkpoint_from_ot
     let out = tmp.path().join("pulled");
     let report = tmp.path().join("pull.json");
     let (status, stdout, stderr) = run(bin("herd-node")
-        .args(["pull", "--listen", herd_tests::LOOPBACK, "--coordinator"])
+        .args(["pull", "--listen", herd_tests::LOOPBACK, "--from"])
         .arg(&coordinator.addr)
         .arg("--data-dir")
         .arg(tmp.path().join("fresh"))
@@ -456,7 +485,7 @@ fn a_node_behind_nat_serves_what_it_holds_by_dialling_back_a_peer_that_came_thro
         .inet(&herd_tests::bin_path("herd-node"))
         .args(["pull", "--listen"])
         .arg(format!("/ip4/{INET_IP}/tcp/0"))
-        .arg("--coordinator")
+        .arg("--from")
         .arg(&coordinator.addr)
         .arg("--data-dir")
         .arg(tmp.path().join("fresh"))
