@@ -7,6 +7,11 @@
 //! so each one's chaining value is [`HasherExt::finalize_non_root`] at its offset and the root
 //! is rebuilt with blake3's own split rule ([`hazmat::left_subtree_len`]). A blob of one group
 //! is its own root: its outline is the content id itself.
+//!
+//! The root does not pin the size exactly: a size a few bytes off keeps the tree's shape. The
+//! last group's hash does (blake3 commits to a chunk's length), so a downloader fetches the last
+//! group together with the outline, from the same peer, and trusts the outline only if it
+//! checks.
 
 use blake3::hazmat::{self, ChainingValue, HasherExt, Mode};
 
@@ -209,11 +214,17 @@ mod tests {
         let bytes = blob(3 * g + 5);
         let id = ContentId::of(&bytes);
         let outline = Outline::compute(bytes.len() as u64, bytes.as_slice()).unwrap();
-        // A wrong size, a missing group, a swapped group: all refused.
+        // A size that changes the tree's shape, a missing group, a swapped group: refused.
         assert_eq!(
-            Outline::verify(&id, bytes.len() as u64 - 1, outline.cvs.clone()),
+            Outline::verify(&id, 2 * GROUP_BYTES + 5, outline.cvs[..3].to_vec()),
             Err(OutlineError::WrongRoot)
         );
+        // A size off by a few bytes keeps the shape and the root, so the outline passes; but
+        // no bytes of that length match the last group's hash (it commits to its length), so
+        // a downloader checks the last group along with the outline.
+        let lying = Outline::verify(&id, bytes.len() as u64 - 1, outline.cvs.clone()).unwrap();
+        assert!(lying.check_group(3, &bytes[3 * g..3 * g + 4]).is_err());
+        assert!(lying.check_group(3, &bytes[3 * g..]).is_err());
         assert!(matches!(
             Outline::verify(&id, bytes.len() as u64, outline.cvs[..3].to_vec()),
             Err(OutlineError::WrongCount { .. })

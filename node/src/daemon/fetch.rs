@@ -57,14 +57,14 @@ pub async fn fetch(
     while outline.is_none() && !peers.is_empty() {
         let peer = peers[0];
         match fetch_outline(client, peer, &id).await {
-            Ok(o) => outline = Some(o),
+            Ok(o) => outline = Some((peer, o)),
             Err(e) => {
                 tracing::debug!(%peer, error = %e, "no outline from this peer");
                 peers.remove(0);
             }
         }
     }
-    let Some(outline) = outline else {
+    let Some((outline_peer, (outline, last_group))) = outline else {
         bail!("no peer could serve {what} (blob {id})");
     };
 
@@ -79,8 +79,13 @@ pub async fn fetch(
     let resumed = file.metadata()?.len() == outline.total();
     file.set_len(outline.total())?;
     let mut missing: VecDeque<u64> = VecDeque::new();
-    let mut have = 0;
-    for index in 0..outline.groups() {
+    let last = outline.groups() - 1;
+    let last_start = group_range(outline.total(), last).start;
+    file.write_all_at(&last_group, last_start)
+        .with_context(|| format!("writing {}", partial.display()))?;
+    let mut have = last_group.len() as u64;
+    let mut bytes_from = BTreeMap::from([(outline_peer, have)]);
+    for index in 0..last {
         let range = group_range(outline.total(), index);
         if resumed {
             let mut bytes = vec![0u8; (range.end - range.start) as usize];
@@ -98,7 +103,6 @@ pub async fn fetch(
     }
 
     let mut progress = ByteProgress::new(outline.total(), have, what);
-    let mut bytes_from = BTreeMap::new();
     let mut in_flight = FuturesUnordered::new();
     let mut turn = 0usize;
     loop {
@@ -171,11 +175,17 @@ pub async fn fetch(
     Ok(Fetched { path, bytes_from })
 }
 
-/// Blob `id`'s outline from `peer`, page by page, checked against the id.
-async fn fetch_outline(client: &Client, peer: PeerId, id: &ContentId) -> Result<Outline> {
+/// Blob `id`'s outline from `peer`, page by page, checked against the id, and its last group
+/// from the same peer, checked against the outline: the root alone does not pin the size to
+/// the byte (see `herd_protocol::outline`).
+async fn fetch_outline(
+    client: &Client,
+    peer: PeerId,
+    id: &ContentId,
+) -> Result<(Outline, Vec<u8>)> {
     let mut cvs = Vec::new();
     let mut total = None;
-    loop {
+    let outline = loop {
         let first = cvs.len() as u64;
         let (size, page) = match client
             .blob(peer, BlobRequest::Outline { id: *id, first })
@@ -195,8 +205,19 @@ async fn fetch_outline(client: &Client, peer: PeerId, id: &ContentId) -> Result<
         }
         cvs.extend(page);
         if cvs.len() as u64 == groups {
-            return Ok(Outline::verify(id, size, cvs)?);
+            break Outline::verify(id, size, cvs)?;
         }
+    };
+    let index = outline.groups() - 1;
+    match client
+        .blob(peer, BlobRequest::Group { id: *id, index })
+        .await?
+    {
+        BlobResponse::Group(bytes) => {
+            outline.check_group(index, &bytes)?;
+            Ok((outline, bytes))
+        }
+        other => bail!("no last group: {other:?}"),
     }
 }
 
@@ -320,12 +341,16 @@ mod tests {
         drop(client);
         net.abort();
 
-        // The honest peer sends only the group that is missing.
+        // The honest peer sends only the group that is missing, and the last one (which
+        // vouches for its outline).
         let (client, net) = client_of(&honest_addr, mine.clone()).await;
         let got = fetch(&client, &mine, id, "test blob").await.unwrap();
         assert_eq!(std::fs::read(&got.path).unwrap(), data);
         let honest_peer = herd_protocol::net::pinned_peer(&honest_addr).unwrap();
-        assert_eq!(got.bytes_from.get(&honest_peer), Some(&GROUP_BYTES));
+        assert_eq!(
+            got.bytes_from.get(&honest_peer),
+            Some(&(GROUP_BYTES + GROUP_BYTES / 2))
+        );
         assert_eq!(got.bytes_from.len(), 1);
         // And now it is a cache hit.
         let again = fetch(&client, &mine, id, "test blob").await.unwrap();
