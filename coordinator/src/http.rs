@@ -1,4 +1,5 @@
-//! HTTP for operators and downloaders: `/v1/status`, `/v1/checkpoints`,
+//! HTTP for operators and downloaders: `/v1/status`, `/metrics` (Prometheus),
+//! `/v1/contributors` (credit), `/v1/checkpoints`,
 //! `/v1/checkpoints/{id}/{file}`: files stream with `Range` (one range: 206, or 416 when it
 //! cannot be served), `ETag` = the quoted blake3, `If-None-Match` (304) and `If-Range`, so
 //! `curl -C -` resumes a download.
@@ -26,6 +27,8 @@ struct AppState {
 pub fn router(status: watch::Receiver<Status>, checkpoints_dir: PathBuf) -> Router {
     Router::new()
         .route("/v1/status", get(get_status))
+        .route("/metrics", get(get_metrics))
+        .route("/v1/contributors", get(list_contributors))
         .route("/v1/checkpoints", get(list_checkpoints))
         .route("/v1/checkpoints/{id}/{file}", get(get_checkpoint_file))
         .with_state(AppState {
@@ -36,6 +39,28 @@ pub fn router(status: watch::Receiver<Status>, checkpoints_dir: PathBuf) -> Rout
 
 async fn get_status(State(s): State<AppState>) -> Json<Status> {
     Json(s.status.borrow().clone())
+}
+
+async fn get_metrics(State(s): State<AppState>, headers: HeaderMap) -> Response {
+    let status = s.status.borrow().clone();
+    let wants_openmetrics = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("application/openmetrics-text"));
+    let (kind, text) = if wants_openmetrics {
+        (
+            crate::metrics::OPENMETRICS,
+            crate::metrics::render_openmetrics(&status),
+        )
+    } else {
+        (crate::metrics::TEXT, crate::metrics::render_text(&status))
+    };
+    ([(header::CONTENT_TYPE, kind)], text).into_response()
+}
+
+/// Credit: each peer's accepted shards and tokens, most tokens first.
+async fn list_contributors(State(s): State<AppState>) -> Json<Vec<crate::status::Contribution>> {
+    Json(crate::status::contributions(&s.status.borrow()))
 }
 
 async fn list_checkpoints(State(s): State<AppState>) -> Response {

@@ -8,7 +8,7 @@
 //! - [`verify`]: the layers a submission passes (envelope, structure, effect, replay,
 //!   reputation) and the durable verdict log.
 //! - [`aggregate`]: robust token-weighted mean and DiLoCo's outer Nesterov step.
-//! - [`http`]: the HTTP API; [`status`]: what it shows.
+//! - [`http`]: the HTTP API; [`status`]: what it shows; [`metrics`]: the same for Prometheus.
 //! - [`store`]: the durable state (redb): run, leases, verdicts, accepted deltas.
 //! - [`config`]: the `run.toml` of a run.
 //! - [`audit`]: rebuilds the adapter from θ_0 and the recorded deltas, to compare bit for bit.
@@ -21,6 +21,7 @@ pub mod calibrate;
 pub mod config;
 pub mod engine;
 pub mod http;
+pub mod metrics;
 pub mod resume;
 pub mod round;
 pub mod server;

@@ -420,6 +420,10 @@ impl Shell {
                 ..
             })) => {
                 let response = self.blobs.serve(&request);
+                if let BlobResponse::Group(bytes) = &response {
+                    let n = bytes.len() as u64;
+                    self.status_tx.send_modify(|s| s.blob_bytes_served += n);
+                }
                 let _ = swarm.behaviour_mut().blob.send_response(channel, response);
             }
             SwarmEvent::Behaviour(BehaviourEvent::Rpc(
@@ -499,6 +503,7 @@ impl Shell {
                         Ok(()) => {
                             let lease = lease_for(&self.cfg, &self.assets, grant);
                             self.leases.insert(lease.id, lease.clone());
+                            self.status_tx.send_modify(|s| s.leases_granted += 1);
                             Some(RpcResponse::Lease(Box::new(lease)))
                         }
                         Err(e) => {
@@ -546,6 +551,8 @@ impl Shell {
         channel: ResponseChannel<RpcResponse>,
     ) {
         let key = peer.to_string();
+        let received = sub.payload.len() as u64;
+        self.status_tx.send_modify(|s| s.bytes_received += received);
         let tokens = sub.tokens.min(self.max_tokens_per_shard());
         let mut facts = SubmissionFacts {
             round: sub.round.0,

@@ -50,6 +50,15 @@ pub struct Status {
     /// Payload bytes of accepted deltas, and what they would be as dense fp32.
     pub bytes_uploaded: u64,
     pub bytes_dense_fp32: u64,
+    /// Payload bytes of every submission received, accepted or not (since this start).
+    #[serde(default)]
+    pub bytes_received: u64,
+    /// Blob bytes sent to peers over libp2p (since this start).
+    #[serde(default)]
+    pub blob_bytes_served: u64,
+    /// Leases granted (since this start).
+    #[serde(default)]
+    pub leases_granted: u64,
     pub accepted_deltas: u64,
     /// Rejections so far, by reason label.
     pub rejects_by_reason: std::collections::BTreeMap<String, u64>,
@@ -97,6 +106,31 @@ impl PeerStatus {
             self.rejected += 1;
         }
     }
+}
+
+/// A peer's credit: what of its work went into the model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Contribution {
+    pub peer: String,
+    pub accepted_shards: u64,
+    pub tokens: u64,
+    pub rejected: u64,
+}
+
+/// Every peer's credit, most tokens first (ties by peer id, so the order is stable).
+pub fn contributions(s: &Status) -> Vec<Contribution> {
+    let mut list: Vec<Contribution> = s
+        .peers
+        .iter()
+        .map(|p| Contribution {
+            peer: p.peer.clone(),
+            accepted_shards: p.accepted,
+            tokens: p.tokens,
+            rejected: p.rejected,
+        })
+        .collect();
+    list.sort_by(|a, b| b.tokens.cmp(&a.tokens).then_with(|| a.peer.cmp(&b.peer)));
+    list
 }
 
 /// Rejections kept in [`Status::recent_rejects`].

@@ -45,6 +45,29 @@ fn three_nodes_train_one_model_whose_checkpoint_downloads_and_evaluates() {
         .filter(|p| p["accepted"].as_u64() > Some(0))
         .count();
     assert_eq!(contributors, 3, "every node contributed: {status}");
+    // Credit and metrics say the same.
+    let credit = get_json(&format!("{}/v1/contributors", coordinator.http)).unwrap();
+    let credit = credit.as_array().unwrap();
+    let shards: u64 = credit
+        .iter()
+        .map(|c| c["accepted_shards"].as_u64().unwrap())
+        .sum();
+    let tokens: Vec<u64> = credit
+        .iter()
+        .map(|c| c["tokens"].as_u64().unwrap())
+        .collect();
+    assert_eq!((credit.len(), shards), (3, 15), "{credit:?}");
+    assert!(
+        tokens.windows(2).all(|w| w[0] >= w[1]) && tokens[2] > 0,
+        "{credit:?}"
+    );
+    let metrics =
+        String::from_utf8(get_bytes(&format!("{}/metrics", coordinator.http)).unwrap()).unwrap();
+    assert!(
+        metrics.contains("herd_verdicts_total{verdict=\"accepted\"} 15\n")
+            && metrics.contains("herd_rounds_completed_total 5\n"),
+        "{metrics}"
+    );
 
     // Download the final checkpoint over HTTP and check it against the list.
     let list = get_json(&format!("{}/v1/checkpoints", coordinator.http)).unwrap();

@@ -148,3 +148,25 @@ async fn traversal_unknown_ids_bad_ranges_and_huge_headers_are_refused() {
     let status = curl(args(&["-H", &format!("@{}", headers.display()), &url])).await;
     assert!((400..500).contains(&status), "oversized headers: {status}");
 }
+
+#[tokio::test]
+async fn metrics_come_as_prometheus_text_or_openmetrics_when_asked() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (base, _) = serve(&tmp.path().join("checkpoints")).await;
+    let url = format!("{base}/metrics");
+    let text = tmp.path().join("text");
+    assert_eq!(curl_to(&text, args(&[&url])).await, 200);
+    let text = std::fs::read_to_string(text).unwrap();
+    assert!(
+        text.contains("herd_checkpoints 1\n") && !text.contains("# EOF"),
+        "{text}"
+    );
+    let open = tmp.path().join("open");
+    let accept = "Accept: application/openmetrics-text; version=1.0.0";
+    assert_eq!(curl_to(&open, args(&["-H", accept, &url])).await, 200);
+    let open = std::fs::read_to_string(open).unwrap();
+    assert!(
+        open.contains("herd_checkpoints 1\n") && open.ends_with("# EOF\n"),
+        "{open}"
+    );
+}
