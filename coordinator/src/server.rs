@@ -523,7 +523,14 @@ impl Shell {
                     finished: *finished,
                     reason: reason.clone(),
                 }),
-                Action::Returned { .. } => Some(RpcResponse::Returned),
+                Action::Returned {
+                    lease, released, ..
+                } => {
+                    if *released {
+                        tracing::info!(%lease, "lease returned; its shard goes to the next node that asks");
+                    }
+                    Some(RpcResponse::Returned)
+                }
                 _ => None,
             };
             match (response, channel.take()) {

@@ -3,7 +3,9 @@
 
 use std::path::Path;
 
-use herd_tests::{bin, copy_dir, default_asset, edit_safetensors, fixture, run};
+use herd_tests::{
+    Coordinator, LOOPBACK, bin, copy_dir, default_asset, edit_safetensors, fixture, free_port, run,
+};
 use serde_json::Value;
 
 fn node() -> std::process::Command {
@@ -246,5 +248,51 @@ fn adapter_that_does_not_fit_is_named() {
             "gate_proj.lora_A.weight",
             "missing",
         ],
+    );
+}
+
+#[test]
+fn a_node_says_when_the_coordinator_cannot_be_reached_or_is_not_who_the_address_says() {
+    let tmp = tempfile::tempdir().unwrap();
+    let someone = libp2p::identity::Keypair::generate_ed25519()
+        .public()
+        .to_peer_id();
+    // Nothing listens there.
+    let nowhere = format!("/ip4/127.0.0.1/tcp/{}/p2p/{someone}", free_port());
+    assert_clear_error(
+        node()
+            .args([
+                "run",
+                "--listen",
+                LOOPBACK,
+                "--coordinator",
+                &nowhere,
+                "--data-dir",
+            ])
+            .arg(tmp.path().join("a")),
+        &["cannot reach the coordinator", "Is it running"],
+    );
+    // A coordinator listens there, but it is not the peer the address names.
+    std::fs::create_dir_all(tmp.path().join("c")).unwrap();
+    let coordinator = Coordinator::start(&tmp.path().join("c"), "rounds = 1\n");
+    let (real, _) = coordinator.addr.rsplit_once("/p2p/").unwrap();
+    let impostor = format!("{real}/p2p/{someone}");
+    assert_clear_error(
+        node()
+            .args([
+                "run",
+                "--listen",
+                LOOPBACK,
+                "--coordinator",
+                &impostor,
+                "--data-dir",
+            ])
+            .arg(tmp.path().join("b")),
+        &["is not the coordinator named in the address"],
+    );
+    // An address without the PeerId.
+    assert_clear_error(
+        node().args(["run", "--coordinator", real]),
+        &["must end with /p2p/<PeerId>"],
     );
 }

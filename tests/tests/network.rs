@@ -533,3 +533,56 @@ fn a_node_behind_nat_serves_what_it_holds_by_dialling_back_a_peer_that_came_thro
     );
     println!("{stdout}{report}");
 }
+
+#[test]
+fn ctrl_c_mid_shard_returns_the_lease_and_the_shard_is_reissued_at_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Leases that outlast the test: only the return can explain a quick reissue.
+    let body = "rounds = 1\nserve_after_finish = true\n[round]\nshards = 2\nsamples_per_shard = 32\n\
+                inner_steps = 400\nlr = 3e-3\nbatch_size = 8\nmax_seq_len = 128\nlease_secs = 600\n\
+                outer_lr = 0.7\nouter_momentum = 0.5\ncheckpoint_every = 1\nstraggler_multiple = 0\n";
+    let coordinator = Coordinator::start(tmp.path(), body);
+    let mut first = Reaper(vec![coordinator.start_node(&tmp.path().join("first"))]);
+    let log = tmp.path().join("first.err");
+    wait_until(
+        Duration::from_secs(60),
+        "the first node to start a shard",
+        || {
+            std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .contains("training shard")
+                .then_some(())
+        },
+    );
+    let pid = first.0[0].id().to_string();
+    run(std::process::Command::new("kill").args(["-INT", &pid]));
+    let stopped = std::time::Instant::now();
+    let exit = wait_until(Duration::from_secs(10), "the node to stop", || {
+        first.0[0].try_wait().unwrap()
+    });
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        exit.success() && text.contains("returning the lease"),
+        "{exit:?}\n{text}"
+    );
+    println!(
+        "stopped {:.1} s after Ctrl-C",
+        stopped.elapsed().as_secs_f64()
+    );
+    wait_until(
+        Duration::from_secs(10),
+        "the coordinator to take the lease back",
+        || {
+            std::fs::read_to_string(&coordinator.log)
+                .unwrap_or_default()
+                .contains("lease returned")
+                .then_some(())
+        },
+    );
+    // Another node gets both shards long before the returned lease would have expired.
+    let _second = Reaper(vec![coordinator.start_node(&tmp.path().join("second"))]);
+    let status = wait_until(Duration::from_secs(240), "the run to finish", || {
+        coordinator.status().filter(|s| s["finished"] == true)
+    });
+    assert_eq!(status["accepted_deltas"], 2, "{status}");
+}
