@@ -259,17 +259,21 @@ fn a_node_says_when_the_coordinator_cannot_be_reached_or_is_not_who_the_address_
         .to_peer_id();
     // Nothing listens there.
     let nowhere = format!("/ip4/127.0.0.1/tcp/{}/p2p/{someone}", free_port());
+    let run_node = |coordinator: &str, dir: &str| {
+        let mut cmd = node();
+        cmd.args([
+            "run",
+            "--listen",
+            LOOPBACK,
+            "--coordinator",
+            coordinator,
+            "--data-dir",
+        ])
+        .arg(tmp.path().join(dir));
+        cmd
+    };
     assert_clear_error(
-        node()
-            .args([
-                "run",
-                "--listen",
-                LOOPBACK,
-                "--coordinator",
-                &nowhere,
-                "--data-dir",
-            ])
-            .arg(tmp.path().join("a")),
+        &mut run_node(&nowhere, "a"),
         &["cannot reach the coordinator", "Is it running"],
     );
     // A coordinator listens there, but it is not the peer the address names.
@@ -278,16 +282,7 @@ fn a_node_says_when_the_coordinator_cannot_be_reached_or_is_not_who_the_address_
     let (real, _) = coordinator.addr.rsplit_once("/p2p/").unwrap();
     let impostor = format!("{real}/p2p/{someone}");
     assert_clear_error(
-        node()
-            .args([
-                "run",
-                "--listen",
-                LOOPBACK,
-                "--coordinator",
-                &impostor,
-                "--data-dir",
-            ])
-            .arg(tmp.path().join("b")),
+        &mut run_node(&impostor, "b"),
         &["is not the coordinator named in the address"],
     );
     // An address without the PeerId.

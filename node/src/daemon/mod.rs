@@ -34,12 +34,9 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// Deliveries of one submission tried while the coordinator is unreachable.
 const SUBMIT_ATTEMPTS: u32 = 8;
 
-/// Where the run is and where this node keeps its state: shared by `run` and `pull`.
+/// Where this node keeps its state and listens: shared by `run` and `pull`.
 #[derive(Debug, clap::Args)]
-pub struct JoinArgs {
-    /// The coordinator's multiaddr, ending in its PeerId: /ip4/1.2.3.4/tcp/4001/p2p/12D3KooW...
-    #[arg(long, env = "HERD_COORDINATOR")]
-    coordinator: String,
+pub struct PeerArgs {
     /// Where the identity key and the blob cache live (default: $XDG_DATA_HOME/herd-node).
     #[arg(long, env = "HERD_DATA_DIR")]
     data_dir: Option<PathBuf>,
@@ -55,8 +52,11 @@ pub struct JoinArgs {
 
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
+    /// The coordinator's multiaddr, ending in its PeerId: /ip4/1.2.3.4/tcp/4001/p2p/12D3KooW...
+    #[arg(long, env = "HERD_COORDINATOR")]
+    coordinator: String,
     #[command(flatten)]
-    join: JoinArgs,
+    peer: PeerArgs,
     /// Stop after this many shards (default: until the run finishes).
     #[arg(long)]
     max_shards: Option<u64>,
@@ -98,8 +98,7 @@ struct Joined {
 
 /// Checks the coordinator's address, loads (or makes) this node's identity and cache, and
 /// starts the network loop; blobs already cached are announced in the DHT.
-async fn join(args: &JoinArgs) -> Result<Joined> {
-    let coordinator = &args.coordinator;
+async fn join(coordinator: &str, args: &PeerArgs) -> Result<Joined> {
     let addr: Multiaddr = coordinator
         .parse()
         .with_context(|| format!("--coordinator `{coordinator}` is not a multiaddr"))?;
@@ -152,7 +151,7 @@ async fn run_async(args: RunArgs) -> Result<()> {
         net,
         announced,
         ..
-    } = join(&args.join).await?;
+    } = join(&args.coordinator, &args.peer).await?;
     let seeding = tokio::spawn(seed::seed_announced(
         client.clone(),
         cache.shared(),

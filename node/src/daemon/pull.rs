@@ -19,7 +19,7 @@ use serde_json::json;
 
 use super::cache::link_files;
 use super::fetch::fetch_all;
-use super::{JoinArgs, Joined, join, unreachable_message};
+use super::{Joined, PeerArgs, join, unreachable_message};
 use crate::progress::ByteProgress;
 
 /// Attempts at asking the coordinator what is published before giving up.
@@ -40,18 +40,8 @@ pub struct PullArgs {
     /// Only the checkpoint, not the base model.
     #[arg(long)]
     checkpoint_only: bool,
-    /// Where the identity key and the blob cache live (peer-to-peer; default:
-    /// $XDG_DATA_HOME/herd-node).
-    #[arg(long, env = "HERD_DATA_DIR")]
-    data_dir: Option<PathBuf>,
-    /// Addresses to listen on while pulling (peer-to-peer; repeatable).
-    #[arg(
-        long,
-        env = "HERD_LISTEN",
-        value_delimiter = ',',
-        default_value = "/ip4/0.0.0.0/tcp/0"
-    )]
-    listen: Vec<String>,
+    #[command(flatten)]
+    peer: PeerArgs,
     /// Also write what was fetched, and how many bytes each peer sent, as JSON here.
     #[arg(long)]
     report: Option<PathBuf>,
@@ -85,11 +75,6 @@ fn report_checkpoint(m: &Manifest, dir: &Path) {
 }
 
 async fn pull_p2p(args: PullArgs, wanted: Option<String>) -> Result<()> {
-    let join_args = JoinArgs {
-        coordinator: args.from.clone(),
-        data_dir: args.data_dir.clone(),
-        listen: args.listen.clone(),
-    };
     let Joined {
         addr,
         coordinator,
@@ -97,7 +82,7 @@ async fn pull_p2p(args: PullArgs, wanted: Option<String>) -> Result<()> {
         client,
         net,
         ..
-    } = join(&join_args).await?;
+    } = join(&args.from, &args.peer).await?;
     let published = ask_published(&client, &addr, wanted).await?;
     let store = cache.shared();
     let mut bytes_from: BTreeMap<PeerId, u64> = BTreeMap::new();
