@@ -360,6 +360,16 @@ mod tests {
     }
 
     #[test]
+    fn the_example_configs_in_deploy_load() {
+        let deploy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
+        for file in ["run.toml", "compose/run.toml"] {
+            let cfg = RunConfig::load(&deploy.join(file))
+                .unwrap_or_else(|e| panic!("deploy/{file}: {e:#}"));
+            assert!(cfg.rounds > 0, "deploy/{file}");
+        }
+    }
+
+    #[test]
     fn inner_lr_follows_a_cosine_to_the_final_fraction() {
         let cfg = config(11, 0.1);
         assert!((cfg.inner_lr(0) - 0.01).abs() < 1e-12);

@@ -2,13 +2,14 @@
 //! (`eval`, `train-local`, `generate`, `merge`). See INTERFACES.md for the exact surface.
 
 mod commands;
+mod config_file;
 mod daemon;
 mod default_world;
 mod progress;
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 
 /// herd contributor node: train a shared open model together, on your own hardware.
 #[derive(Debug, Parser)]
@@ -50,7 +51,29 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let applied = match config_file::apply(&Cli::command(), std::env::args_os().collect()) {
+        Ok(applied) => applied,
+        Err(err) => {
+            eprintln!("herd-node: error: {err:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let cli = match Cli::try_parse_from(&applied.args) {
+        Ok(cli) => cli,
+        Err(err) => {
+            // A bad value from the config file: say which file, not just which flag.
+            let text = err.to_string();
+            if let Some((path, flags)) = &applied.from_file
+                && flags.iter().any(|f| text.contains(f.as_str()))
+            {
+                let first = text.lines().next().unwrap_or_default();
+                let first = first.trim_start_matches("error: ");
+                eprintln!("herd-node: error: {}: {first}", path.display());
+                return ExitCode::FAILURE;
+            }
+            err.exit()
+        }
+    };
     init_logging(cli.log_format);
     let result = match cli.command {
         Command::Eval(args) => commands::eval::run(args),

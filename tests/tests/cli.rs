@@ -291,3 +291,75 @@ fn a_node_says_when_the_coordinator_cannot_be_reached_or_is_not_who_the_address_
         &["must end with /p2p/<PeerId>"],
     );
 }
+
+#[test]
+fn a_node_reads_its_config_file_below_the_environment_and_the_command_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let nowhere = || {
+        let peer = libp2p::identity::Keypair::generate_ed25519()
+            .public()
+            .to_peer_id();
+        format!("/ip4/127.0.0.1/tcp/{}/p2p/{peer}", free_port())
+    };
+    let (in_file, in_env, on_line) = (nowhere(), nowhere(), nowhere());
+    let config = tmp.path().join("node.toml");
+    std::fs::write(
+        &config,
+        format!("coordinator = {in_file:?}\nlisten = [{LOOPBACK:?}]\nthreads = 1\n"),
+    )
+    .unwrap();
+    let run_node = |env: Option<&str>, line: Option<&str>| {
+        let mut cmd = node();
+        cmd.args(["run", "--config"])
+            .arg(&config)
+            .arg("--data-dir")
+            .arg(tmp.path().join("d"));
+        if let Some(c) = env {
+            cmd.env("HERD_COORDINATOR", c);
+        }
+        if let Some(c) = line {
+            cmd.args(["--coordinator", c]);
+        }
+        cmd
+    };
+    // Each source in turn decides where the node goes (and fails to find anyone there).
+    assert_clear_error(&mut run_node(None, None), &[&in_file]);
+    assert_clear_error(&mut run_node(Some(&in_env), None), &[&in_env]);
+    assert_clear_error(&mut run_node(Some(&in_env), Some(&on_line)), &[&on_line]);
+
+    // A bad file is named, with what is wrong in it.
+    let config_str = config.display().to_string();
+    for (text, needle) in [
+        ("coordinator = \"unclosed\n", "is not valid TOML"),
+        ("colour = \"blue\"\n", "unknown setting `colour`"),
+        ("threads = \"many\"\n", "--threads"),
+    ] {
+        std::fs::write(&config, text).unwrap();
+        assert_clear_error(
+            node()
+                .args(["run", "--coordinator", &on_line, "--config"])
+                .arg(&config),
+            &[&config_str, needle],
+        );
+    }
+    assert_clear_error(
+        node().args(["run", "--config", "/nonexistent/node.toml"]),
+        &["cannot read the config file /nonexistent/node.toml"],
+    );
+    // The example in deploy/ is a valid file: the node gets as far as dialling.
+    assert_clear_error(
+        node()
+            .args([
+                "run",
+                "--listen",
+                LOOPBACK,
+                "--coordinator",
+                &on_line,
+                "--config",
+            ])
+            .arg(herd_tests::root().join("deploy/node.toml"))
+            .arg("--data-dir")
+            .arg(tmp.path().join("e")),
+        &["cannot reach the coordinator"],
+    );
+}

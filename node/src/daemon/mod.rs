@@ -37,6 +37,10 @@ const SUBMIT_ATTEMPTS: u32 = 8;
 /// Where this node keeps its state and listens: shared by `run` and `pull`.
 #[derive(Debug, clap::Args)]
 pub struct PeerArgs {
+    /// A TOML file of settings: the long flags as keys (default: ~/.config/herd/node.toml, if
+    /// it exists); the command line and the environment win over it.
+    #[arg(long, env = "HERD_CONFIG")]
+    config: Option<PathBuf>,
     /// Where the identity key and the blob cache live (default: $XDG_DATA_HOME/herd-node).
     #[arg(long, env = "HERD_DATA_DIR")]
     data_dir: Option<PathBuf>,
