@@ -13,12 +13,14 @@
 //! - [`config`]: the `run.toml` of a run.
 //! - [`audit`]: rebuilds the adapter from θ_0 and the recorded deltas, to compare bit for bit.
 //! - [`resume`]: picking a run up after a restart.
+//! - [`dashboard`]: `herd-coordinator dashboard`, the operator's terminal view of `/v1/status`.
 //! - [`calibrate`]: how far honest replays differ across thread counts (the replay tolerance).
 
 pub mod aggregate;
 pub mod audit;
 pub mod calibrate;
 pub mod config;
+pub mod dashboard;
 pub mod engine;
 pub mod http;
 pub mod metrics;

@@ -49,6 +49,13 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Watch a running coordinator: rounds, peers, held-out loss, traffic, rejects and
+    /// checkpoints, refreshed every second (q quits; it waits out coordinator restarts).
+    Dashboard {
+        /// The coordinator's HTTP address, e.g. http://127.0.0.1:8080.
+        #[arg(long)]
+        url: String,
+    },
     /// Print a running coordinator's status.
     Status {
         /// The coordinator's HTTP address, e.g. http://127.0.0.1:8080.
@@ -72,6 +79,7 @@ fn main() -> ExitCode {
     let result = match Cli::parse().command {
         Command::Serve { config } => serve(config),
         Command::Status { url, json } => status(&url, json),
+        Command::Dashboard { url } => herd_coordinator::dashboard::run(&url),
         Command::Audit { config } => audit(&config),
         Command::Calibrate {
             config,
@@ -196,5 +204,8 @@ fn status(url: &str, json: bool) -> Result<()> {
             .map(|l| format!("{l:.4}"))
             .unwrap_or_default()
     );
+    for addr in &s.addresses {
+        println!("join: herd-node run --coordinator {addr}");
+    }
     Ok(())
 }

@@ -159,6 +159,8 @@ pub async fn serve(cfg: RunConfig, shutdown: impl std::future::Future<Output = (
         peer_id: local_peer.to_string(),
         rounds_total: cfg.rounds,
         rounds_completed: run_state.round,
+        shards: cfg.round.shards as u64,
+        quorum: cfg.quorum() as u64,
         heldout_loss: run_state.heldout_loss.clone(),
         checkpoints: run_state.checkpoints.clone(),
         ..Status::default()
@@ -300,6 +302,8 @@ struct SubmissionFacts {
     payload_bytes: u64,
     tokens: u64,
     norm: Option<f64>,
+    /// Tokens per second from the lease's grant to this submission.
+    tokens_per_second: Option<f64>,
 }
 
 struct Shell {
@@ -381,7 +385,9 @@ impl Shell {
     fn on_swarm_event(&mut self, swarm: &mut Swarm<Behaviour>, event: SwarmEvent<BehaviourEvent>) {
         match event {
             SwarmEvent::NewListenAddr { address, .. } => {
-                say!("listening: {address}/p2p/{}", swarm.local_peer_id());
+                let full = format!("{address}/p2p/{}", swarm.local_peer_id());
+                say!("listening: {full}");
+                self.status_tx.send_modify(|s| s.addresses.push(full));
                 // A coordinator is reachable where its operator makes it listen; saying so
                 // lets it relay for nodes behind NAT (libp2p's relay serves only then).
                 swarm.add_external_address(address);
@@ -392,6 +398,7 @@ impl Shell {
                     ..Default::default()
                 });
                 p.connected = true;
+                p.last_seen_ms = now_ms();
                 self.publish_status();
             }
             SwarmEvent::ConnectionClosed {
@@ -401,6 +408,7 @@ impl Shell {
             } => {
                 if let Some(p) = self.peers.get_mut(&peer_id) {
                     p.connected = false;
+                    p.last_seen_ms = now_ms();
                 }
                 self.publish_status();
             }
@@ -445,6 +453,9 @@ impl Shell {
         channel: ResponseChannel<RpcResponse>,
     ) {
         let key = peer.to_string();
+        if let Some(p) = self.peers.get_mut(&peer) {
+            p.last_seen_ms = now_ms();
+        }
         let event = match request {
             RpcRequest::Lease(req) => {
                 let refused = if req.version != PROTOCOL_VERSION {
@@ -568,6 +579,11 @@ impl Shell {
             payload_bytes: sub.payload.len() as u64,
             tokens,
             norm: None,
+            tokens_per_second: self.leases.get(&sub.lease).and_then(|l| {
+                let granted = l.expires_at_ms as f64 - self.cfg.round.lease_secs * 1000.0;
+                let secs = (now_ms() as f64 - granted) / 1000.0;
+                (secs > 0.0).then(|| tokens as f64 / secs)
+            }),
         };
         // The same submission again (its answer was lost, or the coordinator restarted
         // meanwhile): the same verdict, counted once.
@@ -794,6 +810,11 @@ impl Shell {
                     ..Default::default()
                 })
                 .tally(&record);
+            if let (Verdict::Accepted, Some(rate), Some(p)) =
+                (&verdict, facts.tokens_per_second, self.peers.get_mut(&id))
+            {
+                p.tokens_per_second = rate;
+            }
         }
         match &verdict {
             Verdict::Accepted => {
@@ -1122,7 +1143,14 @@ impl Shell {
     }
 
     fn publish_status(&self) {
-        let mut peers: Vec<PeerStatus> = self.peers.values().cloned().collect();
+        let mut peers: Vec<PeerStatus> = self
+            .peers
+            .values()
+            .map(|p| PeerStatus {
+                standing: self.reputation.standing(&p.peer).label().to_string(),
+                ..p.clone()
+            })
+            .collect();
         peers.sort_by(|a, b| a.peer.cmp(&b.peer));
         self.status_tx.send_modify(|s| {
             s.round = self.machine.round().0;

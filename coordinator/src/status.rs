@@ -23,6 +23,17 @@ pub struct PeerStatus {
     pub accepted: u64,
     pub rejected: u64,
     pub tokens: u64,
+    /// `new`, `trusted`, `suspect` or `banned` (see [`crate::verify::reputation::Standing`]).
+    #[serde(default)]
+    pub standing: String,
+    /// When the coordinator last heard from the peer (ms since the Unix epoch; 0 = not since
+    /// this start).
+    #[serde(default)]
+    pub last_seen_ms: u64,
+    /// Tokens of its last accepted shard over the time from its lease to its submission:
+    /// the peer's training speed as the run sees it (fetches and upload included).
+    #[serde(default)]
+    pub tokens_per_second: f64,
 }
 
 /// A recent rejection.
@@ -38,10 +49,18 @@ pub struct RejectRecord {
 pub struct Status {
     pub run: String,
     pub peer_id: String,
+    /// Where nodes dial it: each listen address with `/p2p/<peer_id>`, as `--coordinator` takes it.
+    #[serde(default)]
+    pub addresses: Vec<String>,
     /// The round in progress (or the number of rounds done when finished).
     pub round: u64,
     pub rounds_total: u64,
     pub rounds_completed: u64,
+    /// Shards a round is cut into, and how many accepted ones close it.
+    #[serde(default)]
+    pub shards: u64,
+    #[serde(default)]
+    pub quorum: u64,
     pub finished: bool,
     /// Held-out loss after each round; index 0 = before any training.
     pub heldout_loss: Vec<f64>,

@@ -42,6 +42,13 @@ enum Command {
     VerifyCheckpoint(commands::verify_checkpoint::VerifyCheckpointArgs),
     /// Join a coordinator and contribute training until the run ends (or Ctrl-C).
     Run(daemon::RunArgs),
+    /// What the daemon is doing, and what it has contributed (accepted and rejected deltas,
+    /// tokens of credit), from its data dir.
+    Status(daemon::status::StatusArgs),
+    /// Tell the daemon to hand back its shard and take no work until `resume`.
+    Pause(daemon::availability::PauseArgs),
+    /// Let a paused daemon take work again.
+    Resume(daemon::availability::PauseArgs),
     /// Download a run's base model and latest checkpoint from its peers over libp2p
     /// (hash-checked, resumable), and check the checkpoint's signed manifest.
     Pull(daemon::pull::PullArgs),
@@ -83,6 +90,9 @@ fn main() -> ExitCode {
         Command::VerifyCheckpoint(args) => commands::verify_checkpoint::run(args),
         Command::Run(args) => daemon::run(args),
         Command::Pull(args) => daemon::pull::run(args),
+        Command::Status(args) => daemon::status::run(args),
+        Command::Pause(args) => daemon::availability::pause(args),
+        Command::Resume(args) => daemon::availability::resume(args),
         Command::MakeDefault(args) => commands::make_default::run(args),
     };
     match result {

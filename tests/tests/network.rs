@@ -45,6 +45,34 @@ fn three_nodes_train_one_model_whose_checkpoint_downloads_and_evaluates() {
         .filter(|p| p["accepted"].as_u64() > Some(0))
         .count();
     assert_eq!(contributors, 3, "every node contributed: {status}");
+    // Each node's own account: `herd-node status` adds up to what the coordinator counted
+    // (a node writes it when it hears its verdict, which may trail the coordinator a little).
+    let node_status = |i: usize| {
+        let dir = tmp.path().join(format!("node-{i}"));
+        let (out, stdout, stderr) = run(bin("herd-node")
+            .args(["status", "--json", "--data-dir"])
+            .arg(&dir));
+        assert!(out.status.success(), "{stderr}");
+        serde_json::from_str::<Value>(&stdout).unwrap()
+    };
+    wait_until(
+        Duration::from_secs(10),
+        "the nodes to count 15 accepted shards",
+        || {
+            let mine: Vec<Value> = (0..3).map(node_status).collect();
+            let shards: u64 = mine.iter().map(|m| m["accepted"].as_u64().unwrap()).sum();
+            (shards == 15 && mine.iter().all(|m| m["tokens"].as_u64() > Some(0))).then_some(())
+        },
+    );
+    let (out, stdout, _) = run(bin("herd-node")
+        .args(["status", "--data-dir"])
+        .arg(tmp.path().join("node-0")));
+    assert!(
+        out.status.success()
+            && stdout.contains("accepted shards")
+            && stdout.contains("tokens of credit"),
+        "{stdout}"
+    );
     // Credit and metrics say the same.
     let credit = get_json(&format!("{}/v1/contributors", coordinator.http)).unwrap();
     let credit = credit.as_array().unwrap();
@@ -535,25 +563,57 @@ fn a_node_behind_nat_serves_what_it_holds_by_dialling_back_a_peer_that_came_thro
 }
 
 #[test]
-fn ctrl_c_mid_shard_returns_the_lease_and_the_shard_is_reissued_at_once() {
+fn pause_and_ctrl_c_mid_shard_return_the_lease_and_the_shard_is_reissued_at_once() {
     let tmp = tempfile::tempdir().unwrap();
     // Leases that outlast the test: only the return can explain a quick reissue.
     let body = "rounds = 1\nserve_after_finish = true\n[round]\nshards = 2\nsamples_per_shard = 32\n\
                 inner_steps = 400\nlr = 3e-3\nbatch_size = 8\nmax_seq_len = 128\nlease_secs = 600\n\
                 outer_lr = 0.7\nouter_momentum = 0.5\ncheckpoint_every = 1\nstraggler_multiple = 0\n";
     let coordinator = Coordinator::start(tmp.path(), body);
-    let mut first = Reaper(vec![coordinator.start_node(&tmp.path().join("first"))]);
+    let dir = tmp.path().join("first");
+    let mut first = Reaper(vec![coordinator.start_node(&dir)]);
     let log = tmp.path().join("first.err");
-    wait_until(
-        Duration::from_secs(60),
-        "the first node to start a shard",
-        || {
-            std::fs::read_to_string(&log)
-                .unwrap_or_default()
-                .contains("training shard")
-                .then_some(())
-        },
+    let count_in = |path: &std::path::Path, needle: &str| {
+        std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .matches(needle)
+            .count()
+    };
+    let wait_for = |path: &std::path::Path, needle: &str, n: usize, what: &str| {
+        wait_until(Duration::from_secs(60), what, || {
+            (count_in(path, needle) >= n).then_some(())
+        })
+    };
+    let node_cmd = |cmd: &str| {
+        let (out, stdout, stderr) = run(bin("herd-node").args([cmd, "--data-dir"]).arg(&dir));
+        assert!(out.status.success(), "herd-node {cmd}: {stderr}");
+        stdout
+    };
+    wait_for(&log, "training shard", 1, "the node to start a shard");
+
+    // Paused: the shard goes back at once and the node waits, saying why.
+    assert!(node_cmd("pause").contains("paused"));
+    wait_for(
+        &coordinator.log,
+        "lease returned",
+        1,
+        "the paused node's lease to come back",
     );
+    assert!(count_in(&log, "stopping: returning the lease") == 1);
+    let (out, stdout, _) = run(bin("herd-node")
+        .args(["status", "--json", "--data-dir"])
+        .arg(&dir));
+    assert!(out.status.success());
+    let doing = serde_json::from_str::<Value>(&stdout).unwrap()["doing"].clone();
+    assert!(
+        doing.as_str().unwrap().starts_with("idle: paused"),
+        "{doing}"
+    );
+    // Resumed: it takes a shard again by itself.
+    assert!(node_cmd("resume").contains("resumed"));
+    wait_for(&log, "training shard", 2, "the resumed node to train again");
+
+    // Ctrl-C: the lease goes back and the node exits within seconds.
     let pid = first.0[0].id().to_string();
     run(std::process::Command::new("kill").args(["-INT", &pid]));
     let stopped = std::time::Instant::now();
@@ -562,24 +622,20 @@ fn ctrl_c_mid_shard_returns_the_lease_and_the_shard_is_reissued_at_once() {
     });
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(
-        exit.success() && text.contains("returning the lease"),
+        exit.success() && text.contains("interrupted: returning the lease"),
         "{exit:?}\n{text}"
     );
     println!(
         "stopped {:.1} s after Ctrl-C",
         stopped.elapsed().as_secs_f64()
     );
-    wait_until(
-        Duration::from_secs(10),
+    wait_for(
+        &coordinator.log,
+        "lease returned",
+        2,
         "the coordinator to take the lease back",
-        || {
-            std::fs::read_to_string(&coordinator.log)
-                .unwrap_or_default()
-                .contains("lease returned")
-                .then_some(())
-        },
     );
-    // Another node gets both shards long before the returned lease would have expired.
+    // Another node gets both shards long before the returned leases would have expired.
     let _second = Reaper(vec![coordinator.start_node(&tmp.path().join("second"))]);
     let status = wait_until(Duration::from_secs(240), "the run to finish", || {
         coordinator.status().filter(|s| s["finished"] == true)

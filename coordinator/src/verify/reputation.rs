@@ -34,6 +34,18 @@ pub enum Standing {
     Banned,
 }
 
+impl Standing {
+    /// The word `/v1/status` and the dashboard show.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Standing::New => "new",
+            Standing::Trusted => "trusted",
+            Standing::Suspect => "suspect",
+            Standing::Banned => "banned",
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 struct Record {
     /// `true` for a strike, newest last.

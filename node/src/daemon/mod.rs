@@ -1,12 +1,14 @@
 //! `herd-node run`: the contributor daemon. Joins a coordinator, then loops lease → train →
 //! submit; reconnects with backoff; on Ctrl-C hands its lease back and exits.
 
+pub mod availability;
 mod cache;
 mod fetch;
 mod network;
 pub mod pull;
 mod residual;
 mod seed;
+pub mod status;
 mod worker;
 
 use std::path::PathBuf;
@@ -24,8 +26,10 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use crate::commands::ComputeArgs;
+use availability::Availability;
 use cache::BlobCache;
 use network::{Client, NetFailure};
+use status::NodeStatus;
 use worker::Worker;
 
 /// Failed dials before a node that never reached its coordinator gives up.
@@ -68,6 +72,10 @@ pub struct RunArgs {
     /// Ctrl-C.
     #[arg(long, env = "HERD_SEED_AFTER_FINISH")]
     seed_after_finish: bool,
+    /// Only work in these daily windows of local time, e.g. 22:00-07:00 (comma-separated);
+    /// outside them a shard in training is handed back. Default: any time.
+    #[arg(long, env = "HERD_ACTIVE_HOURS", value_delimiter = ',')]
+    active_hours: Vec<availability::Window>,
     #[command(flatten)]
     compute: ComputeArgs,
 }
@@ -163,6 +171,13 @@ async fn run_async(args: RunArgs) -> Result<()> {
     ));
     let mut worker = Worker::new(&data_dir, cache, device)?;
     let device_text = format!("{device:?}, {} threads", tch::get_num_threads());
+    let mut status = NodeStatus::new(
+        keypair.public().to_peer_id().to_string(),
+        addr.to_string(),
+        device_text.clone(),
+    );
+    status.set(&data_dir, "connecting to the coordinator");
+    let availability = Availability::new(args.active_hours.clone(), &data_dir);
 
     let mut contacted = false;
     let mut failures = 0u32;
@@ -173,6 +188,17 @@ async fn run_async(args: RunArgs) -> Result<()> {
                 tracing::info!(shards, "done: --max-shards reached");
                 return Ok(());
             }
+            if let Some(why) = availability.blocked() {
+                let idle = format!("idle: {why}");
+                if status.doing != idle {
+                    tracing::info!(%why, "taking no work");
+                    status.set(&data_dir, idle);
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    _ = tokio::signal::ctrl_c() => return Ok(()),
+                }
+            }
             let request = RpcRequest::Lease(LeaseRequest { version: PROTOCOL_VERSION, device: device_text.clone() });
             let response = tokio::select! {
                 r = client.rpc(request) => r,
@@ -182,13 +208,18 @@ async fn run_async(args: RunArgs) -> Result<()> {
                 Ok(RpcResponse::Lease(lease)) => *lease,
                 Ok(RpcResponse::NoWork { finished: true, reason, .. }) => {
                     println!("the run is over ({reason}); {shards} shards contributed");
+                    status.set(&data_dir, format!("done: the run is over ({reason})"));
                     if args.seed_after_finish {
+                        status.set(&data_dir, "seeding checkpoints to other peers");
                         println!("seeding the run's checkpoints to other peers until Ctrl-C");
                         let _ = tokio::signal::ctrl_c().await;
                     }
                     return Ok(());
                 }
                 Ok(RpcResponse::NoWork { retry_after_ms, reason, .. }) => {
+                    if !contacted || status.doing.starts_with("training") {
+                        status.set(&data_dir, format!("waiting for work ({reason})"));
+                    }
                     contacted = true;
                     tracing::debug!(%reason, retry_after_ms, "no work yet");
                     tokio::time::sleep(Duration::from_millis(retry_after_ms.max(50))).await;
@@ -202,6 +233,7 @@ async fn run_async(args: RunArgs) -> Result<()> {
                         bail!(unreachable_message(&addr, &e));
                     }
                     let backoff = Duration::from_secs(1 << failures.min(5)).min(MAX_BACKOFF);
+                    status.set(&data_dir, format!("cannot reach the coordinator ({e}); retrying"));
                     tracing::warn!(error = %e, retry_in = ?backoff, "coordinator unreachable; retrying");
                     tokio::time::sleep(backoff).await;
                     continue;
@@ -210,21 +242,30 @@ async fn run_async(args: RunArgs) -> Result<()> {
             contacted = true;
             failures = 0;
             tracing::info!(lease = %lease.id, round = %lease.round, shard = %lease.shard, steps = lease.inner_steps, "training shard");
+            status.set(&data_dir, format!("training round {}, shard {}", lease.round, lease.shard));
             let outcome = tokio::select! {
                 o = worker.work(&client, &keypair, &lease) => o?,
                 _ = tokio::signal::ctrl_c() => {
                     tracing::info!(lease = %lease.id, "interrupted: returning the lease");
-                    let back = tokio::time::timeout(Duration::from_secs(5), client.rpc(RpcRequest::Return { lease: lease.id })).await;
-                    if !matches!(back, Ok(Ok(RpcResponse::Returned))) {
-                        tracing::warn!("could not return the lease; it will expire");
-                    }
+                    return_lease(&client, lease.id).await;
                     return Ok(());
+                }
+                why = availability.stopped() => {
+                    tracing::info!(lease = %lease.id, %why, "stopping: returning the lease");
+                    return_lease(&client, lease.id).await;
+                    continue;
                 }
             };
             let bytes = outcome.submission.payload.len();
+            let tokens = outcome.submission.tokens;
             let verdict = submit(&client, outcome.submission, lease.expires_at_ms).await;
             shards += 1;
             let accepted = matches!(verdict, Ok(RpcResponse::Verdict(Verdict::Accepted)));
+            match &verdict {
+                Ok(RpcResponse::Verdict(Verdict::Accepted)) => status.verdict(&data_dir, None, tokens, bytes as u64),
+                Ok(RpcResponse::Verdict(Verdict::Rejected(reason))) => status.verdict(&data_dir, Some(reason), tokens, bytes as u64),
+                _ => {}
+            }
             match verdict {
                 Ok(RpcResponse::Verdict(Verdict::Accepted)) => tracing::info!(
                     lease = %lease.id, loss_before = format!("{:.4}", outcome.loss_before),
@@ -249,11 +290,30 @@ async fn run_async(args: RunArgs) -> Result<()> {
         }
     }
     .await;
+    status.set(
+        &data_dir,
+        match &result {
+            Ok(()) => "stopped".to_string(),
+            Err(e) => format!("stopped: {e:#}"),
+        },
+    );
     seeding.abort(); // it holds a client: the network loop ends only when all are gone
     let _ = seeding.await;
     drop(client);
     let _ = net.await;
     result
+}
+
+/// Hands a lease back so the coordinator reissues its shard at once rather than at expiry.
+async fn return_lease(client: &Client, lease: herd_protocol::LeaseId) {
+    let back = tokio::time::timeout(
+        Duration::from_secs(5),
+        client.rpc(RpcRequest::Return { lease }),
+    )
+    .await;
+    if !matches!(back, Ok(Ok(RpcResponse::Returned))) {
+        tracing::warn!(%lease, "could not return the lease; it will expire");
+    }
 }
 
 /// Sends `submission`, and again while the coordinator cannot be reached (it may be

@@ -1,0 +1,184 @@
+//! `herd-node status`: what the daemon is doing and what it has given, read from the status
+//! file it keeps in its data dir (`status.json`, rewritten atomically at each change). The
+//! command works whether the daemon runs or not, and needs no port.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use herd_protocol::messages::{RejectReason, now_ms};
+use serde::{Deserialize, Serialize};
+
+const FILE: &str = "status.json";
+
+/// The daemon's account of itself.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    pub peer: String,
+    pub coordinator: String,
+    pub device: String,
+    /// The daemon's process id, to tell whether it still runs.
+    pub pid: u32,
+    /// What it is doing, in words ("training round 3, shard 1", "waiting for work", ...).
+    pub doing: String,
+    pub since_ms: u64,
+    /// Shards whose delta the coordinator accepted, and their tokens: the node's credit.
+    pub accepted: u64,
+    pub tokens: u64,
+    pub rejected: u64,
+    pub rejected_by_reason: BTreeMap<String, u64>,
+    pub bytes_uploaded: u64,
+    /// The last verdict, in words.
+    pub last_verdict: Option<String>,
+}
+
+impl NodeStatus {
+    pub fn new(peer: String, coordinator: String, device: String) -> Self {
+        NodeStatus {
+            peer,
+            coordinator,
+            device,
+            pid: std::process::id(),
+            ..NodeStatus::default()
+        }
+    }
+
+    /// Reads `data_dir`'s status file; `None` if there is none.
+    pub fn load(data_dir: &Path) -> Result<Option<Self>> {
+        let path = data_dir.join(FILE);
+        match std::fs::read(&path) {
+            Ok(bytes) => {
+                Ok(Some(serde_json::from_slice(&bytes).with_context(|| {
+                    format!("{} is not a node status", path.display())
+                })?))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+        }
+    }
+
+    /// Says what the daemon does now and writes the file; a failed write is logged, not fatal.
+    pub fn set(&mut self, data_dir: &Path, doing: impl Into<String>) {
+        self.doing = doing.into();
+        self.since_ms = now_ms();
+        self.save(data_dir);
+    }
+
+    /// Counts a verdict on one of this node's deltas.
+    pub fn verdict(
+        &mut self,
+        data_dir: &Path,
+        rejected: Option<&RejectReason>,
+        tokens: u64,
+        bytes: u64,
+    ) {
+        match rejected {
+            None => {
+                self.accepted += 1;
+                self.tokens += tokens;
+                self.bytes_uploaded += bytes;
+                self.last_verdict = Some("accepted".into());
+            }
+            Some(reason) => {
+                self.rejected += 1;
+                *self
+                    .rejected_by_reason
+                    .entry(reason.label().to_string())
+                    .or_default() += 1;
+                self.last_verdict = Some(format!("rejected: {reason}"));
+            }
+        }
+        self.save(data_dir);
+    }
+
+    fn save(&self, data_dir: &Path) {
+        let path = data_dir.join(FILE);
+        let tmp = data_dir.join(format!(".{FILE}.tmp"));
+        let written = serde_json::to_vec_pretty(self)
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| std::fs::write(&tmp, bytes))
+            .and_then(|()| std::fs::rename(&tmp, &path));
+        if let Err(e) = written {
+            tracing::warn!(path = %path.display(), error = %e, "cannot write the status file");
+        }
+    }
+}
+
+#[derive(Debug, clap::Args)]
+pub struct StatusArgs {
+    /// The daemon's data dir (default: $XDG_DATA_HOME/herd-node).
+    #[arg(long, env = "HERD_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Print the status file as JSON, for scripts.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(args: StatusArgs) -> Result<()> {
+    let dir = args.data_dir.unwrap_or_else(super::default_data_dir);
+    let Some(s) = NodeStatus::load(&dir)? else {
+        bail!(
+            "no node status in {}: start `herd-node run` with this --data-dir first",
+            dir.display()
+        );
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&s)?);
+        return Ok(());
+    }
+    let running = Path::new(&format!("/proc/{}", s.pid)).exists();
+    let ago = now_ms().saturating_sub(s.since_ms) / 1000;
+    println!(
+        "node {} ({}): {} for {ago} s{}",
+        s.peer,
+        s.device,
+        s.doing,
+        if running { "" } else { " (not running now)" }
+    );
+    println!("coordinator {}", s.coordinator);
+    let reasons: Vec<String> = s
+        .rejected_by_reason
+        .iter()
+        .map(|(r, n)| format!("{n} {r}"))
+        .collect();
+    println!(
+        "contributed: {} accepted shards, {} tokens of credit, {} bytes uploaded; {} rejected{}",
+        s.accepted,
+        s.tokens,
+        s.bytes_uploaded,
+        s.rejected,
+        if reasons.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", reasons.join(", "))
+        }
+    );
+    if let Some(v) = &s.last_verdict {
+        println!("last verdict: {v}");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verdicts_add_up_and_survive_a_reload() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = NodeStatus::new("p".into(), "c".into(), "cpu".into());
+        s.set(dir.path(), "training round 0, shard 1");
+        s.verdict(dir.path(), None, 1000, 700);
+        s.verdict(dir.path(), Some(&RejectReason::StaleRound), 1000, 700);
+        s.verdict(dir.path(), None, 500, 600);
+        let back = NodeStatus::load(dir.path()).unwrap().unwrap();
+        assert_eq!(back, s);
+        assert_eq!((back.accepted, back.tokens, back.rejected), (2, 1500, 1));
+        assert_eq!(back.rejected_by_reason["stale_round"], 1);
+        assert!(
+            NodeStatus::load(&dir.path().join("none"))
+                .unwrap()
+                .is_none()
+        );
+    }
+}
