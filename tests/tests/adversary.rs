@@ -410,9 +410,6 @@ async fn run_to_the_end(rounds: u64, adversary: bool) -> (f64, serde_json::Value
     })
     .await
     .unwrap();
-    if adversary && let Ok(path) = std::env::var("HERD_DUMP_STATUS") {
-        std::fs::write(path, status.to_string()).unwrap();
-    }
     let last = status["heldout_loss"].as_array().unwrap().last().unwrap();
     (last.as_f64().unwrap(), status)
 }

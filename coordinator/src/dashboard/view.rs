@@ -41,10 +41,7 @@ pub fn draw(frame: &mut Frame, app: &App) {
     draw_rejects(frame, rejects, app, s);
     draw_checkpoints(frame, checkpoints, app, s);
     draw_traffic(frame, traffic, app, s);
-    frame.render_widget(
-        Line::from(" q quit · Tab/Shift-Tab pane · ↑↓ j k select · g/G first/last").dark_gray(),
-        footer,
-    );
+    frame.render_widget(footer_line(app, s), footer);
 }
 
 fn draw_header(frame: &mut Frame, area: Rect, app: &App, s: &Status) {
@@ -84,6 +81,25 @@ fn draw_header(frame: &mut Frame, area: Rect, app: &App, s: &Status) {
             )),
         shards,
     );
+}
+
+/// The selected reject in full (the list cuts long reasons), else what the keys do.
+fn footer_line(app: &App, s: &Status) -> Line<'static> {
+    // The list shows the newest first.
+    let selected = s
+        .recent_rejects
+        .iter()
+        .rev()
+        .nth(app.rows[Pane::Rejects as usize]);
+    match selected {
+        Some(r) if app.focus == Pane::Rejects => Line::from(vec![
+            Span::raw(format!(" round {}, peer {}: ", r.round, r.peer)),
+            Span::styled(r.reason.clone(), Style::new().red()),
+        ]),
+        _ => {
+            Line::from(" q quit · Tab/Shift-Tab pane · ↑↓ j k select · g/G first/last").dark_gray()
+        }
+    }
 }
 
 /// Whether the figures are live, or the last ones seen while the coordinator is away.
