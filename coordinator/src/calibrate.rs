@@ -143,7 +143,12 @@ pub fn calibrate(
         for ((side, device), model) in sides.iter().zip(devices).zip(&models) {
             tch::set_num_threads(side.threads);
             let lora = Lora::new(model.config(), lora_cfg.clone(), device)?;
-            deltas.push(train_shard(model, &lora, &data, &lease, false, |_| {})?.delta);
+            deltas.push(
+                train_shard(model, &lora, &data, &lease, false, |_| {
+                    std::ops::ControlFlow::Continue(())
+                })?
+                .delta,
+            );
         }
         let flat =
             |d: &Delta| -> Vec<f32> { d.tensors.iter().flat_map(|t| t.values.clone()).collect() };

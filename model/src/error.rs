@@ -9,6 +9,9 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ModelError {
+    /// The caller stopped training (the node was paused or interrupted).
+    #[error("training stopped after {steps} steps")]
+    Cancelled { steps: usize },
     #[error("{}: cannot read: {source}", path.display())]
     Io {
         path: PathBuf,

@@ -10,7 +10,9 @@ use crate::delta::lora_delta;
 use crate::error::Result;
 use crate::llama::Llama;
 use crate::lora::Lora;
-use crate::train::{LrSchedule, StepReport, TrainConfig, train_lora};
+use std::ops::ControlFlow;
+
+use crate::train::{LrSchedule, StepReport, TrainConfig, train_lora_until};
 
 /// What training one shard produced.
 #[derive(Debug)]
@@ -39,18 +41,19 @@ pub fn train_config(lease: &Lease, measure_loss: bool) -> TrainConfig {
 
 /// Trains `lora` (holding θ_r) in place on the lease's shard of `data` and returns the delta.
 /// `measure_loss` adds a pass over the shard before and after (the node reports both losses;
-/// a replay does not need them).
+/// a replay does not need them). `on_step` sees each step and may stop the training
+/// ([`crate::ModelError::Cancelled`]).
 pub fn train_shard(
     model: &Llama,
     lora: &Lora,
     data: &Dataset,
     lease: &Lease,
     measure_loss: bool,
-    on_step: impl FnMut(&StepReport),
+    on_step: impl FnMut(&StepReport) -> ControlFlow<()>,
 ) -> Result<ShardOutcome> {
     let before = lora.snapshot()?;
     let indices = indices_of(&lease.ranges, data.len())?;
-    let report = train_lora(
+    let report = train_lora_until(
         model,
         lora,
         data,

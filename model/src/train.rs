@@ -4,6 +4,8 @@
 //! Deterministic for the same seed, device and thread count: the only randomness is the batch
 //! order, drawn from ChaCha with the lease's seed.
 
+use std::ops::ControlFlow;
+
 use serde::Serialize;
 use tch::nn::{OptimizerConfig, VarStore};
 
@@ -83,7 +85,23 @@ pub fn train_lora(
     data: &Dataset,
     indices: &[usize],
     cfg: &TrainConfig,
-    on_step: impl FnMut(&StepReport),
+    mut on_step: impl FnMut(&StepReport),
+) -> Result<TrainReport> {
+    train_lora_until(model, lora, data, indices, cfg, |s| {
+        on_step(s);
+        ControlFlow::Continue(())
+    })
+}
+
+/// [`train_lora`], stopped with [`ModelError::Cancelled`] when `on_step` breaks: a node that
+/// is paused or interrupted gives its machine back within a step.
+pub fn train_lora_until(
+    model: &Llama,
+    lora: &Lora,
+    data: &Dataset,
+    indices: &[usize],
+    cfg: &TrainConfig,
+    on_step: impl FnMut(&StepReport) -> ControlFlow<()>,
 ) -> Result<TrainReport> {
     run(
         model,
@@ -102,9 +120,12 @@ pub fn pretrain(
     data: &Dataset,
     indices: &[usize],
     cfg: &TrainConfig,
-    on_step: impl FnMut(&StepReport),
+    mut on_step: impl FnMut(&StepReport),
 ) -> Result<TrainReport> {
-    run(model, None, model.var_store(), data, indices, cfg, on_step)
+    run(model, None, model.var_store(), data, indices, cfg, |s| {
+        on_step(s);
+        ControlFlow::Continue(())
+    })
 }
 
 fn run(
@@ -114,7 +135,7 @@ fn run(
     data: &Dataset,
     indices: &[usize],
     cfg: &TrainConfig,
-    mut on_step: impl FnMut(&StepReport),
+    mut on_step: impl FnMut(&StepReport) -> ControlFlow<()>,
 ) -> Result<TrainReport> {
     if indices.is_empty() || cfg.batch_size == 0 {
         return Err(ModelError::Argument(
@@ -172,12 +193,15 @@ fn run(
             )));
         }
         step_losses.push(value);
-        on_step(&StepReport {
+        let report = StepReport {
             step,
             loss: value,
             lr,
             tokens: batch.tokens,
-        });
+        };
+        if on_step(&report).is_break() {
+            return Err(ModelError::Cancelled { steps: step + 1 });
+        }
     }
     let loss_after = if cfg.measure_loss {
         evaluate(model, lora, &examples, eval_batch)?.loss

@@ -251,7 +251,10 @@ impl World {
             tch::Device::Cpu,
         )
         .unwrap();
-        train_shard(&self.model, &lora, &self.data, lease, true, |_| {}).unwrap()
+        train_shard(&self.model, &lora, &self.data, lease, true, |_| {
+            std::ops::ControlFlow::Continue(())
+        })
+        .unwrap()
     }
 }
 

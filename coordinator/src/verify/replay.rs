@@ -26,7 +26,10 @@ pub fn replay(
     lease: &Lease,
 ) -> herd_model::Result<Delta> {
     let lora = theta.try_clone(model.config())?;
-    Ok(train_shard(model, &lora, data, lease, false, |_| {})?.delta)
+    Ok(train_shard(model, &lora, data, lease, false, |_| {
+        std::ops::ControlFlow::Continue(())
+    })?
+    .delta)
 }
 
 /// Compares the node's sketch with the replay's under the lease's seed.

@@ -35,6 +35,8 @@ use worker::Worker;
 /// Failed dials before a node that never reached its coordinator gives up.
 const FIRST_CONTACT_ATTEMPTS: u32 = 3;
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// Longest wait at exit for work on blocking threads (a training step, a model load).
+const SHUTDOWN_WAIT: Duration = Duration::from_secs(20);
 /// Deliveries of one submission tried while the coordinator is unreachable.
 const SUBMIT_ATTEMPTS: u32 = 8;
 
@@ -91,8 +93,9 @@ fn default_data_dir() -> PathBuf {
 pub fn run(args: RunArgs) -> Result<()> {
     let runtime = tokio::runtime::Runtime::new()?;
     let result = runtime.block_on(run_async(args));
-    // Training that Ctrl-C interrupted may still be running on a blocking thread: do not wait.
-    runtime.shutdown_timeout(Duration::from_millis(500));
+    // Training that Ctrl-C interrupted stops at its next step: wait for it, since libtorch
+    // must not be torn down under a running thread (that crashes the exit).
+    runtime.shutdown_timeout(SHUTDOWN_WAIT);
     result
 }
 
@@ -188,6 +191,7 @@ async fn run_async(args: RunArgs) -> Result<()> {
                 tracing::info!(shards, "done: --max-shards reached");
                 return Ok(());
             }
+            status.set_reachability(&data_dir, client.reachability());
             if let Some(why) = availability.blocked() {
                 let idle = format!("idle: {why}");
                 if status.doing != idle {

@@ -25,7 +25,7 @@ use libp2p::swarm::ConnectionId;
 use libp2p::swarm::SwarmEvent;
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::{Multiaddr, PeerId, Swarm, autonat, dcutr, identify, kad, relay};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 /// The blob store the loop serves from and downloads land in.
 pub type SharedStore = Arc<Mutex<BlobStore>>;
@@ -70,9 +70,16 @@ enum Command {
 pub struct Client {
     tx: mpsc::Sender<Command>,
     coordinator: PeerId,
+    /// What AutoNAT found out about this node, in words (empty until it has).
+    reachability: watch::Receiver<String>,
 }
 
 impl Client {
+    /// Whether other peers can reach this node, in plain words; empty while AutoNAT probes.
+    pub fn reachability(&self) -> String {
+        self.reachability.borrow().clone()
+    }
+
     pub fn coordinator(&self) -> PeerId {
         self.coordinator
     }
@@ -152,6 +159,8 @@ pub struct EventLoop {
     /// The last reason a dial to the coordinator failed, for a useful error message.
     last_dial_error: Option<String>,
     listening_via_relay: bool,
+    /// Where [`Client::reachability`] reads from.
+    reachability: watch::Sender<String>,
     /// Connections through the relay, by peer: closed once hole punching gives a direct one
     /// (the relay caps what a circuit may carry, and request-response spreads requests over
     /// every connection to a peer).
@@ -174,6 +183,7 @@ pub fn new(
 ) -> (Client, EventLoop, mpsc::Receiver<RoundAnnouncement>) {
     let (tx, rx) = mpsc::channel(16);
     let (announcements, announced) = mpsc::channel(16);
+    let (reachability, reachability_rx) = watch::channel(String::new());
     let behaviour = swarm.behaviour_mut();
     // The coordinator is the DHT's entry point and the judge of this node's reachability.
     behaviour
@@ -183,7 +193,11 @@ pub fn new(
         .autonat
         .add_server(coordinator, Some(coordinator_addr.clone()));
     (
-        Client { tx, coordinator },
+        Client {
+            tx,
+            coordinator,
+            reachability: reachability_rx,
+        },
         EventLoop {
             swarm,
             coordinator,
@@ -197,6 +211,7 @@ pub fn new(
             addresses: HashMap::new(),
             last_dial_error: None,
             listening_via_relay: false,
+            reachability,
             relayed: HashMap::new(),
             direct: HashMap::new(),
             dial_back: HashSet::new(),
@@ -538,14 +553,15 @@ impl EventLoop {
     /// listens through the coordinator's relay.
     fn on_reachability(&mut self, status: autonat::NatStatus) {
         match status {
-            autonat::NatStatus::Public(addr) => tracing::info!(
-                %addr,
-                "reachability: public; other peers can download checkpoints from this node"
-            ),
+            autonat::NatStatus::Public(addr) => {
+                let words = "public: other peers can download checkpoints from this node";
+                tracing::info!(%addr, "reachability: {words}");
+                self.reachability.send_replace(words.to_string());
+            }
             autonat::NatStatus::Private if !self.listening_via_relay => {
-                tracing::info!(
-                    "reachability: behind NAT or a firewall; listening through the coordinator's relay"
-                );
+                let words = "behind NAT or a firewall: listening through the coordinator's relay (no port forwarding needed)";
+                tracing::info!("reachability: {words}");
+                self.reachability.send_replace(words.to_string());
                 let circuit = self.coordinator_addr.clone().with(Protocol::P2pCircuit);
                 match self.swarm.listen_on(circuit) {
                     Ok(_) => self.listening_via_relay = true,

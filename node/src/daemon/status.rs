@@ -19,6 +19,9 @@ pub struct NodeStatus {
     pub device: String,
     /// The daemon's process id, to tell whether it still runs.
     pub pid: u32,
+    /// Whether other peers can reach it (AutoNAT), in words; empty until known.
+    #[serde(default)]
+    pub reachability: String,
     /// What it is doing, in words ("training round 3, shard 1", "waiting for work", ...).
     pub doing: String,
     pub since_ms: u64,
@@ -62,6 +65,14 @@ impl NodeStatus {
         self.doing = doing.into();
         self.since_ms = now_ms();
         self.save(data_dir);
+    }
+
+    /// Notes what AutoNAT found, writing the file when it changed.
+    pub fn set_reachability(&mut self, data_dir: &Path, words: String) {
+        if words != self.reachability {
+            self.reachability = words;
+            self.save(data_dir);
+        }
     }
 
     /// Counts a verdict on one of this node's deltas.
@@ -136,6 +147,9 @@ pub fn run(args: StatusArgs) -> Result<()> {
         if running { "" } else { " (not running now)" }
     );
     println!("coordinator {}", s.coordinator);
+    if !s.reachability.is_empty() {
+        println!("reachability: {}", s.reachability);
+    }
     let reasons: Vec<String> = s
         .rejected_by_reason
         .iter()

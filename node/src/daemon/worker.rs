@@ -1,7 +1,10 @@
 //! Doing one lease: fetch what is missing, train H steps from θ_r off the async runtime,
 //! compress `Δ + residual` with the run's codec and build the signed submission.
 
+use std::ops::ControlFlow;
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context, Result};
 use herd_model::Llama;
@@ -13,6 +16,8 @@ use herd_model::tokenizer::TextTokenizer;
 use herd_protocol::delta::Feedback;
 use herd_protocol::messages::{Lease, RunAssets, Submission};
 use libp2p::identity::Keypair;
+
+use crate::progress::StepProgress;
 
 use super::cache::BlobCache;
 use super::network::Client;
@@ -91,11 +96,15 @@ impl Worker {
         };
         let lease_owned = lease.clone();
         let started = std::time::Instant::now();
+        // Dropping this future (pause, Ctrl-C) stops the training within a step.
+        let stop = StopOnDrop(Arc::new(AtomicBool::new(false)));
+        let stopped = stop.0.clone();
         let (loaded, result) = tokio::task::spawn_blocking(move || {
-            let result = train(&loaded, &lease_owned, &adapter);
+            let result = train(&loaded, &lease_owned, &adapter, &stopped);
             (loaded, result)
         })
         .await?;
+        drop(stop);
         self.loaded = Some(loaded);
         let shard = result?;
         let residual = self.residuals.load(&lease.run);
@@ -142,8 +151,23 @@ fn load(
     })
 }
 
-/// Trains from the lease's adapter; returns the raw delta, losses and tokens.
-fn train(loaded: &Loaded, lease: &Lease, adapter: &std::path::Path) -> Result<ShardOutcome> {
+/// Sets its flag when dropped: the training thread checks it after every step.
+struct StopOnDrop(Arc<AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Trains from the lease's adapter, with a progress bar on a terminal (log lines otherwise),
+/// until done or `stop`; returns the raw delta, losses and tokens.
+fn train(
+    loaded: &Loaded,
+    lease: &Lease,
+    adapter: &std::path::Path,
+    stop: &AtomicBool,
+) -> Result<ShardOutcome> {
     let model_cfg = loaded.model.config();
     let mut lora = Lora::new(
         model_cfg,
@@ -151,12 +175,18 @@ fn train(loaded: &Loaded, lease: &Lease, adapter: &std::path::Path) -> Result<Sh
         loaded.model.device(),
     )?;
     load_adapter_weights(&mut lora, adapter, model_cfg.num_hidden_layers)?;
-    Ok(train_shard(
-        &loaded.model,
-        &lora,
-        &loaded.data,
-        lease,
-        true,
-        |_| {},
-    )?)
+    let mut progress = StepProgress::new(
+        lease.inner_steps as usize,
+        &format!("round {} shard {}", lease.round, lease.shard),
+    );
+    let outcome = train_shard(&loaded.model, &lora, &loaded.data, lease, true, |s| {
+        progress.step(s.step, s.loss, s.tokens);
+        if stop.load(Ordering::Relaxed) {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
+    });
+    progress.finish();
+    Ok(outcome?)
 }
