@@ -61,24 +61,29 @@ fn draw_header(frame: &mut Frame, area: Rect, app: &App, s: &Status) {
     let [rounds, shards] =
         Layout::horizontal([Constraint::Percentage(50), Constraint::Percentage(50)]).areas(inner);
     let done = if s.finished { " (finished)" } else { "" };
-    frame.render_widget(
+    let gauge = |color: Color, ratio: f64, label: String| {
         Gauge::default()
-            .gauge_style(Color::Green)
-            .ratio(fraction(s.rounds_completed, s.rounds_total))
-            .label(format!(
-                "rounds {}/{}{done}",
-                s.rounds_completed, s.rounds_total
-            )),
+            .gauge_style(color)
+            .ratio(ratio)
+            .label(label)
+    };
+    frame.render_widget(
+        gauge(
+            Color::Green,
+            fraction(s.rounds_completed, s.rounds_total),
+            format!("rounds {}/{}{done}", s.rounds_completed, s.rounds_total),
+        ),
         rounds,
     );
     frame.render_widget(
-        Gauge::default()
-            .gauge_style(Color::Cyan)
-            .ratio(fraction(s.accepted_this_round, s.quorum))
-            .label(format!(
+        gauge(
+            Color::Cyan,
+            fraction(s.accepted_this_round, s.quorum),
+            format!(
                 "round {}: {}/{} shards accepted (of {}), {} leases out",
                 s.round, s.accepted_this_round, s.quorum, s.shards, s.active_leases
-            )),
+            ),
+        ),
         shards,
     );
 }
