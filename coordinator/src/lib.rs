@@ -14,6 +14,7 @@
 //! - [`audit`]: rebuilds the adapter from θ_0 and the recorded deltas, to compare bit for bit.
 //! - [`resume`]: picking a run up after a restart.
 //! - [`dashboard`]: `herd-coordinator dashboard`, the operator's terminal view of `/v1/status`.
+//! - [`simulate`]: simulated peers through the real round logic, for `cargo xtask bench`.
 //! - [`calibrate`]: how far honest replays differ across thread counts (the replay tolerance).
 
 pub mod aggregate;
@@ -27,6 +28,7 @@ pub mod metrics;
 pub mod resume;
 pub mod round;
 pub mod server;
+pub mod simulate;
 pub mod status;
 pub mod store;
 pub mod verify;

@@ -56,6 +56,15 @@ enum Command {
         #[arg(long)]
         url: String,
     },
+    /// Benchmark helper: simulated peers through the real round machine, codec and structure
+    /// checks (no network, no training); prints a JSON report. `cargo xtask bench` runs it.
+    #[command(hide = true)]
+    Simulate {
+        #[arg(long)]
+        peers: u32,
+        #[arg(long, default_value_t = 5)]
+        rounds: u64,
+    },
     /// Print a running coordinator's status.
     Status {
         /// The coordinator's HTTP address, e.g. http://127.0.0.1:8080.
@@ -80,6 +89,7 @@ fn main() -> ExitCode {
         Command::Serve { config } => serve(config),
         Command::Status { url, json } => status(&url, json),
         Command::Dashboard { url } => herd_coordinator::dashboard::run(&url),
+        Command::Simulate { peers, rounds } => simulate(peers, rounds),
         Command::Audit { config } => audit(&config),
         Command::Calibrate {
             config,
@@ -177,6 +187,20 @@ fn calibrate(
         c.configured_min_cosine, c.configured_max_rel_error, c.false_rejects
     );
     println!("figures: {}", out.display());
+    Ok(())
+}
+
+fn simulate(peers: u32, rounds: u64) -> Result<()> {
+    use herd_coordinator::simulate::{ScaleConfig, simulate};
+    let report = simulate(ScaleConfig {
+        peers,
+        rounds,
+        codec: herd_protocol::codec::CodecSpec::default(),
+        // The demo adapter's size: 6,144 values.
+        tensors: 16,
+        values_per_tensor: 384,
+    })?;
+    println!("{}", serde_json::to_string(&report)?);
     Ok(())
 }
 

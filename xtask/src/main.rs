@@ -1,6 +1,7 @@
 //! `cargo xtask`: the project's tasks as one Rust program, so CI runs what a person runs.
 //! No tch dependency, so it can install libtorch before anything that links it is built.
 
+mod bench;
 mod demo;
 mod libtorch;
 mod util;
@@ -50,6 +51,9 @@ enum Task {
         #[arg(long, default_value_t = 20)]
         crashes: u32,
     },
+    /// Benchmarks side by side with their baselines; figures to bench/results.json and
+    /// bench/RESULTS.md.
+    Bench,
     /// Rebuild the embedded default (model/default) with the project's own tooling.
     MakeDefault {
         #[arg(long, default_value_t = 4000)]
@@ -65,6 +69,7 @@ fn main() -> Result<()> {
         Task::Setup { cuda } => libtorch::setup(&root, cuda).map(|_| ()),
         Task::Test => test(&root),
         Task::Demo(args) => demo::run(&root, args),
+        Task::Bench => bench::run(&root),
         Task::Calibrate {
             replays,
             devices,
