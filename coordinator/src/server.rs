@@ -158,6 +158,7 @@ pub async fn serve(cfg: RunConfig, shutdown: impl std::future::Future<Output = (
         run: cfg.run.clone(),
         peer_id: local_peer.to_string(),
         rounds_total: cfg.rounds,
+        round: run_state.round,
         rounds_completed: run_state.round,
         shards: cfg.round.shards as u64,
         quorum: cfg.quorum() as u64,

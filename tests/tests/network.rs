@@ -263,7 +263,9 @@ fn a_coordinator_killed_at_random_moments_loses_no_accepted_work() {
     let tmp = tempfile::tempdir().unwrap();
     let port = free_port();
     let crashes = crashes();
-    let rounds = 2 + crashes as u64;
+    // Rounds enough that every kill lands in a running round even on an idle machine (a round
+    // takes ~0.5 s there, a kill comes every ~2.5 s with the restart).
+    let rounds = 2 + 3 * crashes as u64;
     let body = format!(
         "rounds = {rounds}\nserve_after_finish = true\n[round]\nshards = 3\nsamples_per_shard = 32\n\
          inner_steps = 6\nlr = 3e-3\nbatch_size = 8\nmax_seq_len = 128\nlease_secs = 60\nouter_lr = 0.7\n\
