@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
 use herd_protocol::codec::CodecSpec;
-use herd_protocol::delta::{Delta, DeltaLayout, DeltaTensor};
+use herd_protocol::delta::{Delta, DeltaLayout};
 use herd_protocol::ids::ContentId;
 use herd_protocol::messages::Verdict;
 use serde::Serialize;
@@ -174,17 +174,7 @@ fn node_delta(layout: &DeltaLayout, seed: u64) -> Delta {
         let bits = state.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 40;
         (bits as f32 / (1u64 << 24) as f32 - 0.5) * 1e-3
     };
-    Delta {
-        tensors: layout
-            .0
-            .iter()
-            .map(|(name, shape)| DeltaTensor {
-                name: name.clone(),
-                shape: shape.clone(),
-                values: (0..shape.iter().product::<u32>()).map(|_| next()).collect(),
-            })
-            .collect(),
-    }
+    layout.delta_from(|_| next())
 }
 
 /// Peak resident set of this process, from `/proc/self/status` (Linux only).

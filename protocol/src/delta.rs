@@ -40,6 +40,24 @@ pub struct Delta {
 pub struct DeltaLayout(pub Vec<(String, Vec<u32>)>);
 
 impl DeltaLayout {
+    /// A delta of this layout whose values come from `value(index within its tensor)`, in
+    /// layout order (for tests, fuzzing and simulated peers).
+    pub fn delta_from(&self, mut value: impl FnMut(usize) -> f32) -> Delta {
+        Delta {
+            tensors: self
+                .0
+                .iter()
+                .map(|(name, shape)| DeltaTensor {
+                    name: name.clone(),
+                    shape: shape.clone(),
+                    values: (0..shape.iter().product::<u32>() as usize)
+                        .map(&mut value)
+                        .collect(),
+                })
+                .collect(),
+        }
+    }
+
     pub fn numel(&self) -> usize {
         self.0
             .iter()

@@ -7,7 +7,7 @@
 //! a seed; `cargo xtask fuzz` runs millions of inputs, the unit test a few thousand.
 
 use crate::codec::CodecSpec;
-use crate::delta::{Delta, DeltaLayout, DeltaTensor};
+use crate::delta::{Delta, DeltaLayout};
 use crate::framing::{decode, encode};
 use crate::ids::{ContentId, LeaseId, Round, SampleRange, ShardId};
 use crate::messages::*;
@@ -116,19 +116,7 @@ fn layout() -> DeltaLayout {
 }
 
 fn sample_delta(layout: &DeltaLayout, k: f32) -> Delta {
-    Delta {
-        tensors: layout
-            .0
-            .iter()
-            .map(|(name, shape)| DeltaTensor {
-                name: name.clone(),
-                shape: shape.clone(),
-                values: (0..shape.iter().product::<u32>())
-                    .map(|i| (i as f32 * k).sin())
-                    .collect(),
-            })
-            .collect(),
-    }
+    layout.delta_from(|i| (i as f32 * k).sin())
 }
 
 fn sample_lease() -> Lease {
