@@ -245,6 +245,9 @@ pub struct RoundMachine {
     opened_at_ms: Option<u64>,
     /// How long recent rounds took to reach quorum.
     durations: std::collections::VecDeque<u64>,
+    /// No active lease expires before this: a lower bound (leases that end early leave it
+    /// low until the next scan), so events before it skip the scan of every lease record.
+    earliest_expiry_ms: u64,
 }
 
 impl RoundMachine {
@@ -270,6 +273,8 @@ impl RoundMachine {
             next_lease: 1,
             opened_at_ms: None,
             durations: std::collections::VecDeque::new(),
+            // The first event scans (and so sees leases a resume put in).
+            earliest_expiry_ms: 0,
         }
     }
 
@@ -641,6 +646,7 @@ impl RoundMachine {
         let lease = LeaseId(self.next_lease);
         self.next_lease += 1;
         let expires_at_ms = now_ms + self.cfg.lease_ms;
+        self.earliest_expiry_ms = self.earliest_expiry_ms.min(expires_at_ms);
         self.leases.insert(
             lease,
             LeaseRecord {
@@ -669,10 +675,21 @@ impl RoundMachine {
 
     fn expire(&mut self, now_ms: u64) -> Vec<Action> {
         let mut out = Vec::new();
-        let mut expired: Vec<LeaseId> = self
-            .leases
-            .iter()
-            .filter(|(_, r)| r.state == LeaseState::Active && now_ms >= r.expires_at_ms)
+        if now_ms < self.earliest_expiry_ms {
+            return out;
+        }
+        let active = || {
+            self.leases
+                .iter()
+                .filter(|(_, r)| r.state == LeaseState::Active)
+        };
+        self.earliest_expiry_ms = active()
+            .map(|(_, r)| r.expires_at_ms)
+            .filter(|&at| at > now_ms)
+            .min()
+            .unwrap_or(u64::MAX);
+        let mut expired: Vec<LeaseId> = active()
+            .filter(|(_, r)| now_ms >= r.expires_at_ms)
             .map(|(id, _)| *id)
             .collect();
         expired.sort();
