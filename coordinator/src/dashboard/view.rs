@@ -225,63 +225,68 @@ fn draw_loss(frame: &mut Frame, area: Rect, s: &Status) {
 
 fn draw_rejects(frame: &mut Frame, area: Rect, app: &App, s: &Status) {
     let total: u64 = s.rejects_by_reason.values().sum();
-    let items: Vec<ListItem> = s
-        .recent_rejects
-        .iter()
-        .rev()
-        .map(|r| {
-            ListItem::new(Line::from(vec![
-                Span::raw(format!("r{} {} ", r.round, short(&r.peer))),
-                Span::styled(r.reason.clone(), Style::new().red()),
-            ]))
-        })
-        .collect();
+    let items = s.recent_rejects.iter().rev().map(|r| {
+        ListItem::new(Line::from(vec![
+            Span::raw(format!("r{} {} ", r.round, short(&r.peer))),
+            Span::styled(r.reason.clone(), Style::new().red()),
+        ]))
+    });
     let title = format!("recent rejects ({total} in all)");
-    let list = if items.is_empty() {
-        List::new([ListItem::new(" none")])
-    } else {
-        List::new(items)
-            .highlight_style(Modifier::REVERSED)
-            .highlight_symbol("▶ ")
-    }
-    .block(pane_block(title, app.focus == Pane::Rejects));
-    let mut state = ListState::default();
-    if app.focus == Pane::Rejects && !s.recent_rejects.is_empty() {
-        state.select(Some(app.rows[Pane::Rejects as usize]));
-    }
-    frame.render_stateful_widget(list, area, &mut state);
+    draw_list(
+        frame,
+        area,
+        app,
+        Pane::Rejects,
+        title,
+        " none",
+        items.collect(),
+    );
 }
 
 fn draw_checkpoints(frame: &mut Frame, area: Rect, app: &App, s: &Status) {
-    let items: Vec<ListItem> = s
-        .checkpoints
-        .iter()
-        .rev()
-        .map(|c| {
-            let bytes: u64 = c.files.iter().map(|f| f.size).sum();
-            ListItem::new(format!(
-                "{}  loss {:.4}  {}",
-                c.id,
-                c.heldout_loss,
-                human_bytes(bytes as f64)
-            ))
-        })
-        .collect();
+    let items = s.checkpoints.iter().rev().map(|c| {
+        let bytes: u64 = c.files.iter().map(|f| f.size).sum();
+        ListItem::new(format!(
+            "{}  loss {:.4}  {}",
+            c.id,
+            c.heldout_loss,
+            human_bytes(bytes as f64)
+        ))
+    });
+    let title = format!("checkpoints ({})", s.checkpoints.len());
+    draw_list(
+        frame,
+        area,
+        app,
+        Pane::Checkpoints,
+        title,
+        " none yet",
+        items.collect(),
+    );
+}
+
+/// A pane's list, with `empty` when it has no items and the selection when it has the keys.
+fn draw_list(
+    frame: &mut Frame,
+    area: Rect,
+    app: &App,
+    pane: Pane,
+    title: String,
+    empty: &'static str,
+    items: Vec<ListItem<'static>>,
+) {
+    let mut state = ListState::default();
+    if app.focus == pane && !items.is_empty() {
+        state.select(Some(app.rows[pane as usize]));
+    }
     let list = if items.is_empty() {
-        List::new([ListItem::new(" none yet")])
+        List::new([ListItem::new(empty)])
     } else {
         List::new(items)
             .highlight_style(Modifier::REVERSED)
             .highlight_symbol("▶ ")
     }
-    .block(pane_block(
-        format!("checkpoints ({})", s.checkpoints.len()),
-        app.focus == Pane::Checkpoints,
-    ));
-    let mut state = ListState::default();
-    if app.focus == Pane::Checkpoints && !s.checkpoints.is_empty() {
-        state.select(Some(app.rows[Pane::Checkpoints as usize]));
-    }
+    .block(pane_block(title, app.focus == pane));
     frame.render_stateful_widget(list, area, &mut state);
 }
 

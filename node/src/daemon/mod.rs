@@ -174,7 +174,8 @@ async fn run_async(args: RunArgs) -> Result<()> {
     ));
     let mut worker = Worker::new(&data_dir, cache, device)?;
     let device_text = format!("{device:?}, {} threads", tch::get_num_threads());
-    let mut status = NodeStatus::new(
+    let mut status = NodeStatus::resume(
+        &data_dir,
         keypair.public().to_peer_id().to_string(),
         addr.to_string(),
         device_text.clone(),
@@ -265,18 +266,17 @@ async fn run_async(args: RunArgs) -> Result<()> {
             let verdict = submit(&client, outcome.submission, lease.expires_at_ms).await;
             shards += 1;
             let accepted = matches!(verdict, Ok(RpcResponse::Verdict(Verdict::Accepted)));
-            match &verdict {
-                Ok(RpcResponse::Verdict(Verdict::Accepted)) => status.verdict(&data_dir, None, tokens, bytes as u64),
-                Ok(RpcResponse::Verdict(Verdict::Rejected(reason))) => status.verdict(&data_dir, Some(reason), tokens, bytes as u64),
-                _ => {}
-            }
             match verdict {
-                Ok(RpcResponse::Verdict(Verdict::Accepted)) => tracing::info!(
-                    lease = %lease.id, loss_before = format!("{:.4}", outcome.loss_before),
-                    loss_after = format!("{:.4}", outcome.loss_after), bytes, seconds = format!("{:.1}", outcome.seconds),
-                    "delta accepted"
-                ),
+                Ok(RpcResponse::Verdict(Verdict::Accepted)) => {
+                    status.verdict(&data_dir, None, tokens, bytes as u64);
+                    tracing::info!(
+                        lease = %lease.id, loss_before = format!("{:.4}", outcome.loss_before),
+                        loss_after = format!("{:.4}", outcome.loss_after), bytes, seconds = format!("{:.1}", outcome.seconds),
+                        "delta accepted"
+                    )
+                }
                 Ok(RpcResponse::Verdict(Verdict::Rejected(reason))) => {
+                    status.verdict(&data_dir, Some(&reason), tokens, bytes as u64);
                     tracing::warn!(lease = %lease.id, reason = %reason, "delta rejected")
                 }
                 Ok(other) => tracing::warn!(?other, "unexpected answer to a submission"),

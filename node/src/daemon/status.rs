@@ -46,6 +46,24 @@ impl NodeStatus {
         }
     }
 
+    /// This start's status, carrying over what the same identity contributed before (a
+    /// restarted daemon keeps its credit); an unreadable or foreign file starts from zero.
+    pub fn resume(data_dir: &Path, peer: String, coordinator: String, device: String) -> Self {
+        let fresh = NodeStatus::new(peer, coordinator, device);
+        match NodeStatus::load(data_dir) {
+            Ok(Some(old)) if old.peer == fresh.peer => NodeStatus {
+                accepted: old.accepted,
+                tokens: old.tokens,
+                rejected: old.rejected,
+                rejected_by_reason: old.rejected_by_reason,
+                bytes_uploaded: old.bytes_uploaded,
+                last_verdict: old.last_verdict,
+                ..fresh
+            },
+            _ => fresh,
+        }
+    }
+
     /// Reads `data_dir`'s status file; `None` if there is none.
     pub fn load(data_dir: &Path) -> Result<Option<Self>> {
         let path = data_dir.join(FILE);
@@ -187,6 +205,12 @@ mod tests {
         s.verdict(dir.path(), None, 500, 600);
         let back = NodeStatus::load(dir.path()).unwrap().unwrap();
         assert_eq!(back, s);
+        // A restart of the same identity keeps the credit; another identity starts at zero.
+        let again = NodeStatus::resume(dir.path(), "p".into(), "c".into(), "cuda".into());
+        assert_eq!((again.accepted, again.tokens, again.rejected), (2, 1500, 1));
+        assert_eq!(again.device, "cuda");
+        let other = NodeStatus::resume(dir.path(), "q".into(), "c".into(), "cpu".into());
+        assert_eq!((other.accepted, other.tokens), (0, 0));
         assert_eq!((back.accepted, back.tokens, back.rejected), (2, 1500, 1));
         assert_eq!(back.rejected_by_reason["stale_round"], 1);
         assert!(
