@@ -90,6 +90,11 @@ pub struct RoundSection {
     /// round to round, and a compressed run's error-feedback residual never drains.
     #[serde(default = "one")]
     pub lr_final_fraction: f64,
+    /// How far into the run (a fraction of its rounds) that decay begins; the rate is
+    /// constant before it. 0, the default, decays over the whole run; 0.75 holds the rate for
+    /// three quarters of it and settles only the end (warmup-stable-decay, Hu et al. 2024).
+    #[serde(default)]
+    pub lr_decay_start: f64,
     pub batch_size: u32,
     pub max_seq_len: u32,
     pub lease_secs: f64,
@@ -201,6 +206,7 @@ impl Default for RoundSection {
             inner_steps: 50,
             lr: 1e-3,
             lr_final_fraction: 1.0,
+            lr_decay_start: 0.0,
             batch_size: 8,
             max_seq_len: 512,
             lease_secs: 300.0,
@@ -270,6 +276,9 @@ impl RunConfig {
         if !(r.lr_final_fraction > 0.0 && r.lr_final_fraction <= 1.0) {
             bail!("round.lr_final_fraction must be in (0, 1]");
         }
+        if !(0.0..1.0).contains(&r.lr_decay_start) {
+            bail!("round.lr_decay_start must be in [0, 1)");
+        }
         let v = &self.verify;
         if !(v.norm_multiple > 1.0
             && (0.0..=1.0).contains(&v.replay_new)
@@ -317,14 +326,15 @@ impl RunConfig {
         }
     }
 
-    /// The inner learning rate of `round`: cosine from `lr` at round 0 to
-    /// `lr × lr_final_fraction` at the last round (a run without an end stays at `lr`).
+    /// The inner learning rate of `round`: `lr` until `lr_decay_start` of the run, then a
+    /// cosine to `lr × lr_final_fraction` at the last round (a run without an end stays at `lr`).
     pub fn inner_lr(&self, round: u64) -> f64 {
         let r = &self.round;
         if self.rounds < 2 || r.lr_final_fraction >= 1.0 {
             return r.lr;
         }
-        let progress = round.min(self.rounds - 1) as f64 / (self.rounds - 1) as f64;
+        let at = round.min(self.rounds - 1) as f64 / (self.rounds - 1) as f64;
+        let progress = ((at - r.lr_decay_start) / (1.0 - r.lr_decay_start)).max(0.0);
         let cosine = 0.5 * (1.0 + (std::f64::consts::PI * progress).cos());
         r.lr * (r.lr_final_fraction + (1.0 - r.lr_final_fraction) * cosine)
     }
@@ -387,6 +397,24 @@ mod tests {
             lrs.windows(2).all(|w| w[1] < w[0]),
             "strictly falling: {lrs:?}"
         );
+    }
+
+    #[test]
+    fn inner_lr_holds_until_the_decay_starts_then_falls_to_the_same_floor() {
+        let mut cfg = config(11, 0.1);
+        cfg.round.lr_decay_start = 0.5;
+        assert!(
+            (0..=5).all(|r| cfg.inner_lr(r) == 0.01),
+            "held for the first half"
+        );
+        assert!((cfg.inner_lr(10) - 0.001).abs() < 1e-12);
+        let tail: Vec<f64> = (5..11).map(|r| cfg.inner_lr(r)).collect();
+        assert!(
+            tail.windows(2).all(|w| w[1] < w[0]),
+            "then falling: {tail:?}"
+        );
+        cfg.round.lr_decay_start = 1.0;
+        assert!(cfg.check().is_err(), "a decay that never starts is refused");
     }
 
     #[test]

@@ -348,6 +348,16 @@ impl Llama {
         Ok(model)
     }
 
+    /// A frozen model of `cfg`'s shape with random weights (normal, `std`), in the kind
+    /// [`Llama::load`] would give it: for benchmarks of a shape nobody has to download.
+    pub fn random(cfg: LlamaConfig, device: Device, std: f64) -> Result<Self> {
+        let mut model = Llama::new(cfg, device, WeightInit::Random { std }, false)?;
+        if device.is_cuda() {
+            model.vs.bfloat16();
+        }
+        Ok(model)
+    }
+
     /// Copies every variable from `files` by name, checking presence and shape.
     pub fn load_weights(&mut self, files: &SafetensorsFiles) -> Result<()> {
         let _guard = tch::no_grad_guard();

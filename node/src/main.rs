@@ -5,6 +5,7 @@ mod commands;
 mod config_file;
 mod daemon;
 mod default_world;
+mod gpu_memory;
 mod progress;
 
 use std::process::ExitCode;
@@ -52,6 +53,12 @@ enum Command {
     /// Download a run's base model and latest checkpoint from its peers over libp2p
     /// (hash-checked, resumable), and check the checkpoint's signed manifest.
     Pull(daemon::pull::PullArgs),
+    /// LoRA training throughput on a random model of a given shape. Used by `cargo xtask bench`.
+    #[command(hide = true)]
+    BenchTrain(commands::bench_train::BenchTrainArgs),
+    /// A blob between two nodes over libp2p TCP or QUIC, or plain TCP. Used by `cargo xtask bench`.
+    #[command(hide = true)]
+    BenchTransfer(daemon::bench_transfer::BenchTransferArgs),
     /// Rebuild the embedded default (tiny base model + instruction data). Used by `cargo xtask make-default`.
     #[command(hide = true)]
     MakeDefault(commands::make_default::MakeDefaultArgs),
@@ -93,6 +100,8 @@ fn main() -> ExitCode {
         Command::Status(args) => daemon::status::run(args),
         Command::Pause(args) => daemon::availability::pause(args),
         Command::Resume(args) => daemon::availability::resume(args),
+        Command::BenchTrain(args) => commands::bench_train::run(args),
+        Command::BenchTransfer(args) => daemon::bench_transfer::run(args),
         Command::MakeDefault(args) => commands::make_default::run(args),
     };
     match result {

@@ -117,6 +117,29 @@ mod tests {
     }
 
     #[test]
+    fn byte_buffers_keep_the_sequence_wire_format_and_its_limit() {
+        use crate::messages::BlobResponse;
+        // What BlobResponse was before its group became serde_bytes: a plain sequence.
+        #[derive(serde::Serialize)]
+        #[allow(dead_code)]
+        enum AsSequence {
+            Outline { total: u64, cvs: Vec<[u8; 32]> },
+            Group(Vec<u8>),
+        }
+        let bytes: Vec<u8> = (0..=255).cycle().take(3000).collect();
+        let wire = encode(&BlobResponse::Group(bytes.clone())).unwrap();
+        assert_eq!(wire, encode(&AsSequence::Group(bytes.clone())).unwrap());
+        assert_eq!(
+            decode::<BlobResponse, 4096>(&wire).unwrap(),
+            BlobResponse::Group(bytes)
+        );
+        assert!(matches!(
+            decode::<BlobResponse, 1000>(&wire),
+            Err(FrameError::TooLarge { .. })
+        ));
+    }
+
+    #[test]
     fn frames_round_trip() {
         let mut buf = futures::io::Cursor::new(Vec::new());
         futures::executor::block_on(write_frame(&mut buf, b"hello", 16)).unwrap();

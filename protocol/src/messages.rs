@@ -130,6 +130,7 @@ pub struct Submission {
     pub shard: ShardId,
     pub base_adapter: ContentId,
     /// An encoded [`crate::delta::Payload`].
+    #[serde(with = "serde_bytes")]
     pub payload: Vec<u8>,
     pub payload_hash: ContentId,
     pub loss_before: f64,
@@ -137,8 +138,10 @@ pub struct Submission {
     /// Real tokens trained on; the delta's weight in the average (signed).
     pub tokens: u64,
     /// The signer's libp2p public key (protobuf encoding); must match the sending PeerId.
+    #[serde(with = "serde_bytes")]
     pub public_key: Vec<u8>,
     /// ed25519 signature over [`crate::signing::submission_bytes`].
+    #[serde(with = "serde_bytes")]
     pub signature: Vec<u8>,
 }
 
@@ -300,7 +303,9 @@ pub enum BlobResponse {
         total: u64,
         cvs: Vec<[u8; 32]>,
     },
-    Group(Vec<u8>),
+    /// One group's bytes. As bytes, not a sequence: the same wire format (length, then the
+    /// bytes), but one copy instead of one serde call per byte, which cost 20% of a transfer.
+    Group(#[serde(with = "serde_bytes")] Vec<u8>),
     NotFound,
 }
 

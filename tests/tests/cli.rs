@@ -108,6 +108,42 @@ fn train_local_learns_the_default_task_and_is_deterministic() {
     );
 }
 
+/// `--max-gpu-mem` restarts the node once with the cap in libtorch's allocator settings (kept
+/// beside what the user set there), the restarted node does the same work, and a bad share is
+/// refused by name. On this CPU machine the node then says the cap has no effect.
+#[test]
+fn max_gpu_mem_restarts_the_node_once_with_the_allocator_cap() {
+    let heldout = default_asset("data/heldout.jsonl");
+    let plain = eval_json(&default_asset("base"), None, &heldout);
+    let mut cmd = node();
+    cmd.env("HERD_LOG", "herd_node=debug")
+        .env("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+        .args(["eval", "--json", "--max-gpu-mem", "40%", "--model"])
+        .arg(default_asset("base"))
+        .arg("--data")
+        .arg(&heldout);
+    let (out, stdout, stderr) = run(&mut cmd);
+    assert!(out.status.success(), "{stderr}");
+    let capped: Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(
+        capped["loss"], plain["loss"],
+        "the restarted node evaluates the same"
+    );
+    let conf = "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True,per_process_memory_fraction:0.4";
+    assert_eq!(stderr.matches(conf).count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("no GPU in use: --max-gpu-mem 40% has no effect"),
+        "{stderr}"
+    );
+    // clap's own error for a bad flag value: non-zero, names the flag and the expected form.
+    let (out, _, stderr) = run(node().args(["run", "--max-gpu-mem", "8GiB"]));
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("--max-gpu-mem") && stderr.contains("like 60% or 0.6"),
+        "{stderr}"
+    );
+}
+
 #[test]
 fn missing_or_corrupt_config_is_named() {
     let tmp = tempfile::tempdir().unwrap();

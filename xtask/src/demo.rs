@@ -47,6 +47,9 @@ pub struct DemoArgs {
     /// the last round (1 = constant).
     #[arg(long, default_value_t = 1.0)]
     lr_final_fraction: f64,
+    /// Where in the run (a fraction of its rounds) that decay begins.
+    #[arg(long, default_value_t = 0.0)]
+    lr_decay_start: f64,
     /// Outer (DiLoCo) learning rate.
     #[arg(long, default_value_t = 0.7)]
     outer_lr: f64,
@@ -65,7 +68,21 @@ pub struct DemoArgs {
     runs: PathBuf,
 }
 
-pub fn run(root: &Path, args: DemoArgs) -> Result<()> {
+impl DemoArgs {
+    /// The demo's defaults with another codec (for benchmarks).
+    pub fn with_codec(codec: &str) -> Result<Self> {
+        #[derive(clap::Parser)]
+        struct Wrapper {
+            #[command(flatten)]
+            demo: DemoArgs,
+        }
+        let parsed = <Wrapper as clap::Parser>::try_parse_from(["demo", "--codec", codec])?;
+        Ok(parsed.demo)
+    }
+}
+
+/// Runs the demo to its end; returns the coordinator's summary.json.
+pub fn run(root: &Path, args: DemoArgs) -> Result<PathBuf> {
     util::build_bins(root)?;
     let started = Instant::now();
     let stamp = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
@@ -129,7 +146,7 @@ pub fn run(root: &Path, args: DemoArgs) -> Result<()> {
     report(root, &args, &summary)?;
     println!("took {:.0} s", started.elapsed().as_secs_f64());
     println!("summary: {}", summary_path.display());
-    Ok(())
+    Ok(summary_path)
 }
 
 /// Prints the before/after figures and the fine-tuned model's answers to held-out instructions.
@@ -331,6 +348,7 @@ samples_per_shard = {samples}
 inner_steps = {steps}
 lr = 3e-3
 lr_final_fraction = {lr_final_fraction}
+lr_decay_start = {lr_decay_start}
 batch_size = {batch}
 max_seq_len = 128
 lease_secs = 60
@@ -349,6 +367,7 @@ codec = {codec:?}
             batch = args.batch_size,
             samples = samples_per_shard,
             lr_final_fraction = args.lr_final_fraction,
+            lr_decay_start = args.lr_decay_start,
             outer_lr = args.outer_lr,
             outer_momentum = args.outer_momentum,
             codec = args.codec,

@@ -51,9 +51,9 @@ enum Task {
         #[arg(long, default_value_t = 20)]
         crashes: u32,
     },
-    /// Benchmarks side by side with their baselines; figures to bench/results.json and
-    /// bench/RESULTS.md.
-    Bench,
+    /// Benchmarks side by side with their baselines; figures to bench/results.json,
+    /// bench/RESULTS.md and bench/codecs.png.
+    Bench(bench::BenchArgs),
     /// Rebuild the embedded default (model/default) with the project's own tooling.
     MakeDefault {
         #[arg(long, default_value_t = 4000)]
@@ -68,8 +68,8 @@ fn main() -> Result<()> {
     match cli.task {
         Task::Setup { cuda } => libtorch::setup(&root, cuda).map(|_| ()),
         Task::Test => test(&root),
-        Task::Demo(args) => demo::run(&root, args),
-        Task::Bench => bench::run(&root),
+        Task::Demo(args) => demo::run(&root, args).map(|_| ()),
+        Task::Bench(args) => bench::run(&root, args),
         Task::Calibrate {
             replays,
             devices,

@@ -1,5 +1,6 @@
 //! One module per `herd-node` subcommand, plus the options they share.
 
+pub mod bench_train;
 pub mod eval;
 pub mod generate;
 pub mod make_default;
@@ -15,6 +16,8 @@ use herd_model::data::Dataset;
 use herd_model::device::DeviceChoice;
 use herd_model::tokenizer::TextTokenizer;
 
+use crate::gpu_memory::GpuMemoryShare;
+
 /// Where and how wide to compute.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ComputeArgs {
@@ -24,15 +27,31 @@ pub struct ComputeArgs {
     /// CPU threads for libtorch (default: libtorch's choice, one per core).
     #[arg(long, env = "HERD_THREADS")]
     pub threads: Option<i32>,
+    /// Most of the GPU's memory libtorch may take, as a share of the device: `60%` or `0.6`.
+    /// Past it a shard fails with out-of-memory instead of squeezing out your other programs.
+    #[arg(long, env = "HERD_MAX_GPU_MEM")]
+    pub max_gpu_mem: Option<GpuMemoryShare>,
 }
 
 impl ComputeArgs {
     pub fn apply(&self) -> Result<tch::Device> {
+        // First, before libtorch touches a GPU: this may restart the process with the cap.
+        if let (Some(share), DeviceChoice::Auto | DeviceChoice::Cuda(_)) =
+            (self.max_gpu_mem, &self.device)
+        {
+            crate::gpu_memory::ensure_cap(share)?;
+        }
         if let Some(n) = self.threads {
             anyhow::ensure!(n > 0, "--threads must be positive");
             tch::set_num_threads(n);
         }
         let device = self.device.resolve()?;
+        if let Some(share) = self.max_gpu_mem {
+            match device {
+                tch::Device::Cuda(n) => tracing::info!("cuda:{n} capped at {share} of its memory"),
+                _ => tracing::warn!("no GPU in use: --max-gpu-mem {share} has no effect"),
+            }
+        }
         tracing::debug!(?device, threads = tch::get_num_threads(), "compute");
         Ok(device)
     }

@@ -21,7 +21,7 @@ use super::network::{Client, SharedStore};
 use crate::progress::ByteProgress;
 
 /// Group requests in flight at once, spread over the providers.
-const PARALLEL_GROUPS: usize = 4;
+pub const PARALLEL_GROUPS: usize = 4;
 
 /// A blob in the store, and who sent how many of its bytes (empty if it was already there).
 #[derive(Debug)]

@@ -2,6 +2,7 @@
 //! submit; reconnects with backoff; on Ctrl-C hands its lease back and exits.
 
 pub mod availability;
+pub mod bench_transfer;
 mod cache;
 mod fetch;
 mod network;

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# On a GPU machine (no network needed): the CUDA herd-node's LoRA training throughput against
+# PyTorch + PEFT in that machine's python3 (torch 2.11, transformers, peft), bf16, two shapes,
+# alternating, two runs each. JSON lines to ${OUT:-.}/gpu.jsonl, which
+# `cargo xtask bench --only gpu --gpu-results gpu.jsonl` folds into bench/RESULTS.md.
+set -uo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+out_dir=${OUT:-$here}
+out="$out_dir/gpu.jsonl"
+: > "$out"
+torch_lib=$(python3 -c 'import torch, os; print(os.path.dirname(torch.__file__))')/lib
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader \
+    > "$out_dir/gpu.txt" 2>&1 || true
+
+# shape-name config seq batch steps
+measure() {
+    for rep in 1 2; do
+        if line=$(LD_LIBRARY_PATH="$torch_lib" HERD_LOG=warn timeout 240 "$here/herd-node" \
+            bench-train --device cuda --config "$here/shapes/$2.json" \
+            --seq "$3" --batch "$4" --steps "$5" --warmup 2); then
+            echo "{\"shape\":\"$1\",\"result\":$line}" >> "$out"
+        else
+            echo "herd-node bench-train failed on $1 (run $rep)" >&2
+        fi
+        if line=$(timeout 240 python3 "$here/peft_baseline.py" --device cuda \
+            --config "$here/shapes/$2.json" --seq "$3" --batch "$4" --steps "$5" --warmup 2); then
+            echo "{\"shape\":\"$1\",\"result\":$line}" >> "$out"
+        else
+            echo "peft_baseline.py failed on $1 (run $rep)" >&2
+        fi
+    done
+}
+
+measure "SmolLM-135M shape" smollm-135m 1024 16 10
+measure "TinyLlama-1.1B shape" tinyllama-1.1b 1024 8 5
+cat "$out"

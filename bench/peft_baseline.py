@@ -1,0 +1,124 @@
+#!/usr/bin/env python3
+"""PEFT's LoRA training throughput: the baseline `herd-node bench-train` is compared with.
+
+Same work as the node's trainer, step for step: a LLaMA of the shape in --config (an HF
+config.json) with random weights (normal, std 0.02), frozen; LoRA of rank r, alpha 2r, no
+dropout, on the same target modules, A frozen at its init unless --train-a (herd trains B
+only); AdamW at 1e-3 without weight decay, gradients clipped to norm 1; batches of random
+tokens, every position a target; bf16 weights on CUDA (adapters in fp32, PEFT's default),
+fp32 on CPU. Each step ends by reading its loss, as herd's does. One JSON line on stdout.
+
+Needs torch 2.11.0 (the torch herd links), transformers and peft:
+
+    python3 -m pip install torch==2.11.0 transformers peft
+
+or, to keep them out of the system python, `--target DIR` and PYTHONPATH=DIR. Exits with
+status 3 when they are missing, which `cargo xtask bench` reports as a skipped comparison.
+"""
+
+import argparse
+import json
+import sys
+import time
+
+MISSING = 3
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", required=True, help="HF config.json giving the shape")
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--steps", type=int, default=5, help="timed steps")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj")
+    p.add_argument("--train-a", action="store_true")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+
+    try:
+        import torch
+        import transformers
+        import peft
+    except ImportError as e:
+        print(
+            f"peft_baseline: {e.name} is not installed; "
+            "python3 -m pip install torch==2.11.0 transformers peft",
+            file=sys.stderr,
+        )
+        return MISSING
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device)
+    with open(args.config) as f:
+        shape = json.load(f)
+    config = transformers.LlamaConfig(**shape, initializer_range=0.02)
+    model = transformers.LlamaForCausalLM(config)
+    if device.type == "cuda":
+        model = model.to(torch.bfloat16)
+    model = model.to(device)
+    lora = peft.LoraConfig(
+        r=args.rank,
+        lora_alpha=2 * args.rank,
+        lora_dropout=0.0,
+        target_modules=args.targets.split(","),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    model = peft.get_peft_model(model, lora)
+    if not args.train_a:
+        for name, param in model.named_parameters():
+            if "lora_A" in name:
+                param.requires_grad_(False)
+    model.train()
+    trainable = [q for q in model.parameters() if q.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=1e-3, weight_decay=0.0)
+
+    gen = torch.Generator().manual_seed(args.seed)
+    tokens = 0
+    started = time.perf_counter()
+    for step in range(args.warmup + args.steps):
+        ids = torch.randint(0, config.vocab_size, (args.batch, args.seq), generator=gen).to(device)
+        loss = model(input_ids=ids, labels=ids).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        opt.step()
+        value = loss.item()
+        if step + 1 == args.warmup:
+            started = time.perf_counter()
+        elif step >= args.warmup:
+            tokens += ids.numel()
+    seconds = time.perf_counter() - started
+    print(
+        json.dumps(
+            {
+                "impl": "peft",
+                "versions": {
+                    "torch": torch.__version__,
+                    "transformers": transformers.__version__,
+                    "peft": peft.__version__,
+                },
+                "device": str(device),
+                "threads": torch.get_num_threads(),
+                "seq": args.seq,
+                "batch": args.batch,
+                "steps": args.steps,
+                "train_a": args.train_a,
+                "tokens": tokens,
+                "seconds": seconds,
+                "tokens_per_second": tokens / max(seconds, 1e-9),
+                "final_loss": value,
+            }
+        )
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

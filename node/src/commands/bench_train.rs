@@ -1,0 +1,132 @@
+//! `herd-node bench-train` (hidden; run by `cargo xtask bench`): LoRA training throughput of
+//! the node's own trainer on a model of a given shape with random weights and random tokens,
+//! so that any shape can be measured without downloading it. Its PEFT twin is
+//! bench/peft_baseline.py, which reads the same config file and does the same steps.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result, ensure};
+use herd_model::data::{Dataset, Example};
+use herd_model::lora::{Lora, LoraConfig, Target};
+use herd_model::train::{LrSchedule, TrainConfig, train_lora};
+use herd_model::{Llama, LlamaConfig};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde_json::json;
+
+use super::ComputeArgs;
+
+#[derive(Debug, clap::Args)]
+pub struct BenchTrainArgs {
+    /// A model config.json (HF layout) giving the shape.
+    #[arg(long)]
+    config: PathBuf,
+    /// Tokens per sequence.
+    #[arg(long, default_value_t = 128)]
+    seq: usize,
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    /// Timed steps.
+    #[arg(long, default_value_t = 5)]
+    steps: usize,
+    /// Untimed steps first (allocator, caches, kernel selection).
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
+    #[arg(long, default_value_t = 8)]
+    rank: i64,
+    #[arg(long, default_value = "q_proj,k_proj,v_proj,o_proj")]
+    targets: String,
+    /// Train A as well as B (the node trains B only).
+    #[arg(long)]
+    train_a: bool,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[command(flatten)]
+    compute: ComputeArgs,
+}
+
+pub fn run(args: BenchTrainArgs) -> Result<()> {
+    ensure!(
+        args.steps > 0 && args.batch > 0 && args.seq > 1,
+        "--steps and --batch must be positive and --seq above 1"
+    );
+    let device = args.compute.apply()?;
+    let text = std::fs::read_to_string(&args.config)
+        .with_context(|| format!("reading {}", args.config.display()))?;
+    let cfg = LlamaConfig::from_json(&text, &args.config)?;
+    ensure!(
+        args.seq as i64 <= cfg.max_position_embeddings,
+        "--seq {} is longer than the model's context ({})",
+        args.seq,
+        cfg.max_position_embeddings
+    );
+    tch::manual_seed(args.seed as i64);
+    let vocab = cfg.vocab_size;
+    let model = Llama::random(cfg, device, 0.02)?;
+    let lora = Lora::new(
+        model.config(),
+        LoraConfig {
+            rank: args.rank,
+            alpha: 2.0 * args.rank as f64,
+            targets: Target::parse_list(&args.targets)?,
+            train_a: args.train_a,
+            use_rslora: false,
+            init_seed: args.seed,
+        },
+        device,
+    )?;
+    // Random tokens, every position a target: the same work per step as text of that length.
+    let mut rng = ChaCha8Rng::seed_from_u64(args.seed);
+    let examples = (0..args.batch * (args.warmup + args.steps))
+        .map(|_| {
+            let ids: Vec<i64> = (0..args.seq).map(|_| rng.random_range(0..vocab)).collect();
+            Example {
+                labels: ids.clone(),
+                ids,
+            }
+        })
+        .collect();
+    let data = Dataset {
+        path: PathBuf::from("random tokens"),
+        examples,
+    };
+    let train = TrainConfig {
+        steps: args.warmup + args.steps,
+        batch_size: args.batch,
+        lr: 1e-3,
+        weight_decay: 0.0,
+        max_grad_norm: 1.0,
+        seed: args.seed,
+        schedule: LrSchedule::Constant,
+        measure_loss: false,
+    };
+    let indices: Vec<usize> = (0..data.len()).collect();
+    // Each step ends by reading its loss back, so a step's end is its end on a GPU too.
+    let mut timed_from = Instant::now();
+    let mut timed_tokens = 0usize;
+    train_lora(&model, &lora, &data, &indices, &train, |s| {
+        if s.step + 1 == args.warmup {
+            timed_from = Instant::now();
+        } else if s.step >= args.warmup {
+            timed_tokens += s.tokens;
+        }
+    })?;
+    let seconds = timed_from.elapsed().as_secs_f64();
+    println!(
+        "{}",
+        json!({
+            "impl": "herd",
+            "device": format!("{device:?}"),
+            "threads": tch::get_num_threads(),
+            "seq": args.seq,
+            "batch": args.batch,
+            "steps": args.steps,
+            "train_a": args.train_a,
+            "tokens": timed_tokens,
+            "seconds": seconds,
+            "tokens_per_second": timed_tokens as f64 / seconds.max(1e-9),
+        })
+    );
+    Ok(())
+}
