@@ -34,3 +34,11 @@ measure() {
 measure "SmolLM-135M shape" smollm-135m 1024 16 10
 measure "TinyLlama-1.1B shape" tinyllama-1.1b 1024 8 5
 cat "$out"
+
+# --max-gpu-mem: 1% of the card is less than TinyLlama's bf16 weights (2.2 GB), so training
+# must fail with out-of-memory under the cap, and the log must say the cap was applied.
+LD_LIBRARY_PATH="$torch_lib" HERD_LOG=info timeout 120 "$here/herd-node" bench-train \
+    --device cuda --max-gpu-mem 1% --config "$here/shapes/tinyllama-1.1b.json" \
+    --seq 128 --batch 1 --steps 1 > "$out_dir/max-gpu-mem.txt" 2>&1
+echo "exit status $?" >> "$out_dir/max-gpu-mem.txt"
+tail -3 "$out_dir/max-gpu-mem.txt"

@@ -16,7 +16,7 @@ const SETTINGS: [&str; 5] = [
     "raw",
     "int8:64",
     "sign:0.7:256",
-    "sign:0.25:1024",
+    "sign:0.3:64",
     "topk:0.04:64",
 ];
 
