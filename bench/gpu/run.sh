@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On a GPU machine (no network needed): the CUDA herd-node's LoRA training throughput against
 # PyTorch + PEFT in that machine's python3 (torch 2.11, transformers, peft), bf16, two shapes,
-# alternating, two runs each. JSON lines to ${OUT:-.}/gpu.jsonl, which
+# alternating (PEFT with A frozen, as herd trains, and PEFT's default), two runs each. JSON lines to ${OUT:-.}/gpu.jsonl, which
 # `cargo xtask bench --only gpu --gpu-results gpu.jsonl` folds into bench/RESULTS.md.
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -22,12 +22,15 @@ measure() {
         else
             echo "herd-node bench-train failed on $1 (run $rep)" >&2
         fi
-        if line=$(timeout 240 python3 "$here/peft_baseline.py" --device cuda \
-            --config "$here/shapes/$2.json" --seq "$3" --batch "$4" --steps "$5" --warmup 2); then
-            echo "{\"shape\":\"$1\",\"result\":$line}" >> "$out"
-        else
-            echo "peft_baseline.py failed on $1 (run $rep)" >&2
-        fi
+        # PEFT doing herd's work (A frozen), then as a user would run it (A and B trained).
+        for train_a in "" --train-a; do
+            if line=$(timeout 240 python3 "$here/peft_baseline.py" --device cuda $train_a \
+                --config "$here/shapes/$2.json" --seq "$3" --batch "$4" --steps "$5" --warmup 2); then
+                echo "{\"shape\":\"$1\",\"result\":$line}" >> "$out"
+            else
+                echo "peft_baseline.py $train_a failed on $1 (run $rep)" >&2
+            fi
+        done
     done
 }
 

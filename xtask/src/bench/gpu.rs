@@ -21,8 +21,8 @@ pub fn measure(results: Option<&Path>) -> Result<Value> {
     };
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    // shape → (best herd tokens/s, best PEFT tokens/s, every run)
-    let mut shapes: BTreeMap<String, (f64, Option<f64>, Vec<Value>)> = BTreeMap::new();
+    // shape → best tokens/s of herd, PEFT with A frozen, PEFT default; and every run
+    let mut shapes: BTreeMap<String, ([Option<f64>; 3], Vec<Value>)> = BTreeMap::new();
     for (i, line) in text.lines().filter(|l| !l.trim().is_empty()).enumerate() {
         let line: Value = serde_json::from_str(line)
             .with_context(|| format!("{} line {}: not JSON", path.display(), i + 1))?;
@@ -31,25 +31,30 @@ pub fn measure(results: Option<&Path>) -> Result<Value> {
             .context("a line without its shape")?
             .to_string();
         let result = line["result"].clone();
+        let side = match (result["impl"].as_str(), result["train_a"].as_bool()) {
+            (Some("herd"), _) => 0,
+            (Some("peft"), Some(false)) => 1,
+            (Some("peft"), Some(true)) => 2,
+            other => anyhow::bail!("line {}: unknown side {other:?}", i + 1),
+        };
+        let entry = shapes.entry(shape).or_default();
         let speed = num(&result["tokens_per_second"]);
-        let entry = shapes.entry(shape).or_insert((0.0, None, Vec::new()));
-        match result["impl"].as_str() {
-            Some("herd") => entry.0 = entry.0.max(speed),
-            Some("peft") => entry.1 = Some(entry.1.unwrap_or(0.0).max(speed)),
-            other => anyhow::bail!("line {}: unknown impl {other:?}", i + 1),
-        }
-        entry.2.push(result);
+        entry.0[side] = Some(entry.0[side].unwrap_or(0.0).max(speed));
+        entry.1.push(result);
     }
     let shapes: Vec<Value> = shapes
         .into_iter()
-        .map(|(shape, (herd, peft, runs))| {
+        .map(|(shape, (best, runs))| {
+            let herd = best[0].unwrap_or(f64::NAN);
             json!({
                 "shape": shape,
                 "seq": runs.first().map(|r| r["seq"].clone()),
                 "batch": runs.first().map(|r| r["batch"].clone()),
                 "herd_tokens_per_second": herd,
-                "peft_tokens_per_second": peft,
-                "herd_vs_peft": peft.map(|p| herd / p),
+                "peft_a_frozen_tokens_per_second": best[1],
+                "peft_default_tokens_per_second": best[2],
+                "herd_vs_peft_a_frozen": best[1].map(|p| herd / p),
+                "herd_vs_peft_default": best[2].map(|p| herd / p),
                 "runs": runs,
             })
         })
@@ -66,22 +71,6 @@ pub fn markdown(r: &Value) -> String {
         let _ = writeln!(md, "Skipped: {why}.");
         return md;
     }
-    md.push_str("| shape | seq × batch | herd tokens/s | PEFT tokens/s | herd / PEFT |\n|---|---|---|---|---|\n");
-    for s in r["shapes"].as_array().into_iter().flatten() {
-        let _ = writeln!(
-            md,
-            "| {} | {} × {} | {:.0} | {} | {} |",
-            s["shape"].as_str().unwrap_or("?"),
-            s["seq"],
-            s["batch"],
-            num(&s["herd_tokens_per_second"]),
-            s["peft_tokens_per_second"]
-                .as_f64()
-                .map_or("—".into(), |p| format!("{p:.0}")),
-            s["herd_vs_peft"]
-                .as_f64()
-                .map_or("—".into(), |x| format!("{x:.2}×")),
-        );
-    }
+    md.push_str(&super::train::table(&r["shapes"]));
     md
 }
