@@ -45,18 +45,14 @@ pub fn measure(results: Option<&Path>) -> Result<Value> {
     let shapes: Vec<Value> = shapes
         .into_iter()
         .map(|(shape, (best, runs))| {
-            let herd = best[0].unwrap_or(f64::NAN);
-            json!({
-                "shape": shape,
-                "seq": runs.first().map(|r| r["seq"].clone()),
-                "batch": runs.first().map(|r| r["batch"].clone()),
-                "herd_tokens_per_second": herd,
-                "peft_a_frozen_tokens_per_second": best[1],
-                "peft_default_tokens_per_second": best[2],
-                "herd_vs_peft_a_frozen": best[1].map(|p| herd / p),
-                "herd_vs_peft_default": best[2].map(|p| herd / p),
-                "runs": runs,
-            })
+            let first = runs.first().cloned().unwrap_or_default();
+            super::train::shape_figures(
+                &shape,
+                first["seq"].clone(),
+                first["batch"].clone(),
+                best,
+                runs,
+            )
         })
         .collect();
     Ok(json!({ "source": path, "shapes": shapes }))

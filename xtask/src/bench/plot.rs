@@ -74,10 +74,7 @@ pub fn codecs(results: &Value, path: &Path) -> Result<()> {
         .margin(16)
         .x_label_area_size(48)
         .y_label_area_size(64)
-        .build_cartesian_2d(
-            (x_min * 0.8..x_max * 1.25).log_scale(),
-            y_min * 0.97..y_max,
-        )?;
+        .build_cartesian_2d((x_min * 0.8..x_max * 1.25).log_scale(), y_min * 0.97..y_max)?;
     chart
         .configure_mesh()
         .x_desc("bytes uploaded so far (log)")

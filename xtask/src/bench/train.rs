@@ -128,19 +128,10 @@ pub fn measure(root: &Path) -> Result<Value> {
                 runs.push(run);
             }
         }
-        let herd = best[0].unwrap_or(f64::NAN);
-        shapes.push(json!({
-            "shape": shape.name,
-            "config": shape.config,
-            "seq": shape.seq,
-            "batch": shape.batch,
-            "herd_tokens_per_second": herd,
-            "peft_a_frozen_tokens_per_second": best[1],
-            "peft_default_tokens_per_second": best[2],
-            "herd_vs_peft_a_frozen": best[1].map(|p| herd / p),
-            "herd_vs_peft_default": best[2].map(|p| herd / p),
-            "runs": runs,
-        }));
+        let mut figures =
+            shape_figures(shape.name, json!(shape.seq), json!(shape.batch), best, runs);
+        figures["config"] = json!(shape.config);
+        shapes.push(figures);
     }
     Ok(json!({
         "device": "cpu",
@@ -165,6 +156,29 @@ pub fn markdown(r: &Value) -> String {
     }
     md.push_str(&table(&r["shapes"]));
     md
+}
+
+/// One shape's figures: the best tokens/s of each side (herd, PEFT with A frozen, PEFT's
+/// default; `None` where skipped), herd's ratio to each PEFT side, and every run.
+pub fn shape_figures(
+    shape: &str,
+    seq: Value,
+    batch: Value,
+    best: [Option<f64>; 3],
+    runs: Vec<Value>,
+) -> Value {
+    let herd = best[0].unwrap_or(f64::NAN);
+    json!({
+        "shape": shape,
+        "seq": seq,
+        "batch": batch,
+        "herd_tokens_per_second": herd,
+        "peft_a_frozen_tokens_per_second": best[1],
+        "peft_default_tokens_per_second": best[2],
+        "herd_vs_peft_a_frozen": best[1].map(|p| herd / p),
+        "herd_vs_peft_default": best[2].map(|p| herd / p),
+        "runs": runs,
+    })
 }
 
 /// The throughput table of `shapes` (also the GPU section's).
