@@ -52,7 +52,7 @@ pub struct BenchTransferArgs {
     /// Blob size in MiB.
     #[arg(long, default_value_t = 64)]
     mib: usize,
-    /// Scratch dir for the two blob caches (emptied first).
+    /// Where to make a scratch dir for the two blob caches (removed afterwards).
     #[arg(long)]
     dir: PathBuf,
 }
@@ -61,21 +61,19 @@ pub fn run(args: BenchTransferArgs) -> Result<()> {
     ensure!(args.mib > 0, "--mib must be positive");
     let runtime = tokio::runtime::Runtime::new()?;
     let bytes = args.mib << 20;
-    if args.dir.exists() {
-        std::fs::remove_dir_all(&args.dir)
-            .with_context(|| format!("emptying {}", args.dir.display()))?;
-    }
-    std::fs::create_dir_all(&args.dir)?;
+    // A dir of its own inside --dir: only what this run made is removed.
+    let dir = args
+        .dir
+        .join(format!("bench-transfer-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let seconds = runtime.block_on(async {
         match args.transport {
-            Transport::Plain => plain_tcp(&args.dir, bytes, args.sink).await,
-            Transport::Tcp => herd(&args.dir, bytes, args.sink, "/ip4/127.0.0.1/tcp/0").await,
-            Transport::Quic => {
-                herd(&args.dir, bytes, args.sink, "/ip4/127.0.0.1/udp/0/quic-v1").await
-            }
+            Transport::Plain => plain_tcp(&dir, bytes, args.sink).await,
+            Transport::Tcp => herd(&dir, bytes, args.sink, "/ip4/127.0.0.1/tcp/0").await,
+            Transport::Quic => herd(&dir, bytes, args.sink, "/ip4/127.0.0.1/udp/0/quic-v1").await,
         }
     });
-    std::fs::remove_dir_all(&args.dir).ok();
+    std::fs::remove_dir_all(&dir).ok();
     let seconds = seconds?;
     println!(
         "{}",
