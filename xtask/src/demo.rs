@@ -150,14 +150,20 @@ pub fn run(root: &Path, args: DemoArgs) -> Result<PathBuf> {
     Ok(summary_path)
 }
 
-/// Prints the before/after figures and the fine-tuned model's answers to held-out instructions.
-fn report(root: &Path, args: &DemoArgs, summary: &Value) -> Result<()> {
-    let losses: Vec<f64> = summary["heldout_loss"]
+/// The held-out loss after each round of a summary.json (or a bench record holding it), index 0
+/// before training.
+pub fn heldout_losses(summary: &Value) -> Vec<f64> {
+    summary["heldout_loss"]
         .as_array()
         .into_iter()
         .flatten()
         .filter_map(Value::as_f64)
-        .collect();
+        .collect()
+}
+
+/// Prints the before/after figures and the fine-tuned model's answers to held-out instructions.
+fn report(root: &Path, args: &DemoArgs, summary: &Value) -> Result<()> {
+    let losses = heldout_losses(summary);
     if let (Some(first), Some(last)) = (losses.first(), losses.last()) {
         println!(
             "held-out loss: {first:.4} before, {last:.4} after {} rounds ({:.0}% lower)",

@@ -32,7 +32,7 @@ pub enum Transport {
     Tcp,
     /// herd's blob protocol over libp2p QUIC.
     Quic,
-    /// The baseline: the bytes over one plain TCP connection, into memory.
+    /// The baseline: the same bytes over one plain TCP connection.
     Plain,
 }
 

@@ -32,12 +32,8 @@ pub fn measure(root: &Path) -> Result<Value> {
         let summary: Value = serde_json::from_str(&std::fs::read_to_string(&summary_path)?)
             .with_context(|| format!("reading {}", summary_path.display()))?;
         let c = &summary["compression"];
-        let losses = summary["heldout_loss"].clone();
-        let final_loss = losses
-            .as_array()
-            .and_then(|l| l.last())
-            .and_then(Value::as_f64)
-            .context("summary without held-out losses")?;
+        let losses = demo::heldout_losses(&summary);
+        let final_loss = *losses.last().context("summary without held-out losses")?;
         runs.push(json!({
             "codec": codec,
             "bytes_per_delta": c["bytes_per_delta"],

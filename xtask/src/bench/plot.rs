@@ -36,12 +36,7 @@ pub fn codecs(results: &Value, path: &Path) -> Result<()> {
         .into_iter()
         .flatten()
         .map(|run| {
-            let losses: Vec<f64> = run["heldout_loss"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(Value::as_f64)
-                .collect();
+            let losses = crate::demo::heldout_losses(run);
             let rounds = losses.len().saturating_sub(1).max(1) as f64;
             let per_round = num(&run["bytes_per_delta"]) * num(&run["accepted_deltas"]) / rounds;
             // The first rounds (loss 7 → 1.5) look alike for every codec; the tail is the story.
