@@ -5,7 +5,8 @@ Same work as the node's trainer, step for step: a LLaMA of the shape in --config
 config.json) with random weights (normal, std 0.02), frozen; LoRA of rank r, alpha 2r, no
 dropout, on the same target modules, A frozen at its init unless --train-a (herd trains B
 only); AdamW at 1e-3 without weight decay, gradients clipped to norm 1; batches of random
-tokens, every position a target; bf16 weights on CUDA (adapters in fp32, PEFT's default),
+tokens, the first `seq - round(seq * loss_fraction)` (halves rounded up) positions of each a prompt without loss (label
+-100; 1 = every position a target), as herd-node bench-train masks them; bf16 weights on CUDA (adapters in fp32, PEFT's default),
 fp32 on CPU. Each step ends by reading its loss, as herd's does. One JSON line on stdout.
 
 Needs torch 2.11.0 (the torch herd links), transformers and peft:
@@ -29,6 +30,12 @@ def main() -> int:
     p.add_argument("--config", required=True, help="HF config.json giving the shape")
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--batch", type=int, default=8)
+    p.add_argument(
+        "--loss-fraction",
+        type=float,
+        default=1.0,
+        help="share of each sequence's positions that carry loss; the rest, at its start, is prompt",
+    )
     p.add_argument("--steps", type=int, default=5, help="timed steps")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     p.add_argument("--rank", type=int, default=8)
@@ -79,12 +86,15 @@ def main() -> int:
     trainable = [q for q in model.parameters() if q.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=1e-3, weight_decay=0.0)
 
+    prompt = args.seq - int(args.seq * args.loss_fraction + 0.5)  # half away from zero, as Rust
     gen = torch.Generator().manual_seed(args.seed)
     tokens = 0
     started = time.perf_counter()
     for step in range(args.warmup + args.steps):
         ids = torch.randint(0, config.vocab_size, (args.batch, args.seq), generator=gen).to(device)
-        loss = model(input_ids=ids, labels=ids).loss
+        labels = ids.clone()
+        labels[:, :prompt] = -100
+        loss = model(input_ids=ids, labels=labels).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
@@ -108,6 +118,7 @@ def main() -> int:
                 "threads": torch.get_num_threads(),
                 "seq": args.seq,
                 "batch": args.batch,
+                "loss_fraction": args.loss_fraction,
                 "steps": args.steps,
                 "train_a": args.train_a,
                 "tokens": tokens,

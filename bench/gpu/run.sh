@@ -12,12 +12,13 @@ torch_lib=$(python3 -c 'import torch, os; print(os.path.dirname(torch.__file__))
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader \
     > "$out_dir/gpu.txt" 2>&1 || true
 
-# shape-name config seq batch steps
+# shape-name config seq batch steps loss-fraction (of positions carrying loss; 0.5: the
+# prompt half masked, as in instruction tuning)
 measure() {
     for rep in 1 2; do
         if line=$(LD_LIBRARY_PATH="$torch_lib" HERD_LOG=warn timeout 240 "$here/herd-node" \
             bench-train --device cuda --config "$here/shapes/$2.json" \
-            --seq "$3" --batch "$4" --steps "$5" --warmup 2); then
+            --seq "$3" --batch "$4" --steps "$5" --loss-fraction "$6" --warmup 2); then
             echo "{\"shape\":\"$1\",\"result\":$line}" >> "$out"
         else
             echo "herd-node bench-train failed on $1 (run $rep)" >&2
@@ -25,7 +26,8 @@ measure() {
         # PEFT doing herd's work (A frozen), then as a user would run it (A and B trained).
         for train_a in "" --train-a; do
             if line=$(timeout 240 python3 "$here/peft_baseline.py" --device cuda $train_a \
-                --config "$here/shapes/$2.json" --seq "$3" --batch "$4" --steps "$5" --warmup 2); then
+                --config "$here/shapes/$2.json" --seq "$3" --batch "$4" --steps "$5" \
+                --loss-fraction "$6" --warmup 2); then
                 echo "{\"shape\":\"$1\",\"result\":$line}" >> "$out"
             else
                 echo "peft_baseline.py $train_a failed on $1 (run $rep)" >&2
@@ -34,8 +36,10 @@ measure() {
     done
 }
 
-measure "SmolLM-135M shape" smollm-135m 1024 16 10
-measure "TinyLlama-1.1B shape" tinyllama-1.1b 1024 8 5
+measure "SmolLM-135M shape" smollm-135m 1024 16 10 1
+measure "SmolLM-135M shape" smollm-135m 1024 16 10 0.5
+measure "TinyLlama-1.1B shape" tinyllama-1.1b 1024 8 5 1
+measure "TinyLlama-1.1B shape" tinyllama-1.1b 1024 8 5 0.5
 cat "$out"
 
 # --max-gpu-mem: 1% of the card is less than TinyLlama's bf16 weights (2.2 GB), so training

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use futures::StreamExt;
-use herd_protocol::blobs::BlobStore;
+use herd_protocol::blobs::{Answer, BlobStore};
 use herd_protocol::delta::{Delta, DeltaLayout};
 use herd_protocol::manifest;
 use herd_protocol::messages::*;
@@ -21,7 +21,7 @@ use libp2p::request_response::{self, ResponseChannel};
 use libp2p::swarm::SwarmEvent;
 use libp2p::{Multiaddr, PeerId, Swarm, gossipsub};
 use serde_json::json;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::config::RunConfig;
@@ -239,6 +239,7 @@ pub async fn serve(cfg: RunConfig, shutdown: impl std::future::Future<Output = (
         peers,
         finished_at: None,
         topic,
+        served: mpsc::unbounded_channel(),
     };
     // A round that reached quorum before a stop aggregates now; a finished run says so.
     shell.perform(&mut swarm, due);
@@ -341,7 +342,16 @@ struct Shell {
     peers: HashMap<PeerId, PeerStatus>,
     finished_at: Option<tokio::time::Instant>,
     topic: gossipsub::IdentTopic,
+    /// Blob groups read off the loop, on their way back to be sent: reading and hashing a MiB
+    /// on the loop would hold up leases and submissions meanwhile.
+    served: (
+        mpsc::UnboundedSender<ServedBlob>,
+        mpsc::UnboundedReceiver<ServedBlob>,
+    ),
 }
+
+/// A blob request's channel and its answer.
+type ServedBlob = (ResponseChannel<BlobResponse>, BlobResponse);
 
 impl Shell {
     async fn run(
@@ -375,12 +385,29 @@ impl Shell {
                     self.start_aggregation();
                     self.start_verification(swarm);
                 }
+                Some((channel, response)) = self.served.1.recv() => {
+                    self.send_blob(swarm, channel, response)
+                }
                 () = &mut shutdown => {
                     tracing::info!("shutting down");
                     return Ok(());
                 }
             }
         }
+    }
+
+    /// Sends a blob answer, counting the bytes of a group.
+    fn send_blob(
+        &mut self,
+        swarm: &mut Swarm<Behaviour>,
+        channel: ResponseChannel<BlobResponse>,
+        response: BlobResponse,
+    ) {
+        if let BlobResponse::Group(bytes) = &response {
+            let n = bytes.len() as u64;
+            self.status_tx.send_modify(|s| s.blob_bytes_served += n);
+        }
+        let _ = swarm.behaviour_mut().blob.send_response(channel, response);
     }
 
     fn on_swarm_event(&mut self, swarm: &mut Swarm<Behaviour>, event: SwarmEvent<BehaviourEvent>) {
@@ -427,14 +454,15 @@ impl Shell {
                         request, channel, ..
                     },
                 ..
-            })) => {
-                let response = self.blobs.serve(&request);
-                if let BlobResponse::Group(bytes) = &response {
-                    let n = bytes.len() as u64;
-                    self.status_tx.send_modify(|s| s.blob_bytes_served += n);
+            })) => match self.blobs.answer(&request) {
+                Answer::Ready(response) => self.send_blob(swarm, channel, response),
+                Answer::Read(group) => {
+                    let served = self.served.0.clone();
+                    tokio::task::spawn_blocking(move || {
+                        let _ = served.send((channel, Answer::Read(group).finish()));
+                    });
                 }
-                let _ = swarm.behaviour_mut().blob.send_response(channel, response);
-            }
+            },
             SwarmEvent::Behaviour(BehaviourEvent::Rpc(
                 request_response::Event::InboundFailure { peer, error, .. },
             )) => {

@@ -24,6 +24,8 @@ pub enum BlobError {
     },
     #[error("blob {0} is not in the store")]
     Missing(ContentId),
+    #[error("blob {id} has no group {index}")]
+    NoSuchGroup { id: ContentId, index: u64 },
     #[error("{0}: content does not match its hash")]
     Corrupt(String),
 }
@@ -176,37 +178,96 @@ impl BlobStore {
 
     /// Group `index` of blob `id`, checked against its outline before it leaves.
     pub fn group(&mut self, id: &ContentId, index: u64) -> Result<Vec<u8>, BlobError> {
+        self.group_source(id, index)?.read()
+    }
+
+    /// Where group `index` of blob `id` lies and what it must hash to. Reading it is
+    /// [`GroupSource::read`], which needs no store: a network loop can do that elsewhere.
+    pub fn group_source(&mut self, id: &ContentId, index: u64) -> Result<GroupSource, BlobError> {
         let outline = self.outline(id)?;
+        // The index comes from the network: an absurd one must not reach the range arithmetic.
+        if index >= outline.groups() {
+            return Err(BlobError::NoSuchGroup { id: *id, index });
+        }
         let (path, total) = &self.index[id];
-        let range = group_range(*total, index);
-        let mut bytes = vec![0u8; (range.end - range.start) as usize];
-        (|| {
-            let mut f = File::open(path)?;
-            f.seek(SeekFrom::Start(range.start))?;
-            f.read_exact(&mut bytes)
-        })()
-        .map_err(io_at(path))?;
-        outline
-            .check_group(index, &bytes)
-            .map_err(|_| BlobError::Corrupt(path.display().to_string()))?;
-        Ok(bytes)
+        Ok(GroupSource {
+            path: path.clone(),
+            range: group_range(*total, index),
+            index,
+            outline,
+        })
     }
 
     /// The answer to a peer's request; what the store lacks or cannot read is `NotFound`.
     pub fn serve(&mut self, request: &BlobRequest) -> BlobResponse {
+        self.answer(request).finish()
+    }
+
+    /// The answer to a peer's request, save the reading and checking of a group, which
+    /// [`Answer::finish`] does without the store: that is most of a group request's work.
+    pub fn answer(&mut self, request: &BlobRequest) -> Answer {
         let answer = match request {
-            BlobRequest::Outline { id, first } => self.outline(id).map(|o| BlobResponse::Outline {
-                total: o.total(),
-                cvs: o.page(*first, OUTLINE_PAGE).to_vec(),
+            BlobRequest::Outline { id, first } => self.outline(id).map(|o| {
+                Answer::Ready(BlobResponse::Outline {
+                    total: o.total(),
+                    cvs: o.page(*first, OUTLINE_PAGE).to_vec(),
+                })
             }),
-            BlobRequest::Group { id, index } => self.group(id, *index).map(BlobResponse::Group),
+            BlobRequest::Group { id, index } => self.group_source(id, *index).map(Answer::Read),
         };
-        answer.unwrap_or_else(|e| {
-            if !matches!(e, BlobError::Missing(_)) {
-                tracing::error!(error = %e, "serving a blob");
-            }
-            BlobResponse::NotFound
-        })
+        answer.unwrap_or_else(|e| Answer::Ready(not_found(e)))
+    }
+}
+
+/// A request's answer, ready or still to be read from disk.
+#[derive(Debug)]
+pub enum Answer {
+    Ready(BlobResponse),
+    Read(GroupSource),
+}
+
+impl Answer {
+    /// The response: a group is read and checked here (blocking file I/O and hashing).
+    pub fn finish(self) -> BlobResponse {
+        match self {
+            Answer::Ready(response) => response,
+            Answer::Read(source) => source.read().map_or_else(not_found, BlobResponse::Group),
+        }
+    }
+}
+
+/// What a peer is told when the store cannot answer; anything but a plain absence is logged.
+fn not_found(e: BlobError) -> BlobResponse {
+    if !matches!(e, BlobError::Missing(_) | BlobError::NoSuchGroup { .. }) {
+        tracing::error!(error = %e, "serving a blob");
+    }
+    BlobResponse::NotFound
+}
+
+/// One group of a stored blob: its file, byte range and the outline it is checked against.
+#[derive(Debug, Clone)]
+pub struct GroupSource {
+    path: PathBuf,
+    range: std::ops::Range<u64>,
+    index: u64,
+    outline: Arc<Outline>,
+}
+
+impl GroupSource {
+    /// Reads the group and checks it against the blob's outline before it leaves.
+    pub fn read(&self) -> Result<Vec<u8>, BlobError> {
+        let path = &self.path;
+        let mut bytes = vec![0u8; (self.range.end - self.range.start) as usize];
+        (|| {
+            let mut f = File::open(path)?;
+            f.seek(SeekFrom::Start(self.range.start))?;
+            f.read_exact(&mut bytes)
+        })()
+        .map_err(io_at(path))?;
+        self.outline
+            .check_group(self.index, &bytes)
+            .map_err(|_| BlobError::Corrupt(path.display().to_string()))?;
+        Ok(bytes)
     }
 }
 
@@ -243,10 +304,24 @@ mod tests {
             }),
             BlobResponse::NotFound
         );
+        // Past the last group, and an index whose byte offset does not fit in a u64 (it came
+        // from the network: no overflow, no read).
+        for index in [3, u64::MAX / 2, u64::MAX] {
+            assert_eq!(
+                store.serve(&BlobRequest::Group { id, index }),
+                BlobResponse::NotFound
+            );
+        }
+        // A group's answer is read off the store: the store is not needed to finish it.
+        let Answer::Read(source) = store.answer(&BlobRequest::Group { id, index: 1 }) else {
+            panic!("a group to read")
+        };
+        drop(store);
         assert_eq!(
-            store.serve(&BlobRequest::Group { id, index: 3 }),
-            BlobResponse::NotFound
+            Answer::Read(source).finish(),
+            BlobResponse::Group(data[GROUP_BYTES as usize..2 * GROUP_BYTES as usize].to_vec())
         );
+        let mut store = BlobStore::open(dir.path()).unwrap();
         let file = dir.path().join("f");
         std::fs::write(&file, &data).unwrap();
         assert_eq!(store.put_file(&file).unwrap(), id);

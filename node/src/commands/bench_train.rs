@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, ensure};
 use herd_model::data::{Dataset, Example};
+use herd_model::llama::IGNORE_INDEX;
 use herd_model::lora::{Lora, LoraConfig, Target};
 use herd_model::train::{LrSchedule, TrainConfig, train_lora};
 use herd_model::{Llama, LlamaConfig};
@@ -27,6 +28,10 @@ pub struct BenchTrainArgs {
     seq: usize,
     #[arg(long, default_value_t = 8)]
     batch: usize,
+    /// Share of each sequence's positions that carry loss: the rest, at its start, is prompt
+    /// (label -100), as in instruction tuning. 1 = every position a target.
+    #[arg(long, default_value_t = 1.0)]
+    loss_fraction: f64,
     /// Timed steps.
     #[arg(long, default_value_t = 5)]
     steps: usize,
@@ -50,6 +55,10 @@ pub fn run(args: BenchTrainArgs) -> Result<()> {
     ensure!(
         args.steps > 0 && args.batch > 0 && args.seq > 1,
         "--steps and --batch must be positive and --seq above 1"
+    );
+    ensure!(
+        args.loss_fraction > 0.0 && args.loss_fraction <= 1.0,
+        "--loss-fraction must be in (0, 1]"
     );
     let device = args.compute.apply()?;
     let text = std::fs::read_to_string(&args.config)
@@ -76,15 +85,19 @@ pub fn run(args: BenchTrainArgs) -> Result<()> {
         },
         device,
     )?;
-    // Random tokens, every position a target: the same work per step as text of that length.
+    // Random tokens: the same work per step as text of that length. The first `prompt`
+    // positions carry no loss (bench/peft_baseline.py masks the same ones).
+    let prompt = prompt_len(args.seq, args.loss_fraction);
     let mut rng = ChaCha8Rng::seed_from_u64(args.seed);
     let examples = (0..args.batch * (args.warmup + args.steps))
         .map(|_| {
             let ids: Vec<i64> = (0..args.seq).map(|_| rng.random_range(0..vocab)).collect();
-            Example {
-                labels: ids.clone(),
-                ids,
-            }
+            let labels = ids
+                .iter()
+                .enumerate()
+                .map(|(i, &id)| if i < prompt { IGNORE_INDEX } else { id })
+                .collect();
+            Example { ids, labels }
         })
         .collect();
     let data = Dataset {
@@ -121,6 +134,7 @@ pub fn run(args: BenchTrainArgs) -> Result<()> {
             "threads": tch::get_num_threads(),
             "seq": args.seq,
             "batch": args.batch,
+            "loss_fraction": args.loss_fraction,
             "steps": args.steps,
             "train_a": args.train_a,
             "tokens": timed_tokens,
@@ -129,4 +143,10 @@ pub fn run(args: BenchTrainArgs) -> Result<()> {
         })
     );
     Ok(())
+}
+
+/// Masked prompt positions at the start of a `seq`-token sequence where `loss_fraction` of the
+/// positions carry loss; bench/peft_baseline.py computes the same (`seq - round(seq * f)`).
+fn prompt_len(seq: usize, loss_fraction: f64) -> usize {
+    seq - (seq as f64 * loss_fraction).round() as usize
 }

@@ -13,14 +13,14 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use herd_protocol::ContentId;
-use herd_protocol::blobs::BlobStore;
+use herd_protocol::blobs::{Answer, BlobStore};
 use herd_protocol::messages::{
     BlobRequest, BlobResponse, MAX_ANNOUNCE_BYTES, RoundAnnouncement, RpcRequest, RpcResponse,
 };
 use herd_protocol::net::{Behaviour, BehaviourEvent, KAD_PROTOCOL, blob_key};
 use libp2p::kad::store::RecordStore;
 use libp2p::multiaddr::Protocol;
-use libp2p::request_response::{self, OutboundRequestId};
+use libp2p::request_response::{self, OutboundRequestId, ResponseChannel};
 use libp2p::swarm::ConnectionId;
 use libp2p::swarm::SwarmEvent;
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
@@ -170,7 +170,13 @@ pub struct EventLoop {
     /// Peers that reached this node through the relay, to dial back directly once identify
     /// says where they listen.
     dial_back: HashSet<PeerId>,
+    /// Blob answers read off the loop, on their way back to be sent.
+    served_tx: mpsc::UnboundedSender<Served>,
+    served_rx: mpsc::UnboundedReceiver<Served>,
 }
+
+/// A blob request's channel and its answer.
+type Served = (ResponseChannel<BlobResponse>, BlobResponse);
 
 /// Wires a client to an event loop for `swarm` that talks to `coordinator` at
 /// `coordinator_addr`, serves `store`, and forwards round announcements to the returned
@@ -184,6 +190,7 @@ pub fn new(
     let (tx, rx) = mpsc::channel(16);
     let (announcements, announced) = mpsc::channel(16);
     let (reachability, reachability_rx) = watch::channel(String::new());
+    let (served_tx, served_rx) = mpsc::unbounded_channel();
     let behaviour = swarm.behaviour_mut();
     // The coordinator is the DHT's entry point and the judge of this node's reachability.
     behaviour
@@ -215,6 +222,8 @@ pub fn new(
             relayed: HashMap::new(),
             direct: HashMap::new(),
             dial_back: HashSet::new(),
+            served_tx,
+            served_rx,
         },
         announced,
     )
@@ -232,8 +241,20 @@ impl EventLoop {
                     None => return,
                 },
                 _ = tick.tick() => self.settle_lookups(),
+                Some((channel, response)) = self.served_rx.recv() => {
+                    self.respond(channel, response)
+                }
             }
         }
+    }
+
+    /// Sends a blob answer; a peer that went away meanwhile just misses it.
+    fn respond(&mut self, channel: ResponseChannel<BlobResponse>, response: BlobResponse) {
+        let _ = self
+            .swarm
+            .behaviour_mut()
+            .blob
+            .send_response(channel, response);
     }
 
     fn on_command(&mut self, command: Command) {
@@ -412,12 +433,18 @@ impl EventLoop {
             BehaviourEvent::Blob(event) => {
                 let failure = |e: &request_response::OutboundFailure| outbound_failure(None, e);
                 if let Some((request, channel)) = settle(&mut self.pending_blob, event, failure) {
-                    let response = self.store.lock().expect("blob store lock").serve(&request);
-                    let _ = self
-                        .swarm
-                        .behaviour_mut()
-                        .blob
-                        .send_response(channel, response);
+                    let answer = self.store.lock().expect("blob store lock").answer(&request);
+                    match answer {
+                        Answer::Ready(response) => self.respond(channel, response),
+                        Answer::Read(group) => {
+                            // Reading and hashing a MiB would keep the loop from every
+                            // connection meanwhile; the answer comes back through `served`.
+                            let served = self.served_tx.clone();
+                            tokio::task::spawn_blocking(move || {
+                                let _ = served.send((channel, Answer::Read(group).finish()));
+                            });
+                        }
+                    }
                 }
             }
             BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }) => {

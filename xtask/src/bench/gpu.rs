@@ -21,8 +21,10 @@ pub fn measure(results: Option<&Path>) -> Result<Value> {
     };
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    // shape → best tokens/s of herd, PEFT with A frozen, PEFT default; and every run
-    let mut shapes: BTreeMap<String, ([Option<f64>; 3], Vec<Value>)> = BTreeMap::new();
+    // (shape, loss fraction) → best tokens/s of herd, PEFT with A frozen, PEFT default; and
+    // every run
+    type Sides = ([Option<f64>; 3], Vec<Value>);
+    let mut shapes: BTreeMap<(String, String), Sides> = BTreeMap::new();
     for (i, line) in text.lines().filter(|l| !l.trim().is_empty()).enumerate() {
         let line: Value = serde_json::from_str(line)
             .with_context(|| format!("{} line {}: not JSON", path.display(), i + 1))?;
@@ -37,22 +39,25 @@ pub fn measure(results: Option<&Path>) -> Result<Value> {
             (Some("peft"), Some(true)) => 2,
             other => anyhow::bail!("line {}: unknown side {other:?}", i + 1),
         };
-        let entry = shapes.entry(shape).or_default();
+        let loss_fraction = result["loss_fraction"].as_f64().unwrap_or(1.0).to_string();
+        let entry = shapes.entry((shape, loss_fraction)).or_default();
         let speed = num(&result["tokens_per_second"]);
         entry.0[side] = Some(entry.0[side].unwrap_or(0.0).max(speed));
         entry.1.push(result);
     }
     let shapes: Vec<Value> = shapes
         .into_iter()
-        .map(|(shape, (best, runs))| {
+        .map(|((shape, _), (best, runs))| {
             let first = runs.first().cloned().unwrap_or_default();
-            super::train::shape_figures(
+            let mut figures = super::train::shape_figures(
                 &shape,
                 first["seq"].clone(),
                 first["batch"].clone(),
                 best,
                 runs,
-            )
+            );
+            figures["loss_fraction"] = json!(first["loss_fraction"].as_f64().unwrap_or(1.0));
+            figures
         })
         .collect();
     Ok(json!({ "source": path, "shapes": shapes }))

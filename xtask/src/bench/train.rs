@@ -12,29 +12,48 @@ use serde_json::{Value, json};
 use super::num;
 use crate::util;
 
-/// A model shape to measure at a CPU-sized batch.
+/// A model shape to measure at a CPU-sized batch, with the share of positions carrying loss.
 struct Shape {
     name: &'static str,
     config: &'static str,
     seq: u32,
     batch: u32,
     steps: u32,
+    loss_fraction: f64,
 }
 
-const SHAPES: [Shape; 2] = [
+const EMBEDDED: Shape = Shape {
+    name: "embedded default",
+    config: "model/default/base/config.json",
+    seq: 128,
+    batch: 16,
+    steps: 10,
+    loss_fraction: 1.0,
+};
+const SMOLLM: Shape = Shape {
+    name: "SmolLM-135M shape",
+    config: "bench/shapes/smollm-135m.json",
+    seq: 128,
+    batch: 4,
+    steps: 3,
+    loss_fraction: 1.0,
+};
+/// Instruction tuning: an Alpaca example's prompt (the template's ~40 tokens, the instruction
+/// and its input) is about as long as its response, and only the response carries loss.
+const INSTRUCTION_LOSS_FRACTION: f64 = 0.5;
+
+/// Each shape with every position a target (language modelling), then with the prompt half
+/// masked (instruction tuning, herd's typical run).
+const SHAPES: [Shape; 4] = [
+    EMBEDDED,
     Shape {
-        name: "embedded default",
-        config: "model/default/base/config.json",
-        seq: 128,
-        batch: 16,
-        steps: 10,
+        loss_fraction: INSTRUCTION_LOSS_FRACTION,
+        ..EMBEDDED
     },
+    SMOLLM,
     Shape {
-        name: "SmolLM-135M shape",
-        config: "bench/shapes/smollm-135m.json",
-        seq: 128,
-        batch: 4,
-        steps: 3,
+        loss_fraction: INSTRUCTION_LOSS_FRACTION,
+        ..SMOLLM
     },
 ];
 /// Runs of each, alternating herd and PEFT; the best counts (the machine is shared and noisy).
@@ -99,6 +118,7 @@ pub fn measure(root: &Path) -> Result<Value> {
                     .args(["--seq", &shape.seq.to_string()])
                     .args(["--batch", &shape.batch.to_string()])
                     .args(["--steps", &shape.steps.to_string()])
+                    .args(["--loss-fraction", &shape.loss_fraction.to_string()])
                     .args(["--warmup", "1", "--threads", &threads.to_string()])
                     .args(["--device", "cpu"]);
                 let out = cmd.output().with_context(|| format!("starting {cmd:?}"))?;
@@ -118,8 +138,9 @@ pub fn measure(root: &Path) -> Result<Value> {
                         .with_context(|| format!("{cmd:?} printed no JSON"))?;
                 let speed = num(&run["tokens_per_second"]);
                 println!(
-                    "  {} run {}: {:<13} {speed:>8.0} tokens/s",
+                    "  {}, loss on {:.0}%, run {}: {:<13} {speed:>8.0} tokens/s",
                     shape.name,
+                    shape.loss_fraction * 100.0,
                     rep + 1,
                     side.key()
                 );
@@ -131,6 +152,7 @@ pub fn measure(root: &Path) -> Result<Value> {
         let mut figures =
             shape_figures(shape.name, json!(shape.seq), json!(shape.batch), best, runs);
         figures["config"] = json!(shape.config);
+        figures["loss_fraction"] = json!(shape.loss_fraction);
         shapes.push(figures);
     }
     Ok(json!({
@@ -148,7 +170,10 @@ pub fn markdown(r: &Value) -> String {
          weights and tokens, LoRA rank 8 on q/k/v/o, AdamW, clipping; one untimed step first, best \
          of {REPS} alternating runs. herd trains B with A frozen at its seeded init (what makes \
          averaging exact); PEFT is measured both doing that same work and as a user would run it \
-         (A and B trained). Target: herd ≥ 1.2× PEFT.\n\n",
+         (A and B trained). *Loss on*: the share of each sequence's positions that carry loss — \
+         all of them as in language modelling, or half, the rest masked as a prompt as in \
+         instruction tuning (herd computes the LM head and softmax only where there is loss; \
+         transformers computes every position's logits). Target: herd ≥ 1.2× PEFT.\n\n",
         r["threads"]
     );
     if let Some(why) = r["peft_skipped"].as_str() {
@@ -184,18 +209,20 @@ pub fn shape_figures(
 /// The throughput table of `shapes` (also the GPU section's).
 pub fn table(shapes: &Value) -> String {
     let mut md = String::from(
-        "| shape | seq × batch | herd tokens/s | PEFT, A frozen | herd / it | PEFT default | herd / it |\n\
-         |---|---|---|---|---|---|---|\n",
+        "| shape | seq × batch | loss on | herd tokens/s | PEFT, A frozen | herd / it | PEFT default | herd / it |\n\
+         |---|---|---|---|---|---|---|---|\n",
     );
     let speed = |v: &Value| v.as_f64().map_or("skipped".into(), |p| format!("{p:.0}"));
     let ratio = |v: &Value| v.as_f64().map_or("—".into(), |x| format!("{x:.2}×"));
     for s in shapes.as_array().into_iter().flatten() {
         let _ = writeln!(
             md,
-            "| {} | {} × {} | {:.0} | {} | {} | {} | {} |",
+            "| {} | {} × {} | {:.0}% | {:.0} | {} | {} | {} | {} |",
             s["shape"].as_str().unwrap_or("?"),
             s["seq"],
             s["batch"],
+            // Figures from before the column existed had every position a target.
+            s["loss_fraction"].as_f64().unwrap_or(1.0) * 100.0,
             num(&s["herd_tokens_per_second"]),
             speed(&s["peft_a_frozen_tokens_per_second"]),
             ratio(&s["herd_vs_peft_a_frozen"]),
