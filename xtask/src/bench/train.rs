@@ -56,8 +56,9 @@ const SHAPES: [Shape; 4] = [
         ..SMOLLM
     },
 ];
-/// Runs of each, alternating herd and PEFT; the best counts (the machine is shared and noisy).
-const REPS: usize = 3;
+/// Runs of each, alternating herd and PEFT; the best counts (the machine is shared and noisy),
+/// and so does the median ratio of runs side by side.
+const REPS: usize = 5;
 /// What bench/peft_baseline.py exits with when its Python packages are missing.
 const PEFT_MISSING: i32 = 3;
 
@@ -94,6 +95,8 @@ pub fn measure(root: &Path) -> Result<Value> {
     let mut shapes = Vec::new();
     for shape in &SHAPES {
         let mut best = [None::<f64>; 3];
+        // Each side's speed by run, for the ratios of runs side by side.
+        let mut speeds: [Vec<f64>; 3] = Default::default();
         let mut runs = Vec::new();
         for rep in 0..REPS {
             for (i, side) in SIDES.iter().enumerate() {
@@ -145,6 +148,7 @@ pub fn measure(root: &Path) -> Result<Value> {
                     side.key()
                 );
                 best[i] = Some(best[i].unwrap_or(0.0).max(speed));
+                speeds[i].push(speed);
                 run["side"] = json!(side.key());
                 runs.push(run);
             }
@@ -153,6 +157,10 @@ pub fn measure(root: &Path) -> Result<Value> {
             shape_figures(shape.name, json!(shape.seq), json!(shape.batch), best, runs);
         figures["config"] = json!(shape.config);
         figures["loss_fraction"] = json!(shape.loss_fraction);
+        figures["herd_vs_peft_a_frozen_paired_median"] =
+            json!(paired_median(&speeds[0], &speeds[1]));
+        figures["herd_vs_peft_default_paired_median"] =
+            json!(paired_median(&speeds[0], &speeds[2]));
         shapes.push(figures);
     }
     Ok(json!({
@@ -180,7 +188,39 @@ pub fn markdown(r: &Value) -> String {
         let _ = writeln!(md, "PEFT baseline skipped: {why}\n");
     }
     md.push_str(&table(&r["shapes"]));
+    md.push_str(
+        "\nRun beside run (herd's run against the PEFT runs of the same round, the median over \
+         the rounds; less at the mercy of the machine's slow moments than the best of each):\n\n\
+         | shape | loss on | herd / PEFT, A frozen | herd / PEFT default |\n|---|---|---|---|\n",
+    );
+    let ratio = |v: &Value| v.as_f64().map_or("—".into(), |x| format!("{x:.2}×"));
+    for s in r["shapes"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            md,
+            "| {} | {:.0}% | {} | {} |",
+            s["shape"].as_str().unwrap_or("?"),
+            s["loss_fraction"].as_f64().unwrap_or(1.0) * 100.0,
+            ratio(&s["herd_vs_peft_a_frozen_paired_median"]),
+            ratio(&s["herd_vs_peft_default_paired_median"]),
+        );
+    }
     md
+}
+
+/// The median of `herd[i] / peft[i]`: each run against the PEFT run beside it, which shares
+/// the machine's moment better than the best of each side does. `None` without PEFT runs.
+fn paired_median(herd: &[f64], peft: &[f64]) -> Option<f64> {
+    let mut ratios: Vec<f64> = herd.iter().zip(peft).map(|(h, p)| h / p).collect();
+    if ratios.is_empty() {
+        return None;
+    }
+    ratios.sort_by(f64::total_cmp);
+    let mid = ratios.len() / 2;
+    Some(if ratios.len() % 2 == 1 {
+        ratios[mid]
+    } else {
+        (ratios[mid - 1] + ratios[mid]) / 2.0
+    })
 }
 
 /// One shape's figures: the best tokens/s of each side (herd, PEFT with A frozen, PEFT's
