@@ -55,24 +55,15 @@ pub fn decode<T: DeserializeOwned, const CAP: usize>(bytes: &[u8]) -> Result<T, 
 
 /// Reads one frame of at most `cap` bytes.
 pub async fn read_frame<R: AsyncRead + Unpin>(io: &mut R, cap: usize) -> std::io::Result<Vec<u8>> {
-    let len = read_frame_len(io, cap).await?;
-    let mut body = vec![0u8; len];
-    io.read_exact(&mut body).await?;
-    Ok(body)
-}
-
-/// Reads a frame's length prefix, refusing one over `cap`.
-pub async fn read_frame_len<R: AsyncRead + Unpin>(
-    io: &mut R,
-    cap: usize,
-) -> std::io::Result<usize> {
     let mut len = [0u8; 4];
     io.read_exact(&mut len).await?;
     let len = u32::from_le_bytes(len) as u64;
     if len > cap as u64 {
         return Err(FrameError::TooLarge { len, cap }.into());
     }
-    Ok(len as usize)
+    let mut body = vec![0u8; len as usize];
+    io.read_exact(&mut body).await?;
+    Ok(body)
 }
 
 /// Writes one frame; refuses bodies over `cap` (the peer would refuse them anyway).

@@ -17,7 +17,6 @@
 //! Everything but `net` and `blobs` is pure data: no I/O, no tch, so each decoder can be
 //! fuzzed alone.
 
-pub mod blob_wire;
 pub mod blobs;
 pub mod codec;
 pub mod delta;

@@ -23,7 +23,6 @@ use libp2p::{
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::blob_wire;
 use crate::framing::{decode, encode, read_frame, write_frame};
 use crate::messages::*;
 
@@ -118,57 +117,8 @@ where
 
 pub type RpcCodec =
     FramedCodec<RpcRequest, RpcResponse, MAX_RPC_REQUEST_BYTES, MAX_RPC_RESPONSE_BYTES>;
-
-/// `/herd/blob/2`: requests as framed bincode, responses through [`crate::blob_wire`] (the
-/// same bytes, fewer copies of a group's).
-#[derive(Debug, Clone, Default)]
-pub struct BlobCodec(
-    FramedCodec<BlobRequest, BlobResponse, MAX_BLOB_REQUEST_BYTES, MAX_BLOB_RESPONSE_BYTES>,
-);
-
-impl request_response::Codec for BlobCodec {
-    type Protocol = StreamProtocol;
-    type Request = BlobRequest;
-    type Response = BlobResponse;
-
-    async fn read_request<T>(&mut self, p: &StreamProtocol, io: &mut T) -> io::Result<BlobRequest>
-    where
-        T: AsyncRead + Unpin + Send,
-    {
-        self.0.read_request(p, io).await
-    }
-
-    async fn read_response<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<BlobResponse>
-    where
-        T: AsyncRead + Unpin + Send,
-    {
-        blob_wire::read_response::<_, MAX_BLOB_RESPONSE_BYTES>(io).await
-    }
-
-    async fn write_request<T>(
-        &mut self,
-        p: &StreamProtocol,
-        io: &mut T,
-        req: BlobRequest,
-    ) -> io::Result<()>
-    where
-        T: AsyncWrite + Unpin + Send,
-    {
-        self.0.write_request(p, io, req).await
-    }
-
-    async fn write_response<T>(
-        &mut self,
-        _: &StreamProtocol,
-        io: &mut T,
-        res: BlobResponse,
-    ) -> io::Result<()>
-    where
-        T: AsyncWrite + Unpin + Send,
-    {
-        blob_wire::write_response(io, res, MAX_BLOB_RESPONSE_BYTES).await
-    }
-}
+pub type BlobCodec =
+    FramedCodec<BlobRequest, BlobResponse, MAX_BLOB_REQUEST_BYTES, MAX_BLOB_RESPONSE_BYTES>;
 
 /// Every protocol herd speaks, one field each.
 #[allow(missing_debug_implementations)] // the derive also generates the event enum
