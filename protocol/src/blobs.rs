@@ -176,11 +176,6 @@ impl BlobStore {
         Ok(outline)
     }
 
-    /// Group `index` of blob `id`, checked against its outline before it leaves.
-    pub fn group(&mut self, id: &ContentId, index: u64) -> Result<Vec<u8>, BlobError> {
-        self.group_source(id, index)?.read()
-    }
-
     /// Where group `index` of blob `id` lies and what it must hash to. Reading it is
     /// [`GroupSource::read`], which needs no store: a network loop can do that elsewhere.
     pub fn group_source(&mut self, id: &ContentId, index: u64) -> Result<GroupSource, BlobError> {
@@ -189,10 +184,8 @@ impl BlobStore {
         if index >= outline.groups() {
             return Err(BlobError::NoSuchGroup { id: *id, index });
         }
-        let (path, total) = &self.index[id];
         Ok(GroupSource {
-            path: path.clone(),
-            range: group_range(*total, index),
+            path: self.index[id].0.clone(),
             index,
             outline,
         })
@@ -244,11 +237,10 @@ fn not_found(e: BlobError) -> BlobResponse {
     BlobResponse::NotFound
 }
 
-/// One group of a stored blob: its file, byte range and the outline it is checked against.
+/// One group of a stored blob: its file, its index and the outline it is checked against.
 #[derive(Debug, Clone)]
 pub struct GroupSource {
     path: PathBuf,
-    range: std::ops::Range<u64>,
     index: u64,
     outline: Arc<Outline>,
 }
@@ -257,10 +249,11 @@ impl GroupSource {
     /// Reads the group and checks it against the blob's outline before it leaves.
     pub fn read(&self) -> Result<Vec<u8>, BlobError> {
         let path = &self.path;
-        let mut bytes = vec![0u8; (self.range.end - self.range.start) as usize];
+        let range = group_range(self.outline.total(), self.index);
+        let mut bytes = vec![0u8; (range.end - range.start) as usize];
         (|| {
             let mut f = File::open(path)?;
-            f.seek(SeekFrom::Start(self.range.start))?;
+            f.seek(SeekFrom::Start(range.start))?;
             f.read_exact(&mut bytes)
         })()
         .map_err(io_at(path))?;

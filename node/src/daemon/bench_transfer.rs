@@ -101,10 +101,9 @@ async fn plain_tcp(dir: &std::path::Path, bytes: usize, sink: Sink) -> Result<f6
         stream.write_all(&payload).await?;
         stream.shutdown().await
     });
-    let (stream, _) = listener.accept().await?;
+    let (mut stream, _) = listener.accept().await?;
     let received = match sink {
         Sink::Memory => {
-            let mut stream = stream;
             let mut received = Vec::with_capacity(bytes);
             stream.read_to_end(&mut received).await?;
             received.len()
