@@ -9,7 +9,7 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use serde_json::{Value, json};
 
-use super::num;
+use super::train::SIDES;
 
 pub fn measure(results: Option<&Path>) -> Result<Value> {
     let Some(path) = results else {
@@ -21,10 +21,8 @@ pub fn measure(results: Option<&Path>) -> Result<Value> {
     };
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    // (shape, loss fraction) → best tokens/s of herd, PEFT with A frozen, PEFT default; and
-    // every run
-    type Sides = ([Option<f64>; 3], Vec<Value>);
-    let mut shapes: BTreeMap<(String, String), Sides> = BTreeMap::new();
+    // (shape, loss fraction) → its runs, in the order they ran
+    let mut shapes: BTreeMap<(String, String), Vec<Value>> = BTreeMap::new();
     for (i, line) in text.lines().filter(|l| !l.trim().is_empty()).enumerate() {
         let line: Value = serde_json::from_str(line)
             .with_context(|| format!("{} line {}: not JSON", path.display(), i + 1))?;
@@ -32,32 +30,31 @@ pub fn measure(results: Option<&Path>) -> Result<Value> {
             .as_str()
             .context("a line without its shape")?
             .to_string();
-        let result = line["result"].clone();
+        let mut result = line["result"].clone();
         let side = match (result["impl"].as_str(), result["train_a"].as_bool()) {
             (Some("herd"), _) => 0,
             (Some("peft"), Some(false)) => 1,
             (Some("peft"), Some(true)) => 2,
             other => anyhow::bail!("line {}: unknown side {other:?}", i + 1),
         };
+        result["side"] = json!(SIDES[side].key());
         let loss_fraction = result["loss_fraction"].as_f64().unwrap_or(1.0).to_string();
-        let entry = shapes.entry((shape, loss_fraction)).or_default();
-        let speed = num(&result["tokens_per_second"]);
-        entry.0[side] = Some(entry.0[side].unwrap_or(0.0).max(speed));
-        entry.1.push(result);
+        shapes
+            .entry((shape, loss_fraction))
+            .or_default()
+            .push(result);
     }
     let shapes: Vec<Value> = shapes
         .into_iter()
-        .map(|((shape, _), (best, runs))| {
+        .map(|((shape, _), runs)| {
             let first = runs.first().cloned().unwrap_or_default();
-            let mut figures = super::train::shape_figures(
+            super::train::shape_figures(
                 &shape,
                 first["seq"].clone(),
                 first["batch"].clone(),
-                best,
+                first["loss_fraction"].as_f64().unwrap_or(1.0),
                 runs,
-            );
-            figures["loss_fraction"] = json!(first["loss_fraction"].as_f64().unwrap_or(1.0));
-            figures
+            )
         })
         .collect();
     Ok(json!({ "source": path, "shapes": shapes }))

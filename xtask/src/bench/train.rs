@@ -63,10 +63,10 @@ const REPS: usize = 5;
 const PEFT_MISSING: i32 = 3;
 
 /// The sides compared, in the order each round of runs takes them.
-const SIDES: [Side; 3] = [Side::Herd, Side::PeftSameWork, Side::PeftDefault];
+pub const SIDES: [Side; 3] = [Side::Herd, Side::PeftSameWork, Side::PeftDefault];
 
 #[derive(Debug, Clone, Copy, PartialEq)]
-enum Side {
+pub enum Side {
     /// herd-node's trainer as a node runs it: B trained, A frozen at its seeded init.
     Herd,
     /// PEFT doing the same work: A frozen too.
@@ -76,7 +76,8 @@ enum Side {
 }
 
 impl Side {
-    fn key(self) -> &'static str {
+    /// How a run names its side in the results (`"side"`).
+    pub fn key(self) -> &'static str {
         match self {
             Side::Herd => "herd",
             Side::PeftSameWork => "peft_a_frozen",
@@ -94,12 +95,9 @@ pub fn measure(root: &Path) -> Result<Value> {
     let mut peft_skipped: Option<String> = None;
     let mut shapes = Vec::new();
     for shape in &SHAPES {
-        let mut best = [None::<f64>; 3];
-        // Each side's speed by run, for the ratios of runs side by side.
-        let mut speeds: [Vec<f64>; 3] = Default::default();
         let mut runs = Vec::new();
         for rep in 0..REPS {
-            for (i, side) in SIDES.iter().enumerate() {
+            for side in &SIDES {
                 let mut cmd = match side {
                     Side::Herd => {
                         let mut c = util::bin(root, "herd-node");
@@ -147,20 +145,18 @@ pub fn measure(root: &Path) -> Result<Value> {
                     rep + 1,
                     side.key()
                 );
-                best[i] = Some(best[i].unwrap_or(0.0).max(speed));
-                speeds[i].push(speed);
                 run["side"] = json!(side.key());
                 runs.push(run);
             }
         }
-        let mut figures =
-            shape_figures(shape.name, json!(shape.seq), json!(shape.batch), best, runs);
+        let mut figures = shape_figures(
+            shape.name,
+            json!(shape.seq),
+            json!(shape.batch),
+            shape.loss_fraction,
+            runs,
+        );
         figures["config"] = json!(shape.config);
-        figures["loss_fraction"] = json!(shape.loss_fraction);
-        figures["herd_vs_peft_a_frozen_paired_median"] =
-            json!(paired_median(&speeds[0], &speeds[1]));
-        figures["herd_vs_peft_default_paired_median"] =
-            json!(paired_median(&speeds[0], &speeds[2]));
         shapes.push(figures);
     }
     Ok(json!({
@@ -193,15 +189,14 @@ pub fn markdown(r: &Value) -> String {
          the rounds; less at the mercy of the machine's slow moments than the best of each):\n\n\
          | shape | loss on | herd / PEFT, A frozen | herd / PEFT default |\n|---|---|---|---|\n",
     );
-    let ratio = |v: &Value| v.as_f64().map_or("—".into(), |x| format!("{x:.2}×"));
     for s in r["shapes"].as_array().into_iter().flatten() {
         let _ = writeln!(
             md,
             "| {} | {:.0}% | {} | {} |",
             s["shape"].as_str().unwrap_or("?"),
-            s["loss_fraction"].as_f64().unwrap_or(1.0) * 100.0,
-            ratio(&s["herd_vs_peft_a_frozen_paired_median"]),
-            ratio(&s["herd_vs_peft_default_paired_median"]),
+            loss_percent(s),
+            ratio_cell(&s["herd_vs_peft_a_frozen_paired_median"]),
+            ratio_cell(&s["herd_vs_peft_default_paired_median"]),
         );
     }
     md
@@ -223,27 +218,49 @@ fn paired_median(herd: &[f64], peft: &[f64]) -> Option<f64> {
     })
 }
 
-/// One shape's figures: the best tokens/s of each side (herd, PEFT with A frozen, PEFT's
-/// default; `None` where skipped), herd's ratio to each PEFT side, and every run.
+/// One shape's figures from its runs (each carrying its `"side"`, in the order they ran): the
+/// best tokens/s of each side (herd, PEFT with A frozen, PEFT's default; `None` where
+/// skipped), herd's ratio to each PEFT side, best to best and run beside run, and every run.
 pub fn shape_figures(
     shape: &str,
     seq: Value,
     batch: Value,
-    best: [Option<f64>; 3],
+    loss_fraction: f64,
     runs: Vec<Value>,
 ) -> Value {
-    let herd = best[0].unwrap_or(f64::NAN);
+    let [herd, same_work, default] = SIDES.map(|side| {
+        runs.iter()
+            .filter(|r| r["side"] == side.key())
+            .map(|r| num(&r["tokens_per_second"]))
+            .collect::<Vec<f64>>()
+    });
+    let best = |speeds: &[f64]| speeds.iter().copied().reduce(f64::max);
+    let herd_best = best(&herd).unwrap_or(f64::NAN);
     json!({
         "shape": shape,
         "seq": seq,
         "batch": batch,
-        "herd_tokens_per_second": herd,
-        "peft_a_frozen_tokens_per_second": best[1],
-        "peft_default_tokens_per_second": best[2],
-        "herd_vs_peft_a_frozen": best[1].map(|p| herd / p),
-        "herd_vs_peft_default": best[2].map(|p| herd / p),
+        "loss_fraction": loss_fraction,
+        "herd_tokens_per_second": herd_best,
+        "peft_a_frozen_tokens_per_second": best(&same_work),
+        "peft_default_tokens_per_second": best(&default),
+        "herd_vs_peft_a_frozen": best(&same_work).map(|p| herd_best / p),
+        "herd_vs_peft_default": best(&default).map(|p| herd_best / p),
+        "herd_vs_peft_a_frozen_paired_median": paired_median(&herd, &same_work),
+        "herd_vs_peft_default_paired_median": paired_median(&herd, &default),
         "runs": runs,
     })
+}
+
+/// A ratio as a table cell; "—" where there is none.
+fn ratio_cell(v: &Value) -> String {
+    v.as_f64().map_or("—".into(), |x| format!("{x:.2}×"))
+}
+
+/// The share of positions carrying loss, in percent (figures from before it was recorded had
+/// every position a target).
+fn loss_percent(shape: &Value) -> f64 {
+    shape["loss_fraction"].as_f64().unwrap_or(1.0) * 100.0
 }
 
 /// The throughput table of `shapes` (also the GPU section's).
@@ -253,7 +270,6 @@ pub fn table(shapes: &Value) -> String {
          |---|---|---|---|---|---|---|---|\n",
     );
     let speed = |v: &Value| v.as_f64().map_or("skipped".into(), |p| format!("{p:.0}"));
-    let ratio = |v: &Value| v.as_f64().map_or("—".into(), |x| format!("{x:.2}×"));
     for s in shapes.as_array().into_iter().flatten() {
         let _ = writeln!(
             md,
@@ -261,14 +277,42 @@ pub fn table(shapes: &Value) -> String {
             s["shape"].as_str().unwrap_or("?"),
             s["seq"],
             s["batch"],
-            // Figures from before the column existed had every position a target.
-            s["loss_fraction"].as_f64().unwrap_or(1.0) * 100.0,
+            loss_percent(s),
             num(&s["herd_tokens_per_second"]),
             speed(&s["peft_a_frozen_tokens_per_second"]),
-            ratio(&s["herd_vs_peft_a_frozen"]),
+            ratio_cell(&s["herd_vs_peft_a_frozen"]),
             speed(&s["peft_default_tokens_per_second"]),
-            ratio(&s["herd_vs_peft_default"]),
+            ratio_cell(&s["herd_vs_peft_default"]),
         );
     }
     md
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn figures_come_from_the_runs_side_by_side() {
+        let run = |side: Side, speed: f64| json!({"side": side.key(), "tokens_per_second": speed});
+        // Three rounds; the machine is slow in the second for both sides.
+        let runs = vec![
+            run(Side::Herd, 120.0),
+            run(Side::PeftSameWork, 100.0),
+            run(Side::Herd, 60.0),
+            run(Side::PeftSameWork, 40.0),
+            run(Side::Herd, 110.0),
+            run(Side::PeftSameWork, 125.0),
+        ];
+        let f = shape_figures("s", json!(128), json!(4), 0.5, runs);
+        assert_eq!(f["herd_tokens_per_second"], json!(120.0));
+        assert_eq!(f["peft_a_frozen_tokens_per_second"], json!(125.0));
+        assert_eq!(f["herd_vs_peft_a_frozen"], json!(120.0 / 125.0));
+        // Ratios 1.2, 1.5, 0.88: the median is 1.2.
+        assert_eq!(f["herd_vs_peft_a_frozen_paired_median"], json!(1.2));
+        // No PEFT default runs: skipped, not zero.
+        assert_eq!(f["peft_default_tokens_per_second"], Value::Null);
+        assert_eq!(f["herd_vs_peft_default_paired_median"], Value::Null);
+        assert_eq!(f["loss_fraction"], json!(0.5));
+    }
 }
