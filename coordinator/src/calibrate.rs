@@ -22,7 +22,7 @@ use herd_protocol::{ContentId, LeaseId, Round, ShardId};
 use serde::Serialize;
 
 use crate::config::RunConfig;
-use crate::engine::{count_examples, lease_for, lora_spec};
+use crate::lease::{lease_for, lora_spec};
 use crate::round::Grant;
 
 /// The tolerance is this many times wider than the worst honest disagreement seen.
@@ -109,7 +109,7 @@ pub fn calibrate(
         model.config(),
         Some(cfg.round.max_seq_len as usize),
     )?;
-    let machine = cfg.machine_config(count_examples(&cfg.data)?);
+    let machine = cfg.machine_config(cfg.training_examples()?);
     let id = ContentId::of(b"unused");
     let assets = RunAssets {
         config: id,

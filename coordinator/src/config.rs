@@ -305,6 +305,11 @@ impl RunConfig {
         Ok(())
     }
 
+    /// Records in the training data file (what shards are cut from).
+    pub fn training_examples(&self) -> Result<u64> {
+        Ok(herd_model::data::read_records(&self.data)?.len() as u64)
+    }
+
     /// What the round machine needs, for training data of `data_len` examples.
     pub fn machine_config(&self, data_len: u64) -> crate::round::MachineConfig {
         crate::round::MachineConfig {

@@ -1,5 +1,6 @@
 //! The tensor side of the coordinator: the base model, the global adapter θ_r, the outer
 //! optimizer, held-out evaluation, and the tensor layers of verification (effect, replay).
+//! Tensors only: leases, checkpoints' manifests and storage live elsewhere.
 //! Owned by one task at a time and moved into `spawn_blocking` for work, so the async side
 //! never blocks on a tensor.
 
@@ -8,20 +9,19 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use herd_model::Llama;
-use herd_model::data::{Dataset, Example, indices_of, read_records};
+use herd_model::data::{Dataset, Example, indices_of};
 use herd_model::delta::delta_layout;
 use herd_model::eval::evaluate;
 use herd_model::lora::{Lora, LoraConfig};
 use herd_model::peft::{adapter_weights_bytes, load_adapter_weights, save_adapter};
 use herd_model::tokenizer::TextTokenizer;
 use herd_protocol::delta::{Delta, DeltaLayout};
-use herd_protocol::messages::{Lease, LoraSpec, RejectReason, RunAssets};
+use herd_protocol::messages::{Lease, RejectReason};
 use herd_protocol::sketch::Agreement;
 
 use crate::aggregate::{OuterOptimizer, RobustReport, Robustness, robust_mean};
 use crate::config::RunConfig;
-use crate::round::Grant;
-use crate::status::{Checkpoint, CheckpointFile};
+use crate::lease::lora_spec;
 use crate::verify::effect::{self, EffectConfig, EffectReport};
 use crate::verify::replay::{self, ReplayTolerance};
 
@@ -46,7 +46,6 @@ pub struct RoundResult {
     /// The outer optimizer's momentum after the step (what a restart needs besides θ).
     pub outer_state: Vec<u8>,
     pub heldout_loss: f64,
-    pub checkpoint: Option<Checkpoint>,
     pub robust: RobustReport,
 }
 
@@ -217,85 +216,27 @@ impl Engine {
         })
     }
 
-    /// Robust mean of `deltas` (token-weighted), the outer step, evaluation, and a
-    /// checkpoint into `checkpoint_dir` when given.
+    /// Robust mean of `deltas` (token-weighted), the outer step, evaluation, and the new
+    /// adapter saved as a PEFT dir into `checkpoint` when given.
     pub fn finish_round(
         &mut self,
         deltas: &[(Delta, u64)],
-        round: u64,
-        checkpoint_dir: Option<&Path>,
+        checkpoint: Option<&Path>,
     ) -> Result<RoundResult> {
         let robust = self.apply_round(deltas)?;
         self.heldout_loss = self.evaluate_heldout(&self.lora)?;
-        let checkpoint = checkpoint_dir
-            .map(|dir| self.write_checkpoint(dir, round, self.heldout_loss))
-            .transpose()?;
+        if let Some(dir) = checkpoint {
+            save_adapter(
+                dir,
+                &self.lora,
+                Some(&self.base_model.display().to_string()),
+            )?;
+        }
         Ok(RoundResult {
             adapter_bytes: self.adapter_bytes()?,
             outer_state: self.outer.state_bytes()?,
             heldout_loss: self.heldout_loss,
-            checkpoint,
             robust,
         })
     }
-
-    fn write_checkpoint(&self, dir: &Path, round: u64, heldout_loss: f64) -> Result<Checkpoint> {
-        let id = format!("round-{round:05}");
-        let path = dir.join(&id);
-        save_adapter(
-            &path,
-            &self.lora,
-            Some(&self.base_model.display().to_string()),
-        )?;
-        let mut files = Vec::new();
-        for name in ["adapter_config.json", "adapter_model.safetensors"] {
-            let bytes =
-                std::fs::read(path.join(name)).with_context(|| format!("reading back {name}"))?;
-            files.push(CheckpointFile::of(name, &bytes));
-        }
-        Ok(Checkpoint {
-            id,
-            round,
-            heldout_loss,
-            files,
-        })
-    }
-}
-
-/// The lease message for `grant` in the run `cfg` (what nodes train, and replays redo).
-pub fn lease_for(cfg: &RunConfig, assets: &RunAssets, grant: &Grant) -> Lease {
-    let r = &cfg.round;
-    Lease {
-        id: grant.lease,
-        run: cfg.run.clone(),
-        round: grant.round,
-        shard: grant.shard,
-        ranges: grant.ranges.clone(),
-        seed: grant.seed,
-        inner_steps: r.inner_steps,
-        lr: cfg.inner_lr(grant.round.0),
-        batch_size: r.batch_size,
-        max_seq_len: r.max_seq_len,
-        expires_at_ms: grant.expires_at_ms,
-        assets: assets.clone(),
-        lora: lora_spec(cfg),
-        codec: r.codec,
-        base_adapter: grant.base_adapter,
-    }
-}
-
-/// The LoRA shape nodes are told to use.
-pub fn lora_spec(cfg: &RunConfig) -> LoraSpec {
-    LoraSpec {
-        rank: cfg.lora.rank,
-        alpha: cfg.lora.alpha,
-        targets: cfg.lora.targets.clone(),
-        train_a: cfg.lora.train_a,
-        init_seed: cfg.seed,
-    }
-}
-
-/// Number of records in the training data file.
-pub fn count_examples(path: &Path) -> Result<u64> {
-    Ok(read_records(path)?.len() as u64)
 }

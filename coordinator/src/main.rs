@@ -110,7 +110,7 @@ fn main() -> ExitCode {
 
 fn audit(config: &std::path::Path) -> Result<()> {
     let cfg = RunConfig::load(config)?;
-    let report = herd_coordinator::audit::audit(&cfg)?;
+    let report = herd_coordinator::store::audit::audit(&cfg)?;
     let deltas: usize = report.deltas_per_round.iter().sum();
     if !report.matches() {
         anyhow::bail!(
@@ -130,7 +130,7 @@ fn audit(config: &std::path::Path) -> Result<()> {
 fn serve(config: PathBuf) -> Result<()> {
     let cfg = RunConfig::load(&config)?;
     let runtime = tokio::runtime::Runtime::new()?;
-    runtime.block_on(herd_coordinator::server::serve(cfg, async {
+    runtime.block_on(herd_coordinator::shell::serve(cfg, async {
         let _ = tokio::signal::ctrl_c().await;
     }))
 }

@@ -119,8 +119,8 @@ pub fn render_openmetrics(s: &Status) -> String {
     let verdicts = Labelled::default();
     verdicts
         .get_or_create(&vec![("verdict", "accepted".to_string())])
-        .inc_by(s.accepted_deltas);
-    for (reason, n) in &s.rejects_by_reason {
+        .inc_by(s.totals.accepted_deltas);
+    for (reason, n) in &s.totals.rejects_by_reason {
         verdicts
             .get_or_create(&vec![("verdict", reason.clone())])
             .inc_by(*n);
@@ -147,13 +147,13 @@ pub fn render_openmetrics(s: &Status) -> String {
         &mut r,
         "accepted_payload_bytes",
         "Payload bytes of accepted deltas",
-        s.bytes_uploaded,
+        s.totals.bytes_uploaded,
     );
     counter(
         &mut r,
         "accepted_dense_fp32_bytes",
         "What the accepted deltas would weigh as dense fp32",
-        s.bytes_dense_fp32,
+        s.totals.bytes_dense_fp32,
     );
     if let Some(loss) = s.heldout_loss.last() {
         gauge_f64(
@@ -181,15 +181,15 @@ pub fn render_openmetrics(s: &Status) -> String {
         &mut r,
         "verify",
         "Time spent on effect checks",
-        s.verify_seconds,
+        s.totals.verify_seconds,
     );
     seconds(
         &mut r,
         "replay",
         "Time spent replaying shards",
-        s.replay_seconds,
+        s.totals.replay_seconds,
     );
-    counter(&mut r, "replays", "Shards replayed", s.replays);
+    counter(&mut r, "replays", "Shards replayed", s.totals.replays);
     gauge(
         &mut r,
         "checkpoints",
@@ -212,18 +212,23 @@ mod tests {
             rounds_total: 20,
             rounds_completed: 3,
             heldout_loss: vec![5.5, 2.1, 1.3, 1.1],
-            accepted_deltas: 9,
-            bytes_uploaded: 6_300,
-            bytes_dense_fp32: 222_417,
+            totals: crate::ledger::Totals {
+                accepted_deltas: 9,
+                bytes_uploaded: 6_300,
+                bytes_dense_fp32: 222_417,
+                verify_seconds: 1.5,
+                replay_seconds: 4.25,
+                replays: 3,
+                ..Default::default()
+            },
             bytes_received: 7_700,
             blob_bytes_served: 3_000_000,
             leases_granted: 12,
-            verify_seconds: 1.5,
-            replay_seconds: 4.25,
-            replays: 3,
             ..Status::default()
         };
-        s.rejects_by_reason.insert("replay_mismatch".into(), 2);
+        s.totals
+            .rejects_by_reason
+            .insert("replay_mismatch".into(), 2);
         s
     }
 

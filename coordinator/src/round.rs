@@ -1,5 +1,5 @@
 //! The round state machine: pure and deterministic. It gets events and the time, and returns
-//! actions; the I/O shell (`server`) does the networking, tensor work and storage around it.
+//! actions; the I/O shell ([`crate::shell`]) does the networking, tensor work and storage around it.
 //! That keeps every rule about leases and rounds testable with thousands of simulated peers.
 //!
 //! A round has `shards` shards. A peer asking for work gets an exclusive lease on an open
@@ -8,202 +8,31 @@
 //! lease then no longer expires); the verification's outcome decides the verdict, and a
 //! rejected shard is reissued at once. The round closes when `quorum` shards are accepted, or
 //! past its straggler deadline (a multiple of recent rounds' durations) with at least
-//! `deadline_quorum`; then the shell aggregates and reports back, and the next round opens. A banned peer's
-//! accepted shards of the open round are dropped and reissued.
+//! `deadline_quorum`; then the shell aggregates and reports back, and the next round opens.
+//! A banned peer's accepted shards of the open round are dropped and reissued.
+
+mod config;
+mod events;
 
 use std::collections::{BTreeMap, HashMap};
 
 use herd_protocol::messages::{RejectReason, Verdict};
 use herd_protocol::{ContentId, LeaseId, Round, SampleRange, ShardId};
 
-/// A peer, as the shell names it (its PeerId in text).
-pub type PeerKey = String;
-
-/// Everything the machine needs to know about the run.
-#[derive(Debug, Clone, PartialEq)]
-pub struct MachineConfig {
-    pub shards: u32,
-    pub quorum: u32,
-    pub lease_ms: u64,
-    /// Rounds to run; the machine finishes after this many.
-    pub rounds: u64,
-    /// Examples in the training data.
-    pub data_len: u64,
-    pub samples_per_shard: u64,
-    pub seed: u64,
-    /// Stragglers: a round still open after this multiple of the median of recent rounds'
-    /// durations closes with what it has, if that is at least `deadline_quorum` accepted
-    /// shards (0 turns the deadline off).
-    pub straggler_multiple: f64,
-    pub deadline_quorum: u32,
-}
-
-impl MachineConfig {
-    /// The examples shard `shard` of `round` covers: consecutive slices that walk through the
-    /// data round after round, wrapping at the end.
-    pub fn shard_ranges(&self, round: Round, shard: ShardId) -> Vec<SampleRange> {
-        let n = self.data_len.max(1);
-        let k = self.samples_per_shard.clamp(1, n);
-        let start = (round.0 * self.shards as u64 + shard.0 as u64) * k % n;
-        let end = start + k;
-        if end <= n {
-            vec![SampleRange { start, end }]
-        } else {
-            vec![
-                SampleRange { start, end: n },
-                SampleRange {
-                    start: 0,
-                    end: end - n,
-                },
-            ]
-        }
-    }
-
-    /// The training seed of a shard: distinct per run, round and shard; known to replays.
-    pub fn shard_seed(&self, round: Round, shard: ShardId) -> u64 {
-        let mut h = blake3::Hasher::new();
-        h.update(&self.seed.to_le_bytes());
-        h.update(&round.0.to_le_bytes());
-        h.update(&shard.0.to_le_bytes());
-        u64::from_le_bytes(h.finalize().as_bytes()[..8].try_into().expect("8 bytes"))
-    }
-}
+pub use config::MachineConfig;
+pub use events::{Accepted, Action, Event, Grant, PeerKey};
 
 /// Quorum-closed rounds whose durations set the deadline, and how many must be known first.
 const DURATION_WINDOW: usize = 16;
 const DURATION_WARMUP: usize = 3;
-
-/// What the shell tells the machine.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Event {
-    LeaseRequested {
-        peer: PeerKey,
-    },
-    /// A submission whose payload the shell has already checked (`checked` is the outcome of
-    /// signature, hash and structure checks, so the lease rules can take precedence).
-    Submitted {
-        peer: PeerKey,
-        lease: LeaseId,
-        round: Round,
-        shard: ShardId,
-        base_adapter: ContentId,
-        tokens: u64,
-        checked: Result<(), RejectReason>,
-    },
-    Returned {
-        peer: PeerKey,
-        lease: LeaseId,
-    },
-    /// Verification of a submission asked for with [`Action::Verify`] finished.
-    Verified {
-        lease: LeaseId,
-        result: Result<(), RejectReason>,
-    },
-    /// The peer was banned: drop its accepted shards of the open round and its live leases.
-    Banned {
-        peer: PeerKey,
-        reason: String,
-    },
-    /// The shell finished aggregating `round` into `adapter`.
-    Aggregated {
-        round: Round,
-        adapter: ContentId,
-    },
-    Tick,
-}
-
-/// A lease as granted.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Grant {
-    pub lease: LeaseId,
-    pub round: Round,
-    pub shard: ShardId,
-    pub ranges: Vec<SampleRange>,
-    pub seed: u64,
-    pub expires_at_ms: u64,
-    pub base_adapter: ContentId,
-}
-
-/// An accepted shard, as aggregation needs it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Accepted {
-    pub lease: LeaseId,
-    pub peer: PeerKey,
-    pub shard: ShardId,
-    pub tokens: u64,
-}
-
-/// What the machine asks the shell to do.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Action {
-    Grant {
-        peer: PeerKey,
-        grant: Grant,
-    },
-    NoWork {
-        peer: PeerKey,
-        retry_after_ms: u64,
-        finished: bool,
-        reason: String,
-    },
-    /// The submission passed the lease rules: verify it, then report [`Event::Verified`].
-    Verify {
-        peer: PeerKey,
-        lease: LeaseId,
-        round: Round,
-        shard: ShardId,
-    },
-    Verdict {
-        peer: PeerKey,
-        lease: LeaseId,
-        verdict: Verdict,
-    },
-    /// An accepted delta no longer counts (its peer was banned); its shard is open again.
-    Excluded {
-        peer: PeerKey,
-        lease: LeaseId,
-        round: Round,
-        shard: ShardId,
-    },
-    /// Answer to a return: `true` if the lease was live and its shard is open again.
-    Returned {
-        peer: PeerKey,
-        lease: LeaseId,
-        released: bool,
-    },
-    LeaseExpired {
-        peer: PeerKey,
-        lease: LeaseId,
-        shard: ShardId,
-    },
-    /// The round ran past its straggler deadline and closes with fewer than `quorum` shards
-    /// (an [`Action::Aggregate`] follows); later submissions for it are stale.
-    DeadlinePassed {
-        round: Round,
-        accepted: usize,
-        waited_ms: u64,
-    },
-    /// Quorum reached: aggregate these accepted deltas into the next adapter.
-    Aggregate {
-        round: Round,
-        accepted: Vec<Accepted>,
-    },
-    RoundOpened {
-        round: Round,
-        adapter: ContentId,
-    },
-    Finished {
-        rounds: u64,
-    },
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum LeaseState {
     Active,
     /// Submitted and being verified; does not expire.
     Verifying,
-    /// Verified and accepted.
-    Submitted,
+    /// Verified and accepted: its delta counts for the shard.
+    Accepted,
     /// Submitted and rejected; the shard was reissued.
     Rejected,
     Expired,
@@ -353,7 +182,7 @@ impl RoundMachine {
             .leases
             .iter()
             .filter(|(_, r)| r.state == LeaseState::Active)
-            .map(|(id, r)| (*id, r.peer.clone(), r.shard))
+            .map(|(id, r)| (*id, r.peer, r.shard))
             .collect();
         out.sort_by_key(|(id, _, _)| *id);
         out
@@ -402,7 +231,7 @@ impl RoundMachine {
                 tokens,
                 checked,
             } => {
-                let lease_ok = self.check_lease(&peer, lease, round, shard, base_adapter);
+                let lease_ok = self.check_lease(peer, lease, round, shard, base_adapter);
                 match lease_ok.and_then(|()| checked.map_err(|r| (r, true))) {
                     Ok(()) => {
                         let record = self.leases.get_mut(&lease).expect("checked above");
@@ -430,7 +259,7 @@ impl RoundMachine {
             Event::Verified { lease, result } => {
                 actions.extend(self.verified(lease, result, now_ms));
             }
-            Event::Banned { peer, reason } => actions.extend(self.ban(&peer, &reason)),
+            Event::Banned { peer, reason } => actions.extend(self.ban(peer, &reason)),
             Event::Returned { peer, lease } => {
                 let released = matches!(
                     self.leases.get(&lease),
@@ -458,7 +287,7 @@ impl RoundMachine {
     /// rejection ends it and the shard is reissued).
     fn check_lease(
         &self,
-        peer: &PeerKey,
+        peer: PeerKey,
         lease: LeaseId,
         round: Round,
         shard: ShardId,
@@ -468,14 +297,14 @@ impl RoundMachine {
             .leases
             .get(&lease)
             .ok_or((RejectReason::UnknownLease, false))?;
-        if &record.peer != peer {
+        if record.peer != peer {
             return Err((RejectReason::NotYourLease, false));
         }
         if record.round != round || record.shard != shard {
             return Err((RejectReason::LeaseMismatch, false));
         }
         match record.state {
-            LeaseState::Verifying | LeaseState::Submitted | LeaseState::Rejected => {
+            LeaseState::Verifying | LeaseState::Accepted | LeaseState::Rejected => {
                 return Err((RejectReason::Duplicate, false));
             }
             _ if record.round != self.round || self.phase != Phase::Open => {
@@ -514,16 +343,16 @@ impl RoundMachine {
         if record.state != LeaseState::Verifying {
             return Vec::new(); // e.g. its peer was banned meanwhile
         }
-        let (peer, shard, tokens) = (record.peer.clone(), record.shard, record.tokens);
+        let (peer, shard, tokens) = (record.peer, record.shard, record.tokens);
         let current = record.round == self.round && self.phase == Phase::Open;
         let verdict = match result {
             Ok(()) if current => {
-                self.end_lease(lease, LeaseState::Submitted);
+                self.end_lease(lease, LeaseState::Accepted);
                 self.accepted.insert(
                     shard,
                     Accepted {
                         lease,
-                        peer: peer.clone(),
+                        peer,
                         shard,
                         tokens,
                     },
@@ -557,20 +386,20 @@ impl RoundMachine {
         actions
     }
 
-    fn ban(&mut self, peer: &PeerKey, reason: &str) -> Vec<Action> {
+    fn ban(&mut self, peer: PeerKey, reason: &str) -> Vec<Action> {
         let mut actions = Vec::new();
         // Submissions still being verified are decided now.
         let mut verifying: Vec<LeaseId> = self
             .leases
             .iter()
-            .filter(|(_, r)| &r.peer == peer && r.state == LeaseState::Verifying)
+            .filter(|(_, r)| r.peer == peer && r.state == LeaseState::Verifying)
             .map(|(id, _)| *id)
             .collect();
         verifying.sort();
         for lease in verifying {
             self.end_lease(lease, LeaseState::Rejected);
             actions.push(Action::Verdict {
-                peer: peer.clone(),
+                peer,
                 lease,
                 verdict: Verdict::Rejected(RejectReason::Banned(reason.to_string())),
             });
@@ -579,7 +408,7 @@ impl RoundMachine {
             let dropped: Vec<ShardId> = self
                 .accepted
                 .iter()
-                .filter(|(_, a)| &a.peer == peer)
+                .filter(|(_, a)| a.peer == peer)
                 .map(|(s, _)| *s)
                 .collect();
             for shard in dropped {
@@ -595,7 +424,7 @@ impl RoundMachine {
         let live: Vec<LeaseId> = self
             .leases
             .iter()
-            .filter(|(_, r)| &r.peer == peer && r.state == LeaseState::Active)
+            .filter(|(_, r)| r.peer == peer && r.state == LeaseState::Active)
             .map(|(id, _)| *id)
             .collect();
         for lease in live {
@@ -650,7 +479,7 @@ impl RoundMachine {
         self.leases.insert(
             lease,
             LeaseRecord {
-                peer: peer.clone(),
+                peer,
                 round: self.round,
                 shard,
                 expires_at_ms,
@@ -700,7 +529,7 @@ impl RoundMachine {
                 self.holders[r.shard.0 as usize] = None;
             }
             out.push(Action::LeaseExpired {
-                peer: r.peer.clone(),
+                peer: r.peer,
                 lease: id,
                 shard: r.shard,
             });

@@ -12,7 +12,7 @@ use herd_protocol::ids::ContentId;
 use herd_protocol::messages::Verdict;
 use serde::Serialize;
 
-use crate::round::{Action, Event, MachineConfig, RoundMachine};
+use crate::round::{Action, Event, MachineConfig, PeerKey, RoundMachine};
 use crate::verify::structure::StructureState;
 
 /// What to simulate.
@@ -69,6 +69,8 @@ pub fn simulate(cfg: ScaleConfig) -> Result<ScaleReport> {
         ContentId::of(b"round 0"),
     );
     let mut structure = StructureState::default();
+    // Identities made before the clock starts: minting keys is the peers' cost, not ours.
+    let peers: Vec<PeerKey> = (0..cfg.peers).map(|_| PeerKey::random()).collect();
     let mut timed = Duration::ZERO;
     let (mut submissions, mut payload_bytes, mut rounds) = (0u64, 0u64, 0u64);
     let now = 1_000;
@@ -76,11 +78,10 @@ pub fn simulate(cfg: ScaleConfig) -> Result<ScaleReport> {
         let round = machine.round();
         let mut grants = Vec::with_capacity(cfg.peers as usize);
         let started = Instant::now();
-        for p in 0..cfg.peers {
-            let peer = format!("peer-{p}");
-            for action in machine.handle(Event::LeaseRequested { peer: peer.clone() }, now) {
+        for &peer in &peers {
+            for action in machine.handle(Event::LeaseRequested { peer }, now) {
                 if let Action::Grant { grant, .. } = action {
-                    grants.push((peer.clone(), grant));
+                    grants.push((peer, grant));
                 }
             }
         }
@@ -113,7 +114,7 @@ pub fn simulate(cfg: ScaleConfig) -> Result<ScaleReport> {
             let norm = checked.as_ref().map(|c| c.norm).ok();
             let mut pending = machine.handle(
                 Event::Submitted {
-                    peer: peer.clone(),
+                    peer,
                     lease: grant.lease,
                     round: grant.round,
                     shard: grant.shard,

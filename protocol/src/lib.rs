@@ -12,11 +12,16 @@
 //! - [`outline`]: blake3 chaining values of a blob's 1 MiB groups, so each downloaded group is
 //!   checked against the blob's id on arrival.
 //! - [`blobs`]: the content-addressed blob store both sides keep and serve from.
+//! - [`blob_server`]: answering blob requests, with disk reads off the network loop.
+//! - [`manifest`]: the signed record of what a checkpoint was built from (read and written
+//!   as `manifest.json` in the checkpoint's dir).
 //! - [`net`]: the libp2p behaviour both sides run.
 //!
-//! Everything but `net` and `blobs` is pure data: no I/O, no tch, so each decoder can be
-//! fuzzed alone.
+//! `net`, `blobs`, `blob_server` and `manifest` do I/O; everything else is pure data (no I/O,
+//! no tch), so each decoder can be fuzzed alone. See `docs/architecture.md` for how the crates
+//! fit together.
 
+pub mod blob_server;
 pub mod blobs;
 pub mod codec;
 pub mod delta;

@@ -1,4 +1,4 @@
-//! Versioned messages of the `/herd/rpc/1` and `/herd/blob/1` protocols and the round
+//! Versioned messages of the `/herd/rpc/1` and `/herd/blob/2` protocols and the round
 //! announcement, with the size cap of each.
 
 use serde::{Deserialize, Serialize};

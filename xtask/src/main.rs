@@ -100,8 +100,7 @@ fn main() -> Result<()> {
             util::run(&mut cmd)
         }
         Task::MakeDefault { steps } => {
-            libtorch::setup(&root, false)?;
-            util::cargo(&["build", "-p", "herd-node"])?;
+            util::build_bins(&root)?;
             util::run(util::bin(&root, "herd-node").arg("make-default").args([
                 "--out",
                 "model/default",

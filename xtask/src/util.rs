@@ -25,11 +25,36 @@ pub fn cargo(args: &[&str]) -> Result<()> {
 }
 
 /// `cargo <args>` with the cargo that runs us, to add to before running.
+///
+/// Without the variables `cargo run` set for us: ring's build script declares
+/// `rerun-if-env-changed` on `CARGO_PKG_NAME`, `CARGO_MANIFEST_DIR` and friends, so a cargo
+/// started with xtask's values would rebuild ring and everything above it (rustls, quinn,
+/// libp2p) instead of sharing the artifacts of a plain `cargo build`.
 pub fn cargo_command(args: &[&str]) -> Command {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.args(args);
+    for (name, _) in std::env::vars_os() {
+        if name.to_str().is_some_and(set_by_cargo_run) {
+            cmd.env_remove(name);
+        }
+    }
     cmd
+}
+
+/// Whether `name` is one of the variables cargo sets for the crate it runs (its own
+/// `CARGO`, which says which cargo to use, stays).
+fn set_by_cargo_run(name: &str) -> bool {
+    name.starts_with("CARGO_PKG_")
+        || name.starts_with("CARGO_MANIFEST_")
+        || matches!(
+            name,
+            "CARGO_CRATE_NAME"
+                | "CARGO_BIN_NAME"
+                | "CARGO_PRIMARY_PACKAGE"
+                | "CARGO_RUSTC_CURRENT_DIR"
+                | "CARGO_TARGET_TMPDIR"
+        )
 }
 
 pub fn run(cmd: &mut Command) -> Result<()> {

@@ -137,7 +137,11 @@ impl App {
     /// How many rows each pane has now.
     fn lengths(&self) -> [usize; 3] {
         self.status.as_ref().map_or([0; 3], |s| {
-            [s.peers.len(), s.recent_rejects.len(), s.checkpoints.len()]
+            [
+                s.peers.len(),
+                s.totals.recent_rejects.len(),
+                s.checkpoints.len(),
+            ]
         })
     }
 

@@ -92,6 +92,7 @@ fn draw_header(frame: &mut Frame, area: Rect, app: &App, s: &Status) {
 fn footer_line(app: &App, s: &Status) -> Line<'static> {
     // The list shows the newest first.
     let selected = s
+        .totals
         .recent_rejects
         .iter()
         .rev()
@@ -147,8 +148,8 @@ fn draw_peers(frame: &mut Frame, area: Rect, app: &App, s: &Status) {
         Row::new([
             Cell::from(short(&p.peer)),
             Cell::from(p.device.clone()),
-            Cell::from((p.accepted + p.rejected).to_string()),
-            Cell::from(format!("{}/{}", p.accepted, p.rejected)),
+            Cell::from((p.credit.accepted + p.credit.rejected).to_string()),
+            Cell::from(format!("{}/{}", p.credit.accepted, p.credit.rejected)),
             Cell::from(format!("{:.0}", p.tokens_per_second)),
             standing,
             Cell::from(seen),
@@ -224,8 +225,8 @@ fn draw_loss(frame: &mut Frame, area: Rect, s: &Status) {
 }
 
 fn draw_rejects(frame: &mut Frame, area: Rect, app: &App, s: &Status) {
-    let total: u64 = s.rejects_by_reason.values().sum();
-    let items = s.recent_rejects.iter().rev().map(|r| {
+    let total: u64 = s.totals.rejects_by_reason.values().sum();
+    let items = s.totals.recent_rejects.iter().rev().map(|r| {
         ListItem::new(Line::from(vec![
             Span::raw(format!("r{} {} ", r.round, short(&r.peer))),
             Span::styled(r.reason.clone(), Style::new().red()),
@@ -291,10 +292,10 @@ fn draw_list(
 }
 
 fn draw_traffic(frame: &mut Frame, area: Rect, app: &App, s: &Status) {
-    let ratio = if s.bytes_uploaded > 0 {
+    let ratio = if s.totals.bytes_uploaded > 0 {
         format!(
             "{:.1}×",
-            s.bytes_dense_fp32 as f64 / s.bytes_uploaded as f64
+            s.totals.bytes_dense_fp32 as f64 / s.totals.bytes_uploaded as f64
         )
     } else {
         "-".to_string()
@@ -312,15 +313,15 @@ fn draw_traffic(frame: &mut Frame, area: Rect, app: &App, s: &Status) {
         )),
         Line::from(format!(
             "{} deltas accepted, {ratio} smaller",
-            s.accepted_deltas
+            s.totals.accepted_deltas
         )),
         Line::from(format!(
             "{} leases granted, {} replays",
-            s.leases_granted, s.replays
+            s.leases_granted, s.totals.replays
         )),
         Line::from(format!(
             "verify {:.1} s, replay {:.1} s",
-            s.verify_seconds, s.replay_seconds
+            s.totals.verify_seconds, s.totals.replay_seconds
         )),
     ];
     frame.render_widget(

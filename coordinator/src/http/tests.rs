@@ -4,7 +4,7 @@ use std::path::Path;
 use std::process::Command;
 
 use super::*;
-use crate::status::{Checkpoint, CheckpointFile};
+use crate::checkpoint::{Checkpoint, CheckpointFile};
 
 const ID: &str = "round-00001";
 const FILE: &str = "adapter_model.safetensors";

@@ -16,13 +16,22 @@ fn cfg(shards: u32, quorum: u32, rounds: u64) -> MachineConfig {
     }
 }
 
+/// A peer identity named for the test: the same name gives the same id.
+fn id(name: &str) -> PeerKey {
+    let secret = *blake3::hash(name.as_bytes()).as_bytes();
+    libp2p::identity::Keypair::ed25519_from_bytes(secret)
+        .expect("32 bytes are an ed25519 secret")
+        .public()
+        .to_peer_id()
+}
+
 fn adapter(n: u8) -> ContentId {
     ContentId::of(&[n])
 }
 
 fn grant(m: &mut RoundMachine, peer: &str, now: u64) -> Grant {
     match m
-        .handle(Event::LeaseRequested { peer: peer.into() }, now)
+        .handle(Event::LeaseRequested { peer: id(peer) }, now)
         .pop()
     {
         Some(Action::Grant { grant, .. }) => grant,
@@ -44,7 +53,7 @@ fn submit_verified(
 ) -> Vec<Action> {
     let mut actions = m.handle(
         Event::Submitted {
-            peer: peer.into(),
+            peer: id(peer),
             lease: g.lease,
             round: g.round,
             shard: g.shard,
@@ -80,7 +89,7 @@ fn rounds_close_at_quorum_and_open_after_aggregation() {
     let shards: Vec<u32> = grants.iter().map(|g| g.shard.0).collect();
     assert_eq!(shards, vec![0, 1, 2]);
     assert!(matches!(
-        m.handle(Event::LeaseRequested { peer: "d".into() }, 0)[0],
+        m.handle(Event::LeaseRequested { peer: id("d") }, 0)[0],
         Action::NoWork {
             finished: false,
             ..
@@ -101,7 +110,7 @@ fn rounds_close_at_quorum_and_open_after_aggregation() {
     assert_eq!((*round, accepted.len()), (Round(0), 3));
     // While aggregating there is no work.
     assert!(matches!(
-        m.handle(Event::LeaseRequested { peer: "a".into() }, 20)[0],
+        m.handle(Event::LeaseRequested { peer: id("a") }, 20)[0],
         Action::NoWork {
             finished: false,
             ..
@@ -143,7 +152,7 @@ fn rounds_close_at_quorum_and_open_after_aggregation() {
         vec![Action::Finished { rounds: 2 }]
     );
     assert!(matches!(
-        m.handle(Event::LeaseRequested { peer: "a".into() }, 70)[0],
+        m.handle(Event::LeaseRequested { peer: id("a") }, 70)[0],
         Action::NoWork { finished: true, .. }
     ));
 }
@@ -156,7 +165,7 @@ fn expired_leases_are_reissued_and_late_results_rejected() {
     assert_eq!(
         actions,
         vec![Action::LeaseExpired {
-            peer: "slow".into(),
+            peer: id("slow"),
             lease: first.lease,
             shard: ShardId(0)
         }]
@@ -210,7 +219,7 @@ fn submissions_are_bound_to_their_lease() {
     );
     let bad = m.handle(
         Event::Submitted {
-            peer: "a".into(),
+            peer: id("a"),
             lease: g.lease,
             round: g.round,
             shard: g.shard,
@@ -243,7 +252,7 @@ fn verification_decides_and_failed_shards_are_reissued() {
     // While verifying, the lease does not expire and the shard is not handed out.
     let pending = m.handle(
         Event::Submitted {
-            peer: "a".into(),
+            peer: id("a"),
             lease: a.lease,
             round: a.round,
             shard: a.shard,
@@ -288,7 +297,7 @@ fn a_banned_peer_loses_its_accepted_shards_and_leases() {
     assert_eq!(verdict(&submit(&mut m, "b", &b, 1)), Verdict::Accepted);
     let banned = m.handle(
         Event::Banned {
-            peer: "a".into(),
+            peer: id("a"),
             reason: "test".into(),
         },
         2,
@@ -296,7 +305,7 @@ fn a_banned_peer_loses_its_accepted_shards_and_leases() {
     assert_eq!(
         banned,
         vec![Action::Excluded {
-            peer: "a".into(),
+            peer: id("a"),
             lease: a.lease,
             round: a.round,
             shard: a.shard,
@@ -338,7 +347,7 @@ fn returned_leases_are_reissued_at_once() {
     let g = grant(&mut m, "a", 0);
     let back = m.handle(
         Event::Returned {
-            peer: "a".into(),
+            peer: id("a"),
             lease: g.lease,
         },
         5,
@@ -346,7 +355,7 @@ fn returned_leases_are_reissued_at_once() {
     assert_eq!(
         back,
         vec![Action::Returned {
-            peer: "a".into(),
+            peer: id("a"),
             lease: g.lease,
             released: true
         }]
@@ -354,7 +363,7 @@ fn returned_leases_are_reissued_at_once() {
     assert_eq!(grant(&mut m, "b", 6).shard, g.shard);
     let again = m.handle(
         Event::Returned {
-            peer: "a".into(),
+            peer: id("a"),
             lease: g.lease,
         },
         7,
@@ -414,7 +423,7 @@ fn thousands_of_simulated_peers_with_failures_complete_every_round() {
     'outer: for step in 0..200_000usize {
         now += 1;
         let peer = &peers[step % peers.len()];
-        let actions = m.handle(Event::LeaseRequested { peer: peer.clone() }, now);
+        let actions = m.handle(Event::LeaseRequested { peer: id(peer) }, now);
         for action in actions {
             match action {
                 Action::Grant { grant, .. } if step % 3 != 0 => {
@@ -448,7 +457,7 @@ fn thousands_of_simulated_peers_with_failures_complete_every_round() {
 fn a_resumed_machine_keeps_its_round_accepted_shards_and_live_leases() {
     let accepted = |shard: u32| Accepted {
         lease: LeaseId(shard as u64 + 1),
-        peer: "a".into(),
+        peer: id("a"),
         shard: ShardId(shard),
         tokens: 100,
     };
@@ -458,7 +467,7 @@ fn a_resumed_machine_keeps_its_round_accepted_shards_and_live_leases() {
         Round(2),
         adapter(2),
         vec![accepted(0)],
-        vec![(LeaseId(9), "b".into(), ShardId(1), 5000)],
+        vec![(LeaseId(9), id("b"), ShardId(1), 5000)],
         1 << 32,
     );
     assert!(due.is_empty());
@@ -473,7 +482,7 @@ fn a_resumed_machine_keeps_its_round_accepted_shards_and_live_leases() {
         "new ids, free shard"
     );
     assert!(matches!(
-        m.handle(Event::LeaseRequested { peer: "d".into() }, 1000)
+        m.handle(Event::LeaseRequested { peer: id("d") }, 1000)
             .pop(),
         Some(Action::NoWork { .. })
     ));

@@ -1,5 +1,5 @@
-//! Verification in layers, cheap first (DESIGN.md, "Verification, in layers"). Each layer is
-//! its own module, testable alone:
+//! Verification in layers, cheap first (`docs/architecture.md` follows a submission through
+//! them). Each layer is its own module, testable alone:
 //!
 //! 1. [`envelope`]: signature by the sending peer's key over the lease binding, payload hash.
 //!    (The lease rules themselves live in the round machine.)
@@ -11,7 +11,9 @@
 //!    seed and compares sketches against the calibrated tolerance (tensor work).
 //! 5. [`reputation`]: per-peer standing, replay rates, strikes and bans.
 //!
-//! Every verdict is appended to the [`log`] (fsynced) before the node hears it.
+//! Every verdict is committed to the store (`crate::store`, one redb transaction) before the
+//! node hears it, and appended to the [`log`] (`verdicts.jsonl`, not fsynced) for people to
+//! read.
 
 pub mod effect;
 pub mod envelope;

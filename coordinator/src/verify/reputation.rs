@@ -46,7 +46,7 @@ impl Standing {
     }
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug, Default, PartialEq)]
 struct Record {
     /// `true` for a strike, newest last.
     recent: VecDeque<bool>,
@@ -54,7 +54,7 @@ struct Record {
     banned: Option<String>,
 }
 
-#[derive(Debug)]
+#[derive(Debug, PartialEq)]
 pub struct Reputation {
     cfg: ReputationConfig,
     seed: u64,
@@ -70,7 +70,7 @@ impl Reputation {
         }
     }
 
-    pub fn standing(&self, peer: &str) -> Standing {
+    pub fn standing(&self, peer: &PeerKey) -> Standing {
         match self.peers.get(peer) {
             None => Standing::New,
             Some(r) if r.banned.is_some() => Standing::Banned,
@@ -81,11 +81,11 @@ impl Reputation {
     }
 
     /// Why `peer` is banned, if it is.
-    pub fn banned(&self, peer: &str) -> Option<&str> {
+    pub fn banned(&self, peer: &PeerKey) -> Option<&str> {
         self.peers.get(peer)?.banned.as_deref()
     }
 
-    pub fn replay_rate(&self, peer: &str) -> f64 {
+    pub fn replay_rate(&self, peer: &PeerKey) -> f64 {
         match self.standing(peer) {
             Standing::Trusted => self.cfg.replay_trusted,
             _ => self.cfg.replay_new,
@@ -93,7 +93,7 @@ impl Reputation {
     }
 
     /// Whether `lease` of `peer` is replayed: a draw at the peer's rate, fixed per lease.
-    pub fn should_replay(&self, peer: &str, lease: LeaseId) -> bool {
+    pub fn should_replay(&self, peer: &PeerKey, lease: LeaseId) -> bool {
         let mut h = blake3::Hasher::new();
         h.update(b"herd/replay-draw");
         h.update(&self.seed.to_le_bytes());
@@ -103,9 +103,9 @@ impl Reputation {
     }
 
     /// Records a verdict; returns the ban reason if this verdict banned the peer.
-    pub fn record(&mut self, peer: &str, verdict: &Verdict, replayed: bool) -> Option<String> {
+    pub fn record(&mut self, peer: PeerKey, verdict: &Verdict, replayed: bool) -> Option<String> {
         let ban_after = self.cfg.ban_after as usize;
-        let r = self.peers.entry(peer.to_string()).or_default();
+        let r = self.peers.entry(peer).or_default();
         if r.banned.is_some() {
             return None;
         }
@@ -147,51 +147,53 @@ mod tests {
     #[test]
     fn peers_earn_trust_and_lose_it() {
         let mut r = Reputation::new(cfg(), 1);
-        assert_eq!(r.standing("a"), Standing::New);
-        assert!(r.should_replay("a", LeaseId(1)));
-        r.record("a", &Verdict::Accepted, true);
-        r.record("a", &Verdict::Accepted, false); // not replayed: no trust earned
-        assert_eq!(r.standing("a"), Standing::New);
-        r.record("a", &Verdict::Accepted, true);
-        assert_eq!(r.standing("a"), Standing::Trusted);
+        let a = PeerKey::random();
+        assert_eq!(r.standing(&a), Standing::New);
+        assert!(r.should_replay(&a, LeaseId(1)));
+        r.record(a, &Verdict::Accepted, true);
+        r.record(a, &Verdict::Accepted, false); // not replayed: no trust earned
+        assert_eq!(r.standing(&a), Standing::New);
+        r.record(a, &Verdict::Accepted, true);
+        assert_eq!(r.standing(&a), Standing::Trusted);
         // Trusted peers are replayed at ~10%.
         let drawn = (0..10_000)
-            .filter(|&l| r.should_replay("a", LeaseId(l)))
+            .filter(|&l| r.should_replay(&a, LeaseId(l)))
             .count();
         assert!((700..1300).contains(&drawn), "{drawn}");
         // Timing rejections are no strike; a failed effect check is.
-        r.record("a", &Verdict::Rejected(RejectReason::StaleRound), false);
-        assert_eq!(r.standing("a"), Standing::Trusted);
+        r.record(a, &Verdict::Rejected(RejectReason::StaleRound), false);
+        assert_eq!(r.standing(&a), Standing::Trusted);
         r.record(
-            "a",
+            a,
             &Verdict::Rejected(RejectReason::NoImprovement {
                 measured: 0.0,
                 required: 0.1,
             }),
             false,
         );
-        assert_eq!(r.standing("a"), Standing::Suspect);
-        assert_eq!(r.replay_rate("a"), 1.0);
+        assert_eq!(r.standing(&a), Standing::Suspect);
+        assert_eq!(r.replay_rate(&a), 1.0);
     }
 
     #[test]
     fn strikes_and_failed_replays_ban() {
         let mut r = Reputation::new(cfg(), 1);
+        let [b, c, d] = [(); 3].map(|()| PeerKey::random());
         let zero = Verdict::Rejected(RejectReason::ZeroDelta);
-        assert_eq!(r.record("b", &zero, false), None);
-        assert_eq!(r.record("b", &zero, false), None);
-        assert!(r.record("b", &zero, false).is_some());
-        assert_eq!(r.standing("b"), Standing::Banned);
-        assert!(r.banned("b").unwrap().contains("3 rejected"));
+        assert_eq!(r.record(b, &zero, false), None);
+        assert_eq!(r.record(b, &zero, false), None);
+        assert!(r.record(b, &zero, false).is_some());
+        assert_eq!(r.standing(&b), Standing::Banned);
+        assert!(r.banned(&b).unwrap().contains("3 rejected"));
         let replay = Verdict::Rejected(RejectReason::ReplayMismatch {
             cosine: 0.2,
             rel_error: 0.9,
         });
         assert!(
-            r.record("c", &replay, true)
+            r.record(c, &replay, true)
                 .unwrap()
                 .contains("replay differs")
         );
-        assert_eq!(r.banned("d"), None);
+        assert_eq!(r.banned(&d), None);
     }
 }

@@ -26,7 +26,7 @@ pub struct Checked {
 }
 
 /// Run-wide memory of this layer: recent accepted norms and payload hashes seen.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, PartialEq)]
 pub struct StructureState {
     norms: VecDeque<f64>,
     /// Payload hash → the (round, shard) it was first submitted for.

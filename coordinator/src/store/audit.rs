@@ -4,14 +4,13 @@
 //! delta lost, applied twice, or applied to the wrong state) shows up here.
 
 use anyhow::{Context, Result, bail};
-use herd_protocol::delta::Delta;
-use herd_protocol::{ContentId, Round, ShardId};
+use herd_protocol::ContentId;
+use herd_protocol::blobs::BlobStore;
 use serde::Serialize;
 
 use crate::config::RunConfig;
-use crate::engine::{Engine, count_examples};
+use crate::engine::Engine;
 use crate::store::Store;
-use herd_protocol::blobs::BlobStore;
 
 /// What an audit found.
 #[derive(Debug, Clone, Serialize)]
@@ -44,17 +43,14 @@ pub fn audit(cfg: &RunConfig) -> Result<AuditReport> {
     let blobs = BlobStore::open(&cfg.data_dir.join("blobs"))?;
     let mut engine = Engine::new(cfg)?;
     let layout = engine.layout();
-    let machine = cfg.machine_config(count_examples(&cfg.data)?);
+    let machine = cfg.machine_config(cfg.training_examples()?);
     let mut deltas_per_round = Vec::new();
     for r in 0..run.round {
         // Snapshot order is (round, shard): the order aggregation takes them in.
         let mut deltas = Vec::new();
         for a in snapshot.accepted.iter().filter(|a| a.round == r) {
-            let seed = machine.shard_seed(Round(r), ShardId(a.shard));
-            let bytes = blobs.read(&a.payload)?;
-            let decoded = Delta::decode(&bytes, &layout, cfg.round.codec, seed)
-                .with_context(|| format!("recorded delta of round {r} shard {}", a.shard))?;
-            deltas.push((decoded.delta, a.tokens));
+            let delta = a.delta(&blobs, &layout, cfg.round.codec, &machine)?;
+            deltas.push((delta, a.tokens));
         }
         if deltas.is_empty() {
             bail!("round {r} closed with no recorded delta");

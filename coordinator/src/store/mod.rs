@@ -4,15 +4,26 @@
 //! is one transaction committed to disk before the coordinator acts on it, so a coordinator
 //! killed at any moment restarts where it was, and nothing it accepted is lost or counted
 //! twice.
+//!
+//! Reading the state back is here too: [`resume`] picks a run up after a restart, [`audit`]
+//! rebuilds its adapter from the recorded deltas, and both decode a stored delta with
+//! [`AcceptedRecord::delta`].
+
+pub mod audit;
+pub mod resume;
 
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use herd_protocol::ContentId;
+use herd_protocol::blobs::BlobStore;
+use herd_protocol::codec::CodecSpec;
+use herd_protocol::delta::{Delta, DeltaLayout};
+use herd_protocol::{ContentId, Round, ShardId};
 use redb::{Database, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
-use crate::status::Checkpoint;
+use crate::checkpoint::Checkpoint;
+use crate::round::MachineConfig;
 use crate::verify::log::VerdictRecord;
 
 /// Where the run is: changes once per round, atomically.
@@ -44,7 +55,7 @@ pub struct RunState {
 
 /// A lease as granted.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct LeaseRecord {
+pub struct GrantRecord {
     pub peer: String,
     pub round: u64,
     pub shard: u32,
@@ -64,11 +75,30 @@ pub struct AcceptedRecord {
     pub norm: f64,
 }
 
+impl AcceptedRecord {
+    /// The delta as it was accepted: its payload read from `blobs` and decoded for the run's
+    /// `layout` and `codec` with its shard's seed.
+    pub fn delta(
+        &self,
+        blobs: &BlobStore,
+        layout: &DeltaLayout,
+        codec: CodecSpec,
+        machine: &MachineConfig,
+    ) -> Result<Delta> {
+        let seed = machine.shard_seed(Round(self.round), ShardId(self.shard));
+        let bytes = blobs.read(&self.payload)?;
+        let decoded = Delta::decode(&bytes, layout, codec, seed).with_context(|| {
+            format!("stored delta of round {} shard {}", self.round, self.shard)
+        })?;
+        Ok(decoded.delta)
+    }
+}
+
 /// Everything stored, as a restart needs it.
 #[derive(Debug, Default)]
 pub struct Snapshot {
     pub run: Option<RunState>,
-    pub leases: Vec<(u64, LeaseRecord)>,
+    pub leases: Vec<(u64, GrantRecord)>,
     /// In the order they were given.
     pub verdicts: Vec<VerdictRecord>,
     /// In (round, shard) order.
@@ -145,7 +175,7 @@ impl Store {
         Ok(())
     }
 
-    pub fn record_lease(&self, lease: u64, record: &LeaseRecord) -> Result<()> {
+    pub fn record_lease(&self, lease: u64, record: &GrantRecord) -> Result<()> {
         let tx = self.db.begin_write()?;
         tx.open_table(LEASES)?
             .insert(lease, encode(record)?.as_slice())?;
@@ -248,7 +278,7 @@ mod tests {
                 "a fresh store is empty"
             );
             store.set_run(&run).unwrap();
-            let lease = LeaseRecord {
+            let lease = GrantRecord {
                 peer: "p".into(),
                 round: 2,
                 shard: 1,

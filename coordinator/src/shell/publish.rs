@@ -1,0 +1,135 @@
+//! What the coordinator makes public: a closed round committed (θ_r+1, its loss, a signed
+//! checkpoint on checkpoint rounds), `/v1/status` as it changes, and `summary.json` at the end.
+
+use anyhow::Result;
+use herd_protocol::Round;
+use herd_protocol::messages::now_ms;
+use herd_protocol::net::Behaviour;
+use libp2p::Swarm;
+use serde_json::json;
+
+use super::{Coordinator, say};
+use crate::checkpoint::Checkpoint;
+use crate::engine::RoundResult;
+use crate::round::Event;
+use crate::status::PeerStatus;
+
+impl Coordinator {
+    /// Commits the aggregated round, then opens the next: a stop from the commit on resumes
+    /// at the next round.
+    pub(super) fn on_round_result(
+        &mut self,
+        swarm: &mut Swarm<Behaviour>,
+        round: Round,
+        result: RoundResult,
+        mut checkpoint: Option<Checkpoint>,
+    ) -> Result<()> {
+        let adapter = self.blobs.put_bytes(&result.adapter_bytes)?;
+        let outer_state = self.blobs.put_bytes(&result.outer_state)?;
+        let mut next = self.run_state.clone();
+        next.round = round.0 + 1;
+        next.adapter = adapter;
+        next.outer_state = Some(outer_state);
+        next.heldout_loss.push(result.heldout_loss);
+        if let Some(c) = checkpoint.as_mut() {
+            let parent = self.run_state.checkpoints.last();
+            let accepted = self
+                .store
+                .accepted_between(parent.map_or(0, |p| p.round), c.round)?;
+            self.publisher.sign(c, parent, &accepted)?;
+            self.publisher.register(&mut self.blobs, c)?;
+        }
+        next.checkpoints.extend(checkpoint.clone());
+        self.store.set_run(&next)?;
+        self.run_state = next;
+        say!(
+            "round {}: held-out loss {:.4}",
+            round.0 + 1,
+            result.heldout_loss
+        );
+        self.status_tx.send_modify(|s| {
+            s.heldout_loss.push(result.heldout_loss);
+            s.rounds_completed = round.0 + 1;
+            s.checkpoints.extend(checkpoint);
+        });
+        let actions = self
+            .machine
+            .handle(Event::Aggregated { round, adapter }, now_ms());
+        self.perform(swarm, actions);
+        Ok(())
+    }
+
+    /// Brings `/v1/status` up to date with the machine, the ledger and the peers.
+    pub(super) fn publish_status(&self) {
+        let known = self.peers.keys().chain(self.ledger.peers());
+        let ids: std::collections::HashSet<_> = known.copied().collect();
+        let reputation = self.ledger.reputation();
+        let mut peers: Vec<PeerStatus> = ids
+            .iter()
+            .map(|id| {
+                let presence = self.peers.get(id).cloned().unwrap_or_default();
+                PeerStatus {
+                    peer: id.to_string(),
+                    device: presence.device,
+                    connected: presence.connected,
+                    credit: self.ledger.credit(id),
+                    standing: reputation.standing(id).label().to_string(),
+                    last_seen_ms: presence.last_seen_ms,
+                    tokens_per_second: presence.tokens_per_second,
+                }
+            })
+            .collect();
+        peers.sort_by(|a, b| a.peer.cmp(&b.peer));
+        self.status_tx.send_modify(|s| {
+            s.round = self.machine.round().0;
+            s.accepted_this_round = self.machine.accepted_count() as u64;
+            s.active_leases = self.machine.active_leases().len() as u64;
+            s.totals = self.ledger.totals().clone();
+            s.peers = peers;
+        });
+    }
+
+    /// Writes `summary.json` (see INTERFACES.md) into the data dir; returns its path.
+    pub(super) fn write_summary(&self) -> Result<std::path::PathBuf> {
+        let s = self.status_tx.borrow().clone();
+        let t = &s.totals;
+        let final_adapter = s.checkpoints.last().map(|c| self.publisher.dir.join(&c.id));
+        let per_delta = |bytes: u64| bytes as f64 / t.accepted_deltas.max(1) as f64;
+        // A replay runs the node's training code on the same shard, so the mean replay time
+        // is the training compute of one shard on this machine.
+        let shard_seconds = t.replay_seconds / t.replays.max(1) as f64;
+        let training_seconds = shard_seconds * t.accepted_deltas as f64;
+        let summary = json!({
+            "run": s.run,
+            "rounds_completed": s.rounds_completed,
+            "heldout_loss": s.heldout_loss,
+            "base_model": self.cfg.base_model,
+            "final_adapter": final_adapter,
+            "bytes_uploaded": t.bytes_uploaded,
+            "bytes_dense_fp32": t.bytes_dense_fp32,
+            "compression": {
+                "codec": self.cfg.round.codec.to_string(),
+                "accepted_deltas": t.accepted_deltas,
+                "bytes_per_delta": per_delta(t.bytes_uploaded),
+                "dense_fp32_bytes_per_delta": per_delta(t.bytes_dense_fp32),
+                "ratio": t.bytes_dense_fp32 as f64 / t.bytes_uploaded.max(1) as f64,
+            },
+            "verification": {
+                "replays": t.replays,
+                "replay_seconds": t.replay_seconds,
+                "effect_seconds": t.verify_seconds,
+                "cost_vs_training": if t.replays > 0 {
+                    (t.replay_seconds + t.verify_seconds) / training_seconds
+                } else {
+                    f64::NAN
+                },
+                "rejects_by_reason": t.rejects_by_reason,
+            },
+            "peers": s.peers,
+            "checkpoints": s.checkpoints,
+        });
+        let path = self.cfg.data_dir.join("summary.json");
+        std::fs::write(&path, serde_json::to_string_pretty(&summary)?)?;
+        Ok(path)
+    }
+}

@@ -1,0 +1,156 @@
+//! Requests on `/herd/rpc/1`: leases asked for and returned, and what is published. A
+//! submission is handed to [`super::submissions`].
+
+use herd_protocol::messages::{
+    LeaseRequest, MAX_TEXT_BYTES, PROTOCOL_VERSION, RpcRequest, RpcResponse, now_ms,
+};
+use herd_protocol::net::Behaviour;
+use libp2p::Swarm;
+use libp2p::request_response::ResponseChannel;
+
+use super::Coordinator;
+use crate::lease::lease_for;
+use crate::round::{Action, Event, PeerKey};
+use crate::store::GrantRecord;
+
+/// Takes the one action that answers the request just handled out of `actions` (the first
+/// that `answers` picks); the rest are the machine's other work, carried out as usual.
+pub(super) fn split_answer(
+    actions: Vec<Action>,
+    answers: impl Fn(&Action) -> bool,
+) -> (Option<Action>, Vec<Action>) {
+    let mut answer = None;
+    let rest = actions
+        .into_iter()
+        .filter_map(|a| {
+            if answer.is_none() && answers(&a) {
+                answer = Some(a);
+                None
+            } else {
+                Some(a)
+            }
+        })
+        .collect();
+    (answer, rest)
+}
+
+impl Coordinator {
+    pub(super) fn on_rpc(
+        &mut self,
+        swarm: &mut Swarm<Behaviour>,
+        peer: PeerKey,
+        request: RpcRequest,
+        channel: ResponseChannel<RpcResponse>,
+    ) {
+        if let Some(p) = self.peers.get_mut(&peer) {
+            p.last_seen_ms = now_ms();
+        }
+        let event = match request {
+            RpcRequest::Lease(req) => match self.admit(&peer, &req) {
+                Ok(()) => Event::LeaseRequested { peer },
+                Err(reason) => {
+                    let response = RpcResponse::Refused { reason };
+                    let _ = swarm.behaviour_mut().rpc.send_response(channel, response);
+                    return;
+                }
+            },
+            RpcRequest::Return { lease } => Event::Returned { peer, lease },
+            RpcRequest::Submit(sub) => return self.on_submission(swarm, peer, *sub, channel),
+            RpcRequest::Published { checkpoint } => {
+                let response = self.published(checkpoint);
+                let _ = swarm.behaviour_mut().rpc.send_response(channel, response);
+                return;
+            }
+        };
+        let actions = self.machine.handle(event, now_ms());
+        let (answer, rest) = split_answer(actions, |a| {
+            matches!(
+                a,
+                Action::Grant { .. } | Action::NoWork { .. } | Action::Returned { .. }
+            )
+        });
+        if let Some(response) = answer.and_then(|a| self.lease_answer(a)) {
+            let _ = swarm.behaviour_mut().rpc.send_response(channel, response);
+        }
+        self.perform(swarm, rest);
+        self.publish_status(); // a grant or return changed the leases even without other actions
+    }
+
+    /// Whether `peer` may ask for work: it speaks this protocol version and is not banned.
+    /// Remembers the device it says it trains on.
+    fn admit(&mut self, peer: &PeerKey, req: &LeaseRequest) -> Result<(), String> {
+        if req.version != PROTOCOL_VERSION {
+            tracing::warn!(%peer, version = req.version, "refused a node speaking another protocol version");
+            return Err(format!(
+                "protocol version {} is not supported; this coordinator speaks {PROTOCOL_VERSION}",
+                req.version
+            ));
+        }
+        if let Some(why) = self.ledger.reputation().banned(peer) {
+            return Err(format!("this node is banned from the run: {why}"));
+        }
+        self.peers.entry(*peer).or_default().device =
+            req.device.chars().take(MAX_TEXT_BYTES).collect();
+        Ok(())
+    }
+
+    /// The answer to a lease request or return. A grant is committed to the store first;
+    /// if that fails there is no answer: the node asks again, and the lease expires here.
+    fn lease_answer(&mut self, action: Action) -> Option<RpcResponse> {
+        match action {
+            Action::Grant { grant, peer } => {
+                let record = GrantRecord {
+                    peer: peer.to_string(),
+                    round: grant.round.0,
+                    shard: grant.shard.0,
+                    expires_at_ms: grant.expires_at_ms,
+                };
+                if let Err(e) = self.store.record_lease(grant.lease.0, &record) {
+                    tracing::error!(error = %e, "cannot record a lease; not answering");
+                    return None;
+                }
+                let lease = lease_for(&self.cfg, &self.publisher.assets, &grant);
+                self.leases.insert(lease.id, lease.clone());
+                self.status_tx.send_modify(|s| s.leases_granted += 1);
+                Some(RpcResponse::Lease(Box::new(lease)))
+            }
+            Action::NoWork {
+                retry_after_ms,
+                finished,
+                reason,
+                ..
+            } => Some(RpcResponse::NoWork {
+                retry_after_ms,
+                finished,
+                reason,
+            }),
+            Action::Returned {
+                lease, released, ..
+            } => {
+                if released {
+                    tracing::info!(%lease, "lease returned; its shard goes to the next node that asks");
+                }
+                Some(RpcResponse::Returned)
+            }
+            _ => None,
+        }
+    }
+
+    /// What `herd-node pull` is told: the base model and checkpoint `name` (the latest when
+    /// `None`), or why not.
+    fn published(&self, name: Option<String>) -> RpcResponse {
+        match self
+            .publisher
+            .published(&self.run_state.checkpoints, name.as_deref())
+        {
+            Some(published) => RpcResponse::Published(Box::new(published)),
+            None => RpcResponse::Refused {
+                reason: format!(
+                    "run `{}` has no checkpoint {:?}",
+                    self.cfg.run,
+                    name.unwrap_or_default()
+                ),
+            },
+        }
+    }
+}

@@ -1,0 +1,250 @@
+//! Opening a run, or picking it up where a stopped coordinator left it: identity and swarm,
+//! the run's assets in the blob store, the engine on θ_r, the round machine and ledger from
+//! the store, then the HTTP server; then the event loop until the run ends.
+
+use std::collections::HashMap;
+
+use anyhow::{Context, Result};
+use herd_protocol::blob_server::BlobServer;
+use herd_protocol::blobs::BlobStore;
+use herd_protocol::messages::{ANNOUNCE_TOPIC, RunAssets};
+use herd_protocol::net::{Behaviour, NetOptions, Role, build_swarm, load_or_create_identity};
+use herd_protocol::{LeaseId, Round};
+use libp2p::{Multiaddr, Swarm, gossipsub};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use super::engine_slot::EngineSlot;
+use super::submissions::Verifications;
+use super::{Coordinator, say};
+use crate::checkpoint::Publisher;
+use crate::config::RunConfig;
+use crate::engine::Engine;
+use crate::lease::lease_for;
+use crate::ledger::Ledger;
+use crate::round::RoundMachine;
+use crate::status::Status;
+use crate::store::{RunState, Store, resume};
+use crate::verify::log::VerdictLog;
+use crate::verify::reputation::{Reputation, ReputationConfig};
+
+/// Runs the coordinator until the run finishes (and, with `serve_after_finish`, until
+/// `shutdown` resolves) or `shutdown` resolves.
+pub async fn serve(cfg: RunConfig, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
+    std::fs::create_dir_all(&cfg.data_dir)
+        .with_context(|| format!("creating {}", cfg.data_dir.display()))?;
+    let keypair = load_or_create_identity(&cfg.data_dir.join("identity.key"))?;
+    let identity = keypair.clone(); // signs checkpoint manifests
+    let mut swarm = listen(&cfg, keypair)?;
+    let topic = gossipsub::IdentTopic::new(ANNOUNCE_TOPIC);
+    swarm.behaviour_mut().gossipsub.subscribe(&topic)?;
+
+    tracing::info!(model = %cfg.base_model.display(), "loading the base model");
+    let mut engine = Engine::new(&cfg)?;
+    let layout = engine.layout();
+    let mut blobs = BlobStore::open(&cfg.data_dir.join("blobs"))?;
+    let assets = put_assets(&cfg, &mut blobs)?;
+    let store = Store::open(&cfg.data_dir.join("state.redb"))?;
+    let snapshot = store.load()?;
+    let run_state = match snapshot.run.clone() {
+        Some(run) => resume_engine(&mut engine, &blobs, run)?,
+        None => start_engine(&mut engine, &mut blobs)?,
+    };
+    store.set_run(&run_state)?;
+    let machine_cfg = cfg.machine_config(cfg.training_examples()?);
+    let round = Round(run_state.round);
+    let open_round = resume::open_round(
+        &snapshot,
+        round,
+        run_state.adapter,
+        &machine_cfg,
+        (&layout, cfg.round.codec),
+        &blobs,
+    )?;
+    let (machine, due) = RoundMachine::resume(
+        machine_cfg,
+        round,
+        run_state.adapter,
+        open_round.accepted,
+        open_round
+            .live
+            .iter()
+            .map(|(g, peer)| (g.lease, *peer, g.shard, g.expires_at_ms))
+            .collect(),
+        (run_state.epoch as u64) << 32 | 1,
+    );
+    let publisher = Publisher {
+        dir: cfg.data_dir.join("checkpoints"),
+        run: cfg.run.clone(),
+        assets,
+        identity,
+    };
+    for c in &run_state.checkpoints {
+        publisher.register(&mut blobs, c)?;
+    }
+    let ledger = Ledger::restore(
+        reputation(&cfg),
+        layout.numel() as u64 * 4,
+        &snapshot.verdicts,
+    )?;
+    let status = Status {
+        run: cfg.run.clone(),
+        peer_id: swarm.local_peer_id().to_string(),
+        rounds_total: cfg.rounds,
+        round: run_state.round,
+        rounds_completed: run_state.round,
+        shards: cfg.round.shards as u64,
+        quorum: cfg.quorum() as u64,
+        heldout_loss: run_state.heldout_loss.clone(),
+        checkpoints: run_state.checkpoints.clone(),
+        ..Status::default()
+    };
+    let (status_tx, status_rx) = watch::channel(status);
+    let (http_stop_tx, http_stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let http = serve_http(&cfg, status_rx, &publisher, async {
+        let _ = http_stop_rx.await;
+    })
+    .await?;
+    let leases: HashMap<LeaseId, _> = open_round
+        .live
+        .iter()
+        .map(|(g, _)| (g.lease, lease_for(&cfg, &publisher.assets, g)))
+        .collect();
+    let mut coordinator = Coordinator {
+        verdict_log: VerdictLog::open(&cfg.data_dir.join("verdicts.jsonl"))?,
+        cfg,
+        layout,
+        machine,
+        ledger,
+        engine: EngineSlot::new(engine),
+        verifications: Verifications::default(),
+        waiting_aggregation: None,
+        round_deltas: open_round.deltas,
+        leases,
+        store,
+        run_state,
+        blobs,
+        blob_server: BlobServer::default(),
+        publisher,
+        status_tx,
+        peers: HashMap::new(),
+        finished_at: None,
+        topic,
+    };
+    coordinator.publish_status();
+    // A round that reached quorum before a stop aggregates now; a finished run says so.
+    coordinator.perform(&mut swarm, due);
+    let result = coordinator.run(&mut swarm, shutdown).await;
+    let _ = http_stop_tx.send(());
+    if let Some(http) = http {
+        http.await.context("HTTP task")??;
+    }
+    result?;
+    let summary = coordinator.write_summary()?;
+    say!("summary: {}", summary.display());
+    Ok(())
+}
+
+/// The swarm, listening where the run says. The coordinator is every run's DHT bootstrap, so
+/// it answers DHT queries from the start.
+fn listen(cfg: &RunConfig, keypair: libp2p::identity::Keypair) -> Result<Swarm<Behaviour>> {
+    let mut swarm = build_swarm(keypair, Role::Coordinator, NetOptions { lan: cfg.lan })?;
+    swarm
+        .behaviour_mut()
+        .kad
+        .set_mode(Some(libp2p::kad::Mode::Server));
+    for addr in &cfg.listen {
+        let addr: Multiaddr = addr
+            .parse()
+            .with_context(|| format!("listen address `{addr}`"))?;
+        swarm
+            .listen_on(addr.clone())
+            .with_context(|| format!("listening on {addr}"))?;
+    }
+    Ok(swarm)
+}
+
+/// The base model's files and the training data, in the blob store for nodes to fetch.
+fn put_assets(cfg: &RunConfig, blobs: &mut BlobStore) -> Result<RunAssets> {
+    let weights = cfg.base_model.join("model.safetensors");
+    anyhow::ensure!(
+        weights.exists(),
+        "{}: herd serves single-file base models for now",
+        weights.display()
+    );
+    Ok(RunAssets {
+        config: blobs.put_file(&cfg.base_model.join("config.json"))?,
+        weights: blobs.put_file(&weights)?,
+        tokenizer: blobs.put_file(&cfg.base_model.join("tokenizer.json"))?,
+        data: blobs.put_file(&cfg.data)?,
+    })
+}
+
+/// A fresh run: θ_0 and its held-out loss.
+fn start_engine(engine: &mut Engine, blobs: &mut BlobStore) -> Result<RunState> {
+    engine.start()?;
+    let loss0 = engine.heldout_loss();
+    say!("round 0: held-out loss {loss0:.4} (before training)");
+    Ok(RunState {
+        round: 0,
+        adapter: blobs.put_bytes(&engine.adapter_bytes()?)?,
+        outer_state: None,
+        heldout_loss: vec![loss0],
+        checkpoints: Vec::new(),
+        epoch: 1,
+    })
+}
+
+/// A stored run: the engine back on its θ_r and outer momentum, in a new epoch.
+fn resume_engine(engine: &mut Engine, blobs: &BlobStore, mut run: RunState) -> Result<RunState> {
+    let adapter = blobs
+        .path(&run.adapter)
+        .with_context(|| format!("the run's adapter {} is missing", run.adapter))?
+        .to_path_buf();
+    let outer = run.outer_state.map(|id| blobs.read(&id)).transpose()?;
+    let loss = run.heldout_loss.last().copied().unwrap_or(f64::NAN);
+    engine.restore(&adapter, outer.as_deref(), loss)?;
+    run.epoch += 1;
+    say!(
+        "resuming at round {} (held-out loss {:.4})",
+        run.round,
+        engine.heldout_loss()
+    );
+    Ok(run)
+}
+
+fn reputation(cfg: &RunConfig) -> Reputation {
+    let v = &cfg.verify;
+    Reputation::new(
+        ReputationConfig {
+            replay_new: v.replay_new,
+            replay_trusted: v.replay_trusted,
+            trusted_after: v.trusted_after,
+            ban_after: v.ban_after,
+        },
+        cfg.seed,
+    )
+}
+
+/// Starts the HTTP API where the run says (`None` when it is off) until `stop` resolves.
+async fn serve_http(
+    cfg: &RunConfig,
+    status: watch::Receiver<Status>,
+    publisher: &Publisher,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<Option<JoinHandle<std::io::Result<()>>>> {
+    let Some(addr) = cfg.http_addr() else {
+        say!("http: off (checkpoints are served over libp2p only)");
+        return Ok(None);
+    };
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding HTTP on {addr}"))?;
+    say!("http: http://{}", listener.local_addr()?);
+    let app = crate::http::router(status, publisher.dir.clone());
+    Ok(Some(tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(stop)
+            .await
+    })))
+}
