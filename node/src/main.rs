@@ -1,5 +1,7 @@
 //! `herd-node`: the contributor daemon of herd, and the local model tools it is built from
-//! (`eval`, `train-local`, `generate`, `merge`). See INTERFACES.md for the exact surface.
+//! (`eval`, `train-local`, `generate`, `merge`). `../shared/INTERFACES.md`, beside the
+//! repository, gives the exact surface. `daemon` is `herd-node run`; `commands` holds every
+//! other subcommand.
 
 mod commands;
 mod config_file;
@@ -45,20 +47,20 @@ enum Command {
     Run(daemon::RunArgs),
     /// What the daemon is doing, and what it has contributed (accepted and rejected deltas,
     /// tokens of credit), from its data dir.
-    Status(daemon::status::StatusArgs),
+    Status(commands::status::StatusArgs),
     /// Tell the daemon to hand back its shard and take no work until `resume`.
-    Pause(daemon::availability::PauseArgs),
+    Pause(commands::pause::PauseArgs),
     /// Let a paused daemon take work again.
-    Resume(daemon::availability::PauseArgs),
+    Resume(commands::pause::PauseArgs),
     /// Download a run's base model and latest checkpoint from its peers over libp2p
     /// (hash-checked, resumable), and check the checkpoint's signed manifest.
-    Pull(daemon::pull::PullArgs),
+    Pull(commands::pull::PullArgs),
     /// LoRA training throughput on a random model of a given shape. Used by `cargo xtask bench`.
     #[command(hide = true)]
     BenchTrain(commands::bench_train::BenchTrainArgs),
     /// A blob between two nodes over libp2p TCP or QUIC, or plain TCP. Used by `cargo xtask bench`.
     #[command(hide = true)]
-    BenchTransfer(daemon::bench_transfer::BenchTransferArgs),
+    BenchTransfer(commands::bench_transfer::BenchTransferArgs),
     /// Rebuild the embedded default (tiny base model + instruction data). Used by `cargo xtask make-default`.
     #[command(hide = true)]
     MakeDefault(commands::make_default::MakeDefaultArgs),
@@ -96,12 +98,12 @@ fn main() -> ExitCode {
         Command::Merge(args) => commands::merge::run(args),
         Command::VerifyCheckpoint(args) => commands::verify_checkpoint::run(args),
         Command::Run(args) => daemon::run(args),
-        Command::Pull(args) => daemon::pull::run(args),
-        Command::Status(args) => daemon::status::run(args),
-        Command::Pause(args) => daemon::availability::pause(args),
-        Command::Resume(args) => daemon::availability::resume(args),
+        Command::Pull(args) => commands::pull::run(args),
+        Command::Status(args) => commands::status::run(args),
+        Command::Pause(args) => commands::pause::pause(args),
+        Command::Resume(args) => commands::pause::resume(args),
         Command::BenchTrain(args) => commands::bench_train::run(args),
-        Command::BenchTransfer(args) => daemon::bench_transfer::run(args),
+        Command::BenchTransfer(args) => commands::bench_transfer::run(args),
         Command::MakeDefault(args) => commands::make_default::run(args),
     };
     match result {

@@ -1,10 +1,15 @@
-//! One module per `herd-node` subcommand, plus the options they share.
+//! One module per `herd-node` subcommand other than `run` (the daemon, in `crate::daemon`),
+//! plus the options they share; `pause` and `resume` share a module.
 
 pub mod bench_train;
+pub mod bench_transfer;
 pub mod eval;
 pub mod generate;
 pub mod make_default;
 pub mod merge;
+pub mod pause;
+pub mod pull;
+pub mod status;
 pub mod train_local;
 pub mod verify_checkpoint;
 

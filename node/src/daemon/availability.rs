@@ -7,8 +7,6 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
-
 /// How often a running shard checks whether it should stop.
 const CHECK_EVERY: Duration = Duration::from_millis(500);
 
@@ -103,45 +101,9 @@ impl Availability {
     }
 }
 
-fn pause_file(data_dir: &Path) -> PathBuf {
+/// The file whose presence pauses the daemon (`herd-node pause` writes it, `resume` removes it).
+pub fn pause_file(data_dir: &Path) -> PathBuf {
     data_dir.join("paused")
-}
-
-#[derive(Debug, clap::Args)]
-pub struct PauseArgs {
-    /// The daemon's data dir (default: $XDG_DATA_HOME/herd-node).
-    #[arg(long, env = "HERD_DATA_DIR")]
-    data_dir: Option<PathBuf>,
-}
-
-/// `herd-node pause`: the daemon hands back its shard within a second and waits.
-pub fn pause(args: PauseArgs) -> Result<()> {
-    let dir = args.data_dir.unwrap_or_else(super::default_data_dir);
-    if !dir.is_dir() {
-        bail!(
-            "{} is not a node's data dir: pass the --data-dir the daemon runs with",
-            dir.display()
-        );
-    }
-    let file = pause_file(&dir);
-    std::fs::write(&file, b"paused by herd-node pause\n")
-        .with_context(|| format!("writing {}", file.display()))?;
-    println!("paused: the daemon hands back its shard and takes no work until `herd-node resume`");
-    Ok(())
-}
-
-/// `herd-node resume`: the daemon takes work again.
-pub fn resume(args: PauseArgs) -> Result<()> {
-    let dir = args.data_dir.unwrap_or_else(super::default_data_dir);
-    let file = pause_file(&dir);
-    match std::fs::remove_file(&file) {
-        Ok(()) => println!("resumed: the daemon asks for work again"),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            println!("not paused: nothing to resume")
-        }
-        Err(e) => return Err(e).with_context(|| format!("removing {}", file.display())),
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -171,18 +133,14 @@ mod tests {
     }
 
     #[test]
-    fn pausing_blocks_until_resumed_and_hours_block_outside_their_window() {
+    fn the_pause_file_blocks_and_hours_block_outside_their_window() {
         let dir = tempfile::tempdir().unwrap();
         let any_time = Availability::new(vec![], dir.path());
         assert_eq!(any_time.blocked_at(at(3, 0)), None);
-        let args = || PauseArgs {
-            data_dir: Some(dir.path().to_path_buf()),
-        };
-        pause(args()).unwrap();
+        std::fs::write(pause_file(dir.path()), b"").unwrap();
         assert!(any_time.blocked_at(at(3, 0)).unwrap().contains("paused"));
-        resume(args()).unwrap();
+        std::fs::remove_file(pause_file(dir.path())).unwrap();
         assert_eq!(any_time.blocked_at(at(3, 0)), None);
-        resume(args()).unwrap(); // not paused: fine
 
         let nights = Availability::new(vec!["22:00-07:00".parse().unwrap()], dir.path());
         assert_eq!(nights.blocked_at(at(23, 0)), None);

@@ -17,9 +17,10 @@ use libp2p::PeerId;
 use serde::Deserialize;
 use serde_json::json;
 
-use super::cache::link_files;
-use super::fetch::fetch_all;
-use super::{Joined, PeerArgs, join, unreachable_message};
+use crate::daemon::cache::link_files;
+use crate::daemon::fetch::fetch_all;
+use crate::daemon::network::Client;
+use crate::daemon::{Joined, PeerArgs, join, unreachable_message};
 use crate::progress::ByteProgress;
 
 /// Attempts at asking the coordinator what is published before giving up.
@@ -147,7 +148,7 @@ async fn pull_p2p(args: PullArgs, wanted: Option<String>) -> Result<()> {
 /// What the run is built on and checkpoint `wanted` (the latest if `None`), asked of the
 /// coordinator.
 async fn ask_published(
-    client: &super::Client,
+    client: &Client,
     addr: &libp2p::Multiaddr,
     wanted: Option<String>,
 ) -> Result<Published> {

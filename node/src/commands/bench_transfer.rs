@@ -22,9 +22,9 @@ use rand::RngCore;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::cache::BlobCache;
-use super::fetch::{PARALLEL_GROUPS, fetch};
-use super::network;
+use crate::daemon::cache::BlobCache;
+use crate::daemon::fetch::{PARALLEL_GROUPS, fetch};
+use crate::daemon::network;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Transport {
