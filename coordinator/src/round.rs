@@ -4,7 +4,7 @@
 //!
 //! A round has `shards` shards. A peer asking for work gets an exclusive lease on an open
 //! shard; the lease expires after `lease_ms` and the shard is reissued. A submission that
-//! passes the lease rules and the shell's stateless checks is handed to verification (the
+//! passes the lease rules and the shell's cheap checks is handed to verification (the
 //! lease then no longer expires); the verification's outcome decides the verdict, and a
 //! rejected shard is reissued at once. The round closes when `quorum` shards are accepted, or
 //! past its straggler deadline (a multiple of recent rounds' durations) with at least

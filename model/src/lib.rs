@@ -10,6 +10,8 @@
 //! - [`train`], [`eval`], [`generate`]: what is done with a model; [`shard`]: one lease.
 //! - [`delta`]: adapters as protocol deltas.
 //! - [`device`]: CPU / CUDA selection.
+//!
+//! `docs/architecture.md` shows where this crate sits in the path of a submission.
 
 pub mod config;
 pub mod data;

@@ -1,7 +1,8 @@
 //! `herd-node`: the contributor daemon of herd, and the local model tools it is built from
 //! (`eval`, `train-local`, `generate`, `merge`). `../shared/INTERFACES.md`, beside the
 //! repository, gives the exact surface. `daemon` is `herd-node run`; `commands` holds every
-//! other subcommand.
+//! other subcommand. `docs/architecture.md` follows one lease from the daemon to the
+//! coordinator and back.
 
 mod commands;
 mod config_file;

@@ -1,7 +1,9 @@
-//! Serving blob requests without holding up the network loop: an answer that needs no disk
-//! (a missing blob, an outline) goes back at once; a group is read and hash-checked on a
-//! blocking thread and its answer comes back through [`BlobServer::next`]. The node and the
-//! coordinator serve blobs through this one type.
+//! Serving blob requests without holding up the network loop with group reads: an answer
+//! that needs no group read (a missing blob, a page of an outline) goes back at once; a group
+//! is read and hash-checked on a blocking thread and its answer comes back through
+//! [`BlobServer::next`]. An outline the store has not computed yet (a blob stored with
+//! `put_bytes`, or found on disk at open) is hashed from the file on the loop, once. The node
+//! and the coordinator serve blobs through this one type.
 
 use libp2p::request_response::ResponseChannel;
 use tokio::sync::mpsc;

@@ -119,7 +119,8 @@ mod tests {
     #[test]
     fn byte_buffers_keep_the_sequence_wire_format_and_its_limit() {
         use crate::messages::BlobResponse;
-        // What BlobResponse was before its group became serde_bytes: a plain sequence.
+        // BlobResponse with its group as a plain sequence: serde_bytes must not change the
+        // wire format.
         #[derive(serde::Serialize)]
         #[allow(dead_code)]
         enum AsSequence {

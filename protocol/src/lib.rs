@@ -4,7 +4,8 @@
 //! - [`ids`]: content ids (blake3), rounds, shards, leases, sample ranges.
 //! - [`messages`]: versioned requests and responses, with their size caps.
 //! - [`delta`]: the payload of a submission (a LoRA update) and its checked decoding.
-//! - [`codec`]: how one tensor's values travel (top-k + int8, dense int8, raw fp32).
+//! - [`codec`]: how one tensor's values travel (signs of seeded blocks, top-k + int8, dense
+//!   int8, raw fp32).
 //! - [`sketch`]: the CountSketch of an uncompressed delta that replays are compared with.
 //! - `fuzz` (tests only): mutation fuzzing of every decoder (`cargo xtask fuzz` runs millions).
 //! - [`signing`]: the canonical bytes a submission signature covers.
@@ -12,14 +13,15 @@
 //! - [`outline`]: blake3 chaining values of a blob's 1 MiB groups, so each downloaded group is
 //!   checked against the blob's id on arrival.
 //! - [`blobs`]: the content-addressed blob store both sides keep and serve from.
-//! - [`blob_server`]: answering blob requests, with disk reads off the network loop.
+//! - [`blob_server`]: answering blob requests, with group reads off the network loop.
 //! - [`manifest`]: the signed record of what a checkpoint was built from (read and written
 //!   as `manifest.json` in the checkpoint's dir).
 //! - [`net`]: the libp2p behaviour both sides run.
 //!
-//! `net`, `blobs`, `blob_server` and `manifest` do I/O; everything else is pure data (no I/O,
-//! no tch), so each decoder can be fuzzed alone. See `docs/architecture.md` for how the crates
-//! fit together.
+//! `net`, `blobs`, `blob_server` and `manifest` do I/O, and `framing` and `outline` read or
+//! write streams they are handed; the rest is pure data (no I/O, no tch), and every decoder
+//! works on bytes in memory, so each can be fuzzed alone. See `docs/architecture.md` for how
+//! the crates fit together.
 
 pub mod blob_server;
 pub mod blobs;

@@ -304,7 +304,7 @@ pub enum BlobResponse {
         cvs: Vec<[u8; 32]>,
     },
     /// One group's bytes. As bytes, not a sequence: the same wire format (length, then the
-    /// bytes), but one copy instead of one serde call per byte, which cost 20% of a transfer.
+    /// bytes), but one copy instead of one serde call per byte, which costs 20% of a transfer.
     Group(#[serde(with = "serde_bytes")] Vec<u8>),
     NotFound,
 }

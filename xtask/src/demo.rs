@@ -54,7 +54,7 @@ pub struct DemoArgs {
     /// Outer (DiLoCo) learning rate.
     #[arg(long, default_value_t = 0.7)]
     outer_lr: f64,
-    /// Outer Nesterov momentum. DiLoCo uses 0.9 over many rounds; in the demo's 10 rounds 0.9
+    /// Outer Nesterov momentum. DiLoCo uses 0.9 over many rounds; in a 10-round demo run 0.9
     /// overshoots (held-out 1.05 vs 0.63 with 0.5, measured), so the demo uses 0.5.
     #[arg(long, default_value_t = 0.5)]
     outer_momentum: f64,

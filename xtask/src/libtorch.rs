@@ -1,5 +1,6 @@
 //! `cargo xtask setup`: libtorch 2.11.0 from PyPI's torch wheel (the pinned recipe of
-//! LIBTORCH.md). libtorch's own download site is unreachable from our machines; PyPI is not.
+//! `../shared/LIBTORCH.md`, beside the repository). libtorch's own download site is
+//! unreachable from our machines; PyPI is not.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

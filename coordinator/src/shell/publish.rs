@@ -89,7 +89,8 @@ impl Coordinator {
         });
     }
 
-    /// Writes `summary.json` (see INTERFACES.md) into the data dir; returns its path.
+    /// Writes `summary.json` (see `../shared/INTERFACES.md`, beside the repository) into the
+    /// data dir; returns its path.
     pub(super) fn write_summary(&self) -> Result<std::path::PathBuf> {
         let s = self.status_tx.borrow().clone();
         let t = &s.totals;

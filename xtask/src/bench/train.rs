@@ -257,8 +257,8 @@ fn ratio_cell(v: &Value) -> String {
     v.as_f64().map_or("—".into(), |x| format!("{x:.2}×"))
 }
 
-/// The share of positions carrying loss, in percent (figures from before it was recorded had
-/// every position a target).
+/// The share of positions carrying loss, in percent (a record without `loss_fraction` counts
+/// every position as a target).
 fn loss_percent(shape: &Value) -> f64 {
     shape["loss_fraction"].as_f64().unwrap_or(1.0) * 100.0
 }
