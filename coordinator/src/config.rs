@@ -110,7 +110,8 @@ pub struct RoundSection {
     #[serde(default = "default_straggler_multiple")]
     pub straggler_multiple: f64,
     pub deadline_quorum: Option<u32>,
-    /// Delta codec: `topk[:FRACTION[:BLOCK]]`, `int8[:BLOCK]` or `raw`.
+    /// Delta codec: `sign[:KEEP[:BLOCK]]` (the default), `topk[:FRACTION[:BLOCK]]`,
+    /// `int8[:BLOCK]` or `raw`.
     #[serde(default, deserialize_with = "codec_from_str")]
     pub codec: CodecSpec,
 }

@@ -26,7 +26,7 @@ pub struct DemoArgs {
     #[arg(long, default_value = "model/default/data/heldout.jsonl")]
     heldout: PathBuf,
     /// Rounds. 80 rounds of 5 steps cost what 20 of 20 do; talking four times as often lets
-    /// error feedback keep up with the default codec (measured figures in the README).
+    /// error feedback keep up with the default codec (figures in docs/verification.md).
     #[arg(long, default_value_t = 80)]
     rounds: u64,
     #[arg(long, default_value_t = 3)]
