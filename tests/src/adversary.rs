@@ -100,6 +100,10 @@ impl Adversary {
                 )
             })
             .unwrap()
+            // As long as a node's (herd_protocol::net): a test blocks the thread between
+            // requests while it trains, and with libp2p's default (10 s) the connection would
+            // close under it, failing its next request with `ConnectionClosed`.
+            .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(300)))
             .build();
         swarm.add_peer_address(coordinator, addr);
         Adversary {

@@ -129,6 +129,74 @@ pub fn wait_until<T>(
     }
 }
 
+/// Polls `observe` every 200 ms until `done` holds for what it saw, for at most `timeout`, and
+/// returns the last observation either way: for a scenario that records what happened and
+/// leaves the judging to the tests (see [`Scenario`]).
+pub fn observe_until<T>(
+    timeout: std::time::Duration,
+    mut observe: impl FnMut() -> T,
+    done: impl Fn(&T) -> bool,
+) -> T {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let seen = observe();
+        if done(&seen) || std::time::Instant::now() >= deadline {
+            return seen;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
+/// An expensive scenario (real processes, minutes of training) that several tests of one binary
+/// judge, each test one property: it runs once, in whichever test asks first, and the others
+/// wait for it (libtest runs the tests of a binary as threads of one process). The scenario
+/// records what happened and stops its processes before it returns; the tests only read.
+///
+/// A panic in the scenario is caught and every test that asks fails with its message, rather
+/// than with a poisoned lock or a second run.
+///
+/// libtest starts a binary's tests in name order: name the dependent tests to sort after the
+/// binary's other tests, so that a test waiting here never holds a thread that other work could
+/// use.
+#[derive(Debug)]
+pub struct Scenario<T> {
+    /// What it is, for the message when it failed.
+    what: &'static str,
+    run: fn() -> T,
+    outcome: std::sync::OnceLock<Result<T, String>>,
+}
+
+impl<T> Scenario<T> {
+    pub const fn new(what: &'static str, run: fn() -> T) -> Self {
+        Scenario {
+            what,
+            run,
+            outcome: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// What the scenario recorded, running it first if no test has yet; panics, naming the
+    /// scenario and its failure, when it could not run to the end.
+    pub fn get(&self) -> &T {
+        let outcome = self.outcome.get_or_init(|| {
+            std::panic::catch_unwind(self.run).map_err(|payload| {
+                payload
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| "a panic without a message".into())
+            })
+        });
+        match outcome {
+            Ok(outcome) => outcome,
+            Err(why) => panic!(
+                "not checked: {} failed before this property could be judged: {why}",
+                self.what
+            ),
+        }
+    }
+}
+
 /// GET `url` as JSON, or `None` when the server is not answering (yet).
 pub fn get_json(url: &str) -> Option<Value> {
     let mut resp = ureq::get(url).call().ok()?;

@@ -15,6 +15,7 @@ use herd_tests::adversary::{
 };
 use herd_tests::{Coordinator, Reaper, get_json, wait_until};
 use libp2p::request_response::OutboundFailure;
+use serde_json::Value;
 
 /// Round 0 never closes (quorum 32 of 32), so every attack meets the same θ_0.
 const OPEN_ROUND: &str = "rounds = 1\n[round]\nshards = 32\nsamples_per_shard = 16\ninner_steps = 8\n\
@@ -35,310 +36,504 @@ fn first_scale(v: &mut Values) -> &mut f32 {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_attack_is_rejected_with_its_reason_and_repeat_offenders_are_banned() {
-    let tmp = tempfile::tempdir().unwrap();
-    let mut coordinator = Coordinator::start(tmp.path(), OPEN_ROUND);
-    let addr = coordinator.addr.clone();
-    let fresh = || Adversary::new(&addr, RPC_PROTOCOL);
-    let world = World::load(128);
+/// One coordinator whose round 0 never closes meets three honest peers, then every attack, each
+/// from a fresh identity. The suite runs once (a [`Scenario`]) and records every answer; each
+/// test here judges one part of it. The module's name sorts after this binary's other tests,
+/// as [`Scenario`] asks.
+mod under_attack {
+    use herd_tests::Scenario;
 
-    // Three honest peers first: their norms give the norm bound its median, and the first
-    // one's delta is what the copiers copy.
-    let mut honest = Vec::new();
-    for _ in 0..3 {
-        let mut peer = fresh();
-        let lease = peer.lease().await;
-        let out = world.train(&lease);
-        let payload = encode_for(&lease, &out.delta);
-        let verdict = peer
-            .submit(peer.sign(&lease, payload.clone(), &(&out).into()))
-            .await;
-        assert_eq!(verdict, Verdict::Accepted, "an honest delta is accepted");
-        honest.push((lease, out, payload, peer));
+    use super::*;
+
+    static SUITE: Scenario<Record> = Scenario::new("the attack suite", run_the_suite);
+
+    /// Whether a reject reason is the one an attack should get.
+    type Expected = fn(&RejectReason) -> bool;
+
+    /// Every answer the coordinator gave, and what it showed at the end.
+    #[derive(Debug)]
+    struct Record {
+        /// The three honest peers' verdicts.
+        honest: Vec<Verdict>,
+        /// The first honest submission sent again (its answer was lost, or the coordinator
+        /// restarted).
+        resent: Verdict,
+        /// Other bytes for that decided lease.
+        other_bytes: Verdict,
+        /// `/v1/status` after those two.
+        status_after_resending: Option<Value>,
+        /// Each attack: what it was, its verdict, the reasons it should get.
+        attacks: Vec<(&'static str, Verdict, Expected)>,
+        /// Each submission that breaks the envelope or the lease binding: what it was, its
+        /// verdict, the verdict it should get.
+        unbound: Vec<(&'static str, Verdict, Verdict)>,
+        /// A frame whose length is over the RPC cap.
+        oversized: Result<RpcResponse, OutboundFailure>,
+        /// A frame of garbage.
+        garbage: Result<RpcResponse, OutboundFailure>,
+        /// A lease request for protocol version 99.
+        version_99: RpcResponse,
+        /// A request on `/herd/rpc/2`.
+        unsupported: Result<RpcResponse, OutboundFailure>,
+        /// One peer's three zero deltas.
+        zeros: Vec<Verdict>,
+        /// That peer's next lease request.
+        after_zeros: Result<Lease, RpcResponse>,
+        /// Whether the coordinator still ran at the end.
+        still_running: bool,
+        /// `/v1/status` at the end.
+        status: Option<Value>,
+        /// `verdicts.jsonl` at the end.
+        verdict_log: String,
+        /// The coordinator's stderr at the end.
+        stderr: String,
     }
-    // The same submission again (its answer was lost, or the coordinator restarted): the same
-    // verdict, counted once. Other bytes for a decided lease: a duplicate.
-    {
-        let (lease, out, payload, peer) = &mut honest[0];
-        let sub = peer.sign(lease, payload.clone(), &(&*out).into());
-        assert_eq!(peer.submit(sub).await, Verdict::Accepted);
-        let other = encode_for(lease, &out.delta.scaled(0.5));
-        let sub = peer.sign(lease, other, &(&*out).into());
+
+    fn run_the_suite() -> Record {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("a tokio runtime")
+            .block_on(attack())
+    }
+
+    async fn attack() -> Record {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut coordinator = Coordinator::start(tmp.path(), OPEN_ROUND);
+        let addr = coordinator.addr.clone();
+        let fresh = || Adversary::new(&addr, RPC_PROTOCOL);
+        let world = World::load(128);
+
+        // Three honest peers first: their norms give the norm bound its median, and the first
+        // one's delta is what the copiers copy.
+        let mut honest = Vec::new();
+        let mut honest_verdicts = Vec::new();
+        for _ in 0..3 {
+            let mut peer = fresh();
+            let lease = peer.lease().await;
+            let out = world.train(&lease);
+            let payload = encode_for(&lease, &out.delta);
+            let verdict = peer
+                .submit(peer.sign(&lease, payload.clone(), &(&out).into()))
+                .await;
+            honest_verdicts.push(verdict);
+            honest.push((lease, out, payload, peer));
+        }
+        // The same submission again: the same verdict, counted once. Other bytes for a
+        // decided lease: a duplicate.
+        let (resent, other_bytes, status_after_resending) = {
+            let (lease, out, payload, peer) = &mut honest[0];
+            let sub = peer.sign(lease, payload.clone(), &(&*out).into());
+            let resent = peer.submit(sub).await;
+            let other = encode_for(lease, &out.delta.scaled(0.5));
+            let sub = peer.sign(lease, other, &(&*out).into());
+            let other_bytes = peer.submit(sub).await;
+            (resent, other_bytes, coordinator.status())
+        };
+        let (_, first_out, first_payload, _) = &honest[0];
+
+        // One attack per fresh identity: (name, how the payload is made, the reason expected).
+        // Each closure gets the attacker's lease and its honestly trained outcome. Noise and a
+        // negated delta fail the effect check when their weight in the update (outer_lr /
+        // quorum, here 1/32) lets the harm show; otherwise the replay (new peers: always)
+        // catches them.
+        type Make<'a> = Box<dyn Fn(&Lease, &herd_model::shard::ShardOutcome) -> Vec<u8> + 'a>;
+        let attacks: Vec<(&'static str, Make, Expected)> = vec![
+            (
+                "noise with an honest norm",
+                Box::new(|l, o| encode_for(l, &noise_like(&o.delta, 7))),
+                |r| {
+                    matches!(
+                        r,
+                        RejectReason::NoImprovement { .. } | RejectReason::ReplayMismatch { .. }
+                    )
+                },
+            ),
+            (
+                "honest delta × 10",
+                Box::new(|l, o| encode_for(l, &o.delta.scaled(10.0))),
+                |r| matches!(r, RejectReason::NormTooLarge { .. }),
+            ),
+            (
+                "honest delta × −1",
+                Box::new(|l, o| encode_for(l, &o.delta.scaled(-1.0))),
+                |r| {
+                    matches!(
+                        r,
+                        RejectReason::NoImprovement { .. } | RejectReason::ReplayMismatch { .. }
+                    )
+                },
+            ),
+            (
+                "zero delta",
+                Box::new(|l, o| encode_for(l, &o.delta.scaled(0.0))),
+                |r| *r == RejectReason::ZeroDelta,
+            ),
+            (
+                "wrong shapes (a tensor twice its size)",
+                Box::new(|l, o| {
+                    let mut d = o.delta.clone();
+                    d.tensors[3].values.extend_from_within(..);
+                    encode_for(l, &d)
+                }),
+                |r| matches!(r, RejectReason::Malformed(why) if why.contains("values")),
+            ),
+            (
+                "NaN and infinite scales",
+                Box::new(|l, o| {
+                    let mut p = payload_of(&encode_for(l, &o.delta));
+                    *first_scale(&mut p.tensors[0]) = f32::NAN;
+                    *first_scale(&mut p.tensors[1]) = f32::INFINITY;
+                    encode(&p).unwrap()
+                }),
+                |r| matches!(r, RejectReason::NonFinite(_)),
+            ),
+            (
+                "a payload over the layout's cap",
+                Box::new(|_, _| vec![7u8; 200_000]),
+                |r| matches!(r, RejectReason::PayloadTooLarge { .. }),
+            ),
+            (
+                "a copy of another peer's delta",
+                Box::new(|_, _| first_payload.clone()),
+                |r| *r == RejectReason::CopiedDelta,
+            ),
+            (
+                "a copy of another peer's delta, re-encoded so the bytes differ",
+                Box::new(|_, _| {
+                    let mut p = payload_of(first_payload);
+                    *first_scale(&mut p.tensors[0]) *= 1.001;
+                    encode(&p).unwrap()
+                }),
+                |r| matches!(r, RejectReason::ReplayMismatch { .. }),
+            ),
+            (
+                "a delta trained on other data than the shard",
+                Box::new(|l, _| {
+                    let mut other = l.clone();
+                    for r in &mut other.ranges {
+                        // Shift the shard by half the data set: other examples, same task.
+                        r.start = (r.start + 63) % 110;
+                        r.end = r.start + 16;
+                    }
+                    encode_for(l, &world.train(&other).delta)
+                }),
+                |r| matches!(r, RejectReason::ReplayMismatch { .. }),
+            ),
+        ];
+        let mut attack_verdicts = Vec::new();
+        for (name, make, expected) in &attacks {
+            let mut attacker = fresh();
+            let lease = attacker.lease().await;
+            let out = world.train(&lease);
+            let payload = make(&lease, &out);
+            let verdict = attacker
+                .submit(attacker.sign(&lease, payload, &(&out).into()))
+                .await;
+            attack_verdicts.push((*name, verdict, *expected));
+        }
+
+        // Envelope and lease binding, each from a fresh identity.
+        let claim: Claim = first_out.into();
+        let mut unbound = Vec::new();
+        let mut mallory = fresh();
+        let lease = mallory.lease().await;
+        let mut stale = lease.clone();
+        stale.base_adapter = herd_protocol::ContentId::of(b"an older adapter");
+        let sub = mallory.sign(&stale, first_payload.clone(), &claim);
+        unbound.push((
+            "wrong base hash",
+            mallory.submit(sub).await,
+            Verdict::Rejected(RejectReason::WrongBaseAdapter),
+        ));
+        let mut mallory = fresh();
+        let lease = mallory.lease().await;
+        let mut forged = mallory.sign(&lease, first_payload.clone(), &claim);
+        forged.signature = mallory.key.sign(b"something else").unwrap();
+        unbound.push((
+            "forged signature",
+            mallory.submit(forged).await,
+            Verdict::Rejected(RejectReason::BadSignature),
+        ));
+        let (mut mallory, eve) = (fresh(), fresh());
+        let lease = mallory.lease().await;
+        let theirs = eve.sign(&lease, first_payload.clone(), &claim);
+        unbound.push((
+            "another peer's key",
+            mallory.submit(theirs).await,
+            Verdict::Rejected(RejectReason::BadSignature),
+        ));
+        let (mut mallory, mut eve) = (fresh(), fresh());
+        let lease = mallory.lease().await;
+        unbound.push((
+            "another peer's lease",
+            eve.submit(eve.sign(&lease, first_payload.clone(), &claim))
+                .await,
+            Verdict::Rejected(RejectReason::NotYourLease),
+        ));
+        let unknown = Lease {
+            id: LeaseId(424_242),
+            ..lease.clone()
+        };
+        unbound.push((
+            "a lease the coordinator never gave",
+            mallory
+                .submit(mallory.sign(&unknown, first_payload.clone(), &claim))
+                .await,
+            Verdict::Rejected(RejectReason::UnknownLease),
+        ));
+        let mut tampered = mallory.sign(&lease, first_payload.clone(), &claim);
+        tampered.payload[10] ^= 0xff;
+        unbound.push((
+            "a payload changed after signing",
+            mallory.submit(tampered).await,
+            Verdict::Rejected(RejectReason::PayloadHashMismatch),
+        ));
+
+        // Frames: over the RPC cap (refused on the length, unanswered), garbage, other versions.
+        let mut mallory = fresh();
+        let oversized = mallory
+            .send_raw(vec![0xff, 0xff, 0xff, 0x7f, 1, 2, 3])
+            .await;
+        let garbage = mallory.send_raw(vec![3, 0, 0, 0, 0xfe, 0xfe, 0xfe]).await;
+        let version_99 = mallory
+            .send(&RpcRequest::Lease(LeaseRequest {
+                version: 99,
+                device: String::new(),
+            }))
+            .await;
+        let mut future = Adversary::new(&addr, "/herd/rpc/2");
+        let unsupported = future.send_raw(vec![0, 0, 0, 0]).await;
+
+        // A peer that keeps failing: three zero deltas, then another lease request.
+        let mut repeat = fresh();
+        let mut zeros = Vec::new();
+        for _ in 0..3 {
+            let lease = repeat.lease().await;
+            let zero = encode_for(&lease, &first_out.delta.scaled(0.0));
+            zeros.push(repeat.submit(repeat.sign(&lease, zero, &claim)).await);
+        }
+        let after_zeros = repeat.try_lease().await;
+
+        let still_running = coordinator.child.try_wait().unwrap().is_none();
+        let status = tokio::task::spawn_blocking({
+            let url = coordinator.http.clone();
+            move || get_json(&format!("{url}/v1/status"))
+        })
+        .await
+        .unwrap();
+        let verdict_log =
+            std::fs::read_to_string(tmp.path().join("coordinator/verdicts.jsonl")).unwrap();
+        let stderr = std::fs::read_to_string(&coordinator.log).unwrap();
+        Record {
+            honest: honest_verdicts,
+            resent,
+            other_bytes,
+            status_after_resending,
+            attacks: attack_verdicts,
+            unbound,
+            oversized,
+            garbage,
+            version_99,
+            unsupported,
+            zeros,
+            after_zeros,
+            still_running,
+            status,
+            verdict_log,
+            stderr,
+        }
+    }
+
+    #[test]
+    fn honest_deltas_are_accepted() {
+        for (i, verdict) in SUITE.get().honest.iter().enumerate() {
+            assert_eq!(
+                *verdict,
+                Verdict::Accepted,
+                "honest peer {i}'s delta should be accepted"
+            );
+        }
+    }
+
+    #[test]
+    fn a_resent_submission_gets_its_verdict_again_and_counts_once() {
+        let suite = SUITE.get();
         assert_eq!(
-            peer.submit(sub).await,
-            Verdict::Rejected(RejectReason::Duplicate)
+            suite.resent,
+            Verdict::Accepted,
+            "an accepted submission sent again"
         );
-        let status = coordinator.status().unwrap();
+        assert_eq!(
+            suite.other_bytes,
+            Verdict::Rejected(RejectReason::Duplicate),
+            "other bytes for a decided lease"
+        );
+        let status = suite
+            .status_after_resending
+            .as_ref()
+            .expect("the status answers after the resending");
         assert_eq!(status["accepted_deltas"], 3, "counted once: {status}");
     }
-    let (_, first_out, first_payload, _) = &honest[0];
 
-    // One attack per fresh identity: (name, how the payload is made, the reason expected).
-    // Each closure gets the attacker's lease and its honestly trained outcome. Noise and a
-    // negated delta fail the effect check when their weight in the update (outer_lr / quorum,
-    // here 1/32) lets the harm show; otherwise the replay (new peers: always) catches them.
-    type Make<'a> = Box<dyn Fn(&Lease, &herd_model::shard::ShardOutcome) -> Vec<u8> + 'a>;
-    type Attack<'a> = (&'a str, Make<'a>, fn(&RejectReason) -> bool);
-    let attacks: Vec<Attack> = vec![
-        (
-            "noise with an honest norm",
-            Box::new(|l, o| encode_for(l, &noise_like(&o.delta, 7))),
-            |r| {
-                matches!(
-                    r,
-                    RejectReason::NoImprovement { .. } | RejectReason::ReplayMismatch { .. }
-                )
-            },
-        ),
-        (
-            "honest delta × 10",
-            Box::new(|l, o| encode_for(l, &o.delta.scaled(10.0))),
-            |r| matches!(r, RejectReason::NormTooLarge { .. }),
-        ),
-        (
-            "honest delta × −1",
-            Box::new(|l, o| encode_for(l, &o.delta.scaled(-1.0))),
-            |r| {
-                matches!(
-                    r,
-                    RejectReason::NoImprovement { .. } | RejectReason::ReplayMismatch { .. }
-                )
-            },
-        ),
-        (
-            "zero delta",
-            Box::new(|l, o| encode_for(l, &o.delta.scaled(0.0))),
-            |r| *r == RejectReason::ZeroDelta,
-        ),
-        (
-            "wrong shapes (a tensor twice its size)",
-            Box::new(|l, o| {
-                let mut d = o.delta.clone();
-                d.tensors[3].values.extend_from_within(..);
-                encode_for(l, &d)
-            }),
-            |r| matches!(r, RejectReason::Malformed(why) if why.contains("values")),
-        ),
-        (
-            "NaN and infinite scales",
-            Box::new(|l, o| {
-                let mut p = payload_of(&encode_for(l, &o.delta));
-                *first_scale(&mut p.tensors[0]) = f32::NAN;
-                *first_scale(&mut p.tensors[1]) = f32::INFINITY;
-                encode(&p).unwrap()
-            }),
-            |r| matches!(r, RejectReason::NonFinite(_)),
-        ),
-        (
-            "a payload over the layout's cap",
-            Box::new(|_, _| vec![7u8; 200_000]),
-            |r| matches!(r, RejectReason::PayloadTooLarge { .. }),
-        ),
-        (
-            "a copy of another peer's delta",
-            Box::new(|_, _| first_payload.clone()),
-            |r| *r == RejectReason::CopiedDelta,
-        ),
-        (
-            "a copy of another peer's delta, re-encoded so the bytes differ",
-            Box::new(|_, _| {
-                let mut p = payload_of(first_payload);
-                *first_scale(&mut p.tensors[0]) *= 1.001;
-                encode(&p).unwrap()
-            }),
-            |r| matches!(r, RejectReason::ReplayMismatch { .. }),
-        ),
-        (
-            "a delta trained on other data than the shard",
-            Box::new(|l, _| {
-                let mut other = l.clone();
-                for r in &mut other.ranges {
-                    // Shift the shard by half the data set: other examples, same task.
-                    r.start = (r.start + 63) % 110;
-                    r.end = r.start + 16;
-                }
-                encode_for(l, &world.train(&other).delta)
-            }),
-            |r| matches!(r, RejectReason::ReplayMismatch { .. }),
-        ),
-    ];
-    for (name, make, expected) in &attacks {
-        let mut attacker = fresh();
-        let lease = attacker.lease().await;
-        let out = world.train(&lease);
-        let payload = make(&lease, &out);
-        let verdict = attacker
-            .submit(attacker.sign(&lease, payload, &(&out).into()))
-            .await;
+    #[test]
+    fn every_attack_is_rejected_with_its_reason() {
+        let wrong: Vec<String> = SUITE
+            .get()
+            .attacks
+            .iter()
+            .filter(
+                |(_, verdict, expected)| !matches!(verdict, Verdict::Rejected(r) if expected(r)),
+            )
+            .map(|(name, verdict, _)| format!("{name}: {verdict:?}"))
+            .collect();
         assert!(
-            matches!(&verdict, Verdict::Rejected(r) if expected(r)),
-            "{name}: {verdict:?}"
+            wrong.is_empty(),
+            "attacks not rejected with their reason:\n{}",
+            wrong.join("\n")
         );
     }
 
-    // Envelope and lease binding, each from a fresh identity.
-    let claim: Claim = first_out.into();
-    let mut mallory = fresh();
-    let lease = mallory.lease().await;
-    let mut stale = lease.clone();
-    stale.base_adapter = herd_protocol::ContentId::of(b"an older adapter");
-    let sub = mallory.sign(&stale, first_payload.clone(), &claim);
-    assert_eq!(
-        mallory.submit(sub).await,
-        Verdict::Rejected(RejectReason::WrongBaseAdapter),
-        "wrong base hash"
-    );
-    let mut mallory = fresh();
-    let lease = mallory.lease().await;
-    let mut forged = mallory.sign(&lease, first_payload.clone(), &claim);
-    forged.signature = mallory.key.sign(b"something else").unwrap();
-    assert_eq!(
-        mallory.submit(forged).await,
-        Verdict::Rejected(RejectReason::BadSignature),
-        "forged signature"
-    );
-    let (mut mallory, eve) = (fresh(), fresh());
-    let lease = mallory.lease().await;
-    let theirs = eve.sign(&lease, first_payload.clone(), &claim);
-    assert_eq!(
-        mallory.submit(theirs).await,
-        Verdict::Rejected(RejectReason::BadSignature),
-        "another peer's key"
-    );
-    let (mut mallory, mut eve) = (fresh(), fresh());
-    let lease = mallory.lease().await;
-    assert_eq!(
-        eve.submit(eve.sign(&lease, first_payload.clone(), &claim))
-            .await,
-        Verdict::Rejected(RejectReason::NotYourLease)
-    );
-    let unknown = Lease {
-        id: LeaseId(424_242),
-        ..lease.clone()
-    };
-    assert_eq!(
-        mallory
-            .submit(mallory.sign(&unknown, first_payload.clone(), &claim))
-            .await,
-        Verdict::Rejected(RejectReason::UnknownLease)
-    );
-    let mut tampered = mallory.sign(&lease, first_payload.clone(), &claim);
-    tampered.payload[10] ^= 0xff;
-    assert_eq!(
-        mallory.submit(tampered).await,
-        Verdict::Rejected(RejectReason::PayloadHashMismatch)
-    );
+    #[test]
+    fn a_submission_unbound_from_its_lease_signer_or_base_is_rejected_with_its_reason() {
+        let wrong: Vec<String> = SUITE
+            .get()
+            .unbound
+            .iter()
+            .filter(|(_, verdict, expected)| verdict != expected)
+            .map(|(what, verdict, expected)| format!("{what}: {verdict:?}, not {expected:?}"))
+            .collect();
+        assert!(
+            wrong.is_empty(),
+            "submissions not rejected with their reason:\n{}",
+            wrong.join("\n")
+        );
+    }
 
-    // Frames: over the RPC cap (refused on the length, unanswered), garbage, other versions.
-    let mut mallory = fresh();
-    let failure = mallory
-        .send_raw(vec![0xff, 0xff, 0xff, 0x7f, 1, 2, 3])
-        .await;
-    assert!(
-        failure.is_err(),
-        "an oversized frame is not answered: {failure:?}"
-    );
-    assert!(
-        mallory
-            .send_raw(vec![3, 0, 0, 0, 0xfe, 0xfe, 0xfe])
-            .await
-            .is_err()
-    );
-    let refused = mallory
-        .send(&RpcRequest::Lease(LeaseRequest {
-            version: 99,
-            device: String::new(),
-        }))
-        .await;
-    assert!(
-        matches!(&refused, RpcResponse::Refused { reason } if reason.contains("version 99")),
-        "{refused:?}"
-    );
-    let mut future = Adversary::new(&addr, "/herd/rpc/2");
-    let unsupported = future.send_raw(vec![0, 0, 0, 0]).await;
-    assert!(
-        matches!(unsupported, Err(OutboundFailure::UnsupportedProtocols)),
-        "{unsupported:?}"
-    );
+    #[test]
+    fn oversized_garbage_and_unknown_version_frames_are_refused() {
+        let suite = SUITE.get();
+        assert!(
+            suite.oversized.is_err(),
+            "an oversized frame is not answered: {:?}",
+            suite.oversized
+        );
+        assert!(
+            suite.stderr.contains("exceeds the cap"),
+            "oversized frames are logged: {}",
+            suite.stderr
+        );
+        assert!(
+            suite.garbage.is_err(),
+            "a frame of garbage is not answered: {:?}",
+            suite.garbage
+        );
+        assert!(
+            matches!(&suite.version_99, RpcResponse::Refused { reason }
+                if reason.contains("version 99")),
+            "protocol version 99: {:?}",
+            suite.version_99
+        );
+        assert!(
+            matches!(
+                suite.unsupported,
+                Err(OutboundFailure::UnsupportedProtocols)
+            ),
+            "/herd/rpc/2: {:?}",
+            suite.unsupported
+        );
+    }
 
-    // A peer that keeps failing is banned: three zero deltas, then no more leases.
-    let mut repeat = fresh();
-    for i in 0..3 {
-        let lease = repeat.lease().await;
-        let zero = encode_for(&lease, &first_out.delta.scaled(0.0));
-        let verdict = repeat.submit(repeat.sign(&lease, zero, &claim)).await;
+    #[test]
+    fn a_peer_that_keeps_failing_is_banned() {
+        let suite = SUITE.get();
+        for (i, verdict) in suite.zeros.iter().enumerate() {
+            assert_eq!(
+                *verdict,
+                Verdict::Rejected(RejectReason::ZeroDelta),
+                "zero #{i}"
+            );
+        }
+        assert!(
+            matches!(&suite.after_zeros, Err(RpcResponse::Refused { reason })
+                if reason.contains("banned")),
+            "a lease after three rejects: {:?}",
+            suite.after_zeros
+        );
+    }
+
+    #[test]
+    fn the_coordinator_keeps_running_and_its_status_counts_every_reason() {
+        let suite = SUITE.get();
+        assert!(
+            suite.still_running,
+            "the coordinator exited: {}",
+            suite.stderr
+        );
+        let status = suite.status.as_ref().expect("status still answers");
+        for label in [
+            "norm_too_large",
+            "zero_delta",
+            "malformed",
+            "non_finite",
+            "payload_too_large",
+            "copied_delta",
+            "replay_mismatch",
+            "wrong_base_adapter",
+            "bad_signature",
+            "not_your_lease",
+            "unknown_lease",
+            "payload_hash_mismatch",
+        ] {
+            assert!(
+                status["rejects_by_reason"][label].as_u64() > Some(0),
+                "{label} missing: {}",
+                status["rejects_by_reason"]
+            );
+        }
+    }
+
+    #[test]
+    fn every_verdict_is_in_the_durable_log() {
+        let suite = SUITE.get();
+        let log = &suite.verdict_log;
         assert_eq!(
-            verdict,
-            Verdict::Rejected(RejectReason::ZeroDelta),
-            "zero #{i}"
+            log.lines().filter(|l| l.contains("\"accepted\"")).count(),
+            3,
+            "accepted verdicts in verdicts.jsonl: {log}"
         );
-    }
-    let banned = repeat.try_lease().await.unwrap_err();
-    assert!(
-        matches!(&banned, RpcResponse::Refused { reason } if reason.contains("banned")),
-        "{banned:?}"
-    );
-
-    // Still alive; status counts every reason; every verdict is in the durable log.
-    assert!(coordinator.child.try_wait().unwrap().is_none());
-    let status = tokio::task::spawn_blocking({
-        let url = coordinator.http.clone();
-        move || get_json(&format!("{url}/v1/status"))
-    })
-    .await
-    .unwrap()
-    .expect("status still answers");
-    for label in [
-        "norm_too_large",
-        "zero_delta",
-        "malformed",
-        "non_finite",
-        "payload_too_large",
-        "copied_delta",
-        "replay_mismatch",
-        "wrong_base_adapter",
-        "bad_signature",
-        "not_your_lease",
-        "unknown_lease",
-        "payload_hash_mismatch",
-    ] {
+        // A verdict for each honest peer, attack, unbound submission and zero delta.
+        let decided =
+            suite.honest.len() + suite.attacks.len() + suite.unbound.len() + suite.zeros.len();
         assert!(
-            status["rejects_by_reason"][label].as_u64() > Some(0),
-            "{label} missing: {}",
-            status["rejects_by_reason"]
+            log.lines().count() >= decided,
+            "verdicts.jsonl should hold at least {decided} verdicts: {log}"
         );
     }
-    let log = std::fs::read_to_string(tmp.path().join("coordinator/verdicts.jsonl")).unwrap();
-    assert_eq!(
-        log.lines().filter(|l| l.contains("\"accepted\"")).count(),
-        3
-    );
-    assert!(log.lines().count() >= 3 + attacks.len() + 9, "{log}");
-    let stderr = std::fs::read_to_string(&coordinator.log).unwrap();
-    assert!(
-        stderr.contains("exceeds the cap"),
-        "oversized frames are logged"
-    );
-    let _ = coordinator.child.kill();
+}
 
-    // Late: a lease that expired before its delta arrived (a second coordinator with
-    // one-second leases, so the wait is short).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delta_for_a_lease_that_expired_is_rejected_as_late() {
     let tmp = tempfile::tempdir().unwrap();
+    // One-second leases, so the wait is short.
     let short = OPEN_ROUND.replace("lease_secs = 60", "lease_secs = 1");
     let coordinator = Coordinator::start(tmp.path(), &short);
+    let world = World::load(128);
     let mut late = Adversary::new(&coordinator.addr, RPC_PROTOCOL);
     let lease = late.lease().await;
+    let out = world.train(&lease);
     tokio::time::sleep(wait_for_lease_expiry(&lease)).await;
-    let sub = late.sign(&lease, first_payload.clone(), &claim);
+    let sub = late.sign(&lease, encode_for(&lease, &out.delta), &(&out).into());
     assert_eq!(
         late.submit(sub).await,
-        Verdict::Rejected(RejectReason::ExpiredLease)
+        Verdict::Rejected(RejectReason::ExpiredLease),
+        "an honest delta for a lease that expired before it arrived"
     );
 }
 
-/// The demo's run (`cargo xtask demo`: three shards of all 126 examples, 20 inner steps, the
-/// same rates), for `rounds` rounds.
+/// A demo-sized run (the demo's model, data and outer rates: three shards of all 126 examples,
+/// 20 inner steps, a constant inner rate of 3e-3), for `rounds` rounds.
 ///
 /// With error feedback, which node trains which shard changes each node's residual and so the
 /// result, even between two honest runs (a few percent at 20 rounds with the default codec).

@@ -3,209 +3,456 @@
 
 use std::time::Duration;
 
-use herd_tests::{
-    Coordinator, Reaper, bin, default_asset, free_port, get_bytes, get_json, run, wait_until,
-};
+use herd_tests::{Coordinator, Reaper, bin, default_asset, free_port, run, wait_until};
 use serde_json::Value;
 
 const ROUND: &str = "[round]\nshards = 3\ninner_steps = 40\nlr = 3e-3\nbatch_size = 16\nmax_seq_len = 128\n\
                      lease_secs = 60\nouter_lr = 0.7\nouter_momentum = 0.9\ncheckpoint_every = 5\n";
 
-#[test]
-fn three_nodes_train_one_model_whose_checkpoint_downloads_and_evaluates() {
-    let tmp = tempfile::tempdir().unwrap();
-    let coordinator = Coordinator::start(
-        tmp.path(),
-        &format!("rounds = 5\nserve_after_finish = true\n{ROUND}"),
-    );
-    let _nodes = Reaper(
-        (0..3)
-            .map(|i| coordinator.start_node(&tmp.path().join(format!("node-{i}"))))
-            .collect(),
-    );
-    let status = wait_until(Duration::from_secs(300), "the run to finish", || {
-        coordinator.status().filter(|s| s["finished"] == true)
-    });
-    assert_eq!(status["rounds_completed"], 5);
-    let losses: Vec<f64> = status["heldout_loss"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_f64().unwrap())
-        .collect();
-    assert_eq!(losses.len(), 6, "{losses:?}");
-    assert!(
-        losses[5] < 0.6 * losses[0],
-        "held-out loss should fall clearly: {losses:?}"
-    );
-    let contributors = status["peers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|p| p["accepted"].as_u64() > Some(0))
-        .count();
-    assert_eq!(contributors, 3, "every node contributed: {status}");
-    // Each node's own account: `herd-node status` adds up to what the coordinator counted
-    // (a node writes it when it hears its verdict, which may trail the coordinator a little).
-    let node_status = |i: usize| {
-        let dir = tmp.path().join(format!("node-{i}"));
-        let (out, stdout, stderr) = run(bin("herd-node")
-            .args(["status", "--json", "--data-dir"])
-            .arg(&dir));
-        assert!(out.status.success(), "{stderr}");
-        serde_json::from_str::<Value>(&stdout).unwrap()
-    };
-    wait_until(
-        Duration::from_secs(10),
-        "the nodes to count 15 accepted shards",
-        || {
-            let mine: Vec<Value> = (0..3).map(node_status).collect();
-            let shards: u64 = mine.iter().map(|m| m["accepted"].as_u64().unwrap()).sum();
-            (shards == 15 && mine.iter().all(|m| m["tokens"].as_u64() > Some(0))).then_some(())
-        },
-    );
-    let (out, stdout, _) = run(bin("herd-node")
-        .args(["status", "--data-dir"])
-        .arg(tmp.path().join("node-0")));
-    assert!(
-        out.status.success()
-            && stdout.contains("accepted shards")
-            && stdout.contains("tokens of credit"),
-        "{stdout}"
-    );
-    // Credit and metrics say the same.
-    let credit = get_json(&format!("{}/v1/contributors", coordinator.http)).unwrap();
-    let credit = credit.as_array().unwrap();
-    let shards: u64 = credit
-        .iter()
-        .map(|c| c["accepted_shards"].as_u64().unwrap())
-        .sum();
-    let tokens: Vec<u64> = credit
-        .iter()
-        .map(|c| c["tokens"].as_u64().unwrap())
-        .collect();
-    assert_eq!((credit.len(), shards), (3, 15), "{credit:?}");
-    assert!(
-        tokens.windows(2).all(|w| w[0] >= w[1]) && tokens[2] > 0,
-        "{credit:?}"
-    );
-    let metrics =
-        String::from_utf8(get_bytes(&format!("{}/metrics", coordinator.http)).unwrap()).unwrap();
-    assert!(
-        metrics.contains("herd_verdicts_total{verdict=\"accepted\"} 15\n")
-            && metrics.contains("herd_rounds_completed_total 5\n"),
-        "{metrics}"
-    );
+/// A finished command: whether it succeeded, and what it printed.
+#[derive(Debug)]
+struct Ran {
+    ok: bool,
+    stdout: String,
+    stderr: String,
+}
 
-    // Download the final checkpoint over HTTP and check it against the list.
-    let list = get_json(&format!("{}/v1/checkpoints", coordinator.http)).unwrap();
-    let last = list.as_array().unwrap().last().unwrap().clone();
-    assert_eq!(last["round"], 5);
-    let adapter = tmp.path().join("downloaded");
-    std::fs::create_dir_all(&adapter).unwrap();
-    for file in last["files"].as_array().unwrap() {
-        let name = file["name"].as_str().unwrap();
-        let bytes = get_bytes(&format!(
-            "{}/v1/checkpoints/{}/{name}",
-            coordinator.http,
-            last["id"].as_str().unwrap()
-        ))
-        .unwrap();
-        assert_eq!(
-            blake3::hash(&bytes).to_hex().as_str(),
-            file["blake3"].as_str().unwrap(),
-            "{name}"
-        );
-        std::fs::write(adapter.join(name), bytes).unwrap();
+impl Ran {
+    fn of(cmd: &mut std::process::Command) -> Ran {
+        let (out, stdout, stderr) = run(cmd);
+        Ran {
+            ok: out.status.success(),
+            stdout,
+            stderr,
+        }
     }
-    // `herd-node eval` with it reproduces the coordinator's held-out loss.
-    let (out, stdout, stderr) = run(bin("herd-node")
-        .args(["eval", "--json", "--model"])
-        .arg(default_asset("base"))
-        .arg("--adapter")
-        .arg(&adapter)
-        .arg("--data")
-        .arg(default_asset("data/heldout.jsonl")));
-    assert!(out.status.success(), "{stderr}");
-    let eval: Value = serde_json::from_str(stdout.trim()).unwrap();
-    let loss = eval["loss"].as_f64().unwrap();
-    assert!(
-        (loss - losses[5]).abs() < 1e-4,
-        "eval {loss} vs coordinator {}",
-        losses[5]
-    );
-    assert!(
-        get_bytes(&format!(
+}
+
+/// Three nodes train one model for five rounds, and the result is checked from every side: the
+/// coordinator's figures, the nodes' own accounts, the checkpoint over HTTP, `eval`, `pull` and
+/// `verify-checkpoint`. The run takes minutes, so it runs once (a [`Scenario`]) and each test
+/// here judges one property of what it recorded. The module's name sorts after this binary's
+/// other tests, as [`Scenario`] asks.
+mod with_three_nodes_training_one_model {
+    use std::time::Duration;
+
+    use herd_tests::{
+        Coordinator, Reaper, Scenario, bin, default_asset, get_bytes, get_json, observe_until,
+        wait_until,
+    };
+    use serde_json::Value;
+
+    use super::{ROUND, Ran};
+
+    static RUN: Scenario<Outcome> = Scenario::new("the three-node run", train_and_inspect);
+
+    /// What the run left to judge, all gathered before its processes stopped.
+    #[derive(Debug)]
+    struct Outcome {
+        /// `/v1/status` once the run finished.
+        status: Value,
+        /// Each node's `herd-node status --json`, as last polled: until they added up (see
+        /// [`accounts_add_up`]) or for 10 s, since a node counts a verdict when it hears it,
+        /// which may trail the coordinator a little. `Err`: a call failed, with its stderr.
+        accounts: Result<Vec<Value>, String>,
+        /// Node 0's `herd-node status`, in words.
+        account_in_words: Ran,
+        /// `/v1/contributors`.
+        credit: Option<Value>,
+        /// `/metrics`.
+        metrics: Result<String, String>,
+        /// The last entry of `/v1/checkpoints`.
+        checkpoint: Value,
+        /// Each file the checkpoint lists: its name, its BLAKE3 as listed, that of what was served.
+        downloaded: Vec<(String, String, String)>,
+        /// What `GET /v1/checkpoints/round-00005/..%2Fidentity.key` served, in bytes (`None`:
+        /// refused).
+        outside: Option<usize>,
+        /// `herd-node eval --json` of the downloaded checkpoint on the held-out data.
+        eval: Ran,
+        /// `herd-node pull` of the checkpoint into a dir that holds its weights' first 1000 bytes.
+        pull: Ran,
+        /// Each listed file that `pull` did not reproduce byte for byte, and how.
+        pulled_differently: Vec<String>,
+        /// `herd-node verify-checkpoint` of the download as served.
+        verify: Ran,
+        /// The same, with the weights' last byte changed.
+        verify_changed_weights: Ran,
+        /// The same, weights restored, with the manifest's round changed.
+        verify_changed_manifest: Ran,
+    }
+
+    impl Outcome {
+        /// The held-out loss of θ_0 and after each round.
+        fn losses(&self) -> Vec<f64> {
+            self.status["heldout_loss"]
+                .as_array()
+                .unwrap_or_else(|| panic!("no heldout_loss in the status: {}", self.status))
+                .iter()
+                .map(|v| v.as_f64().unwrap_or_else(|| panic!("a loss of {v}")))
+                .collect()
+        }
+    }
+
+    /// The nodes' accepted shards add up to the 15 the coordinator accepted, and each earned
+    /// tokens.
+    fn accounts_add_up(accounts: &[Value]) -> bool {
+        let shards: u64 = accounts
+            .iter()
+            .map(|a| a["accepted"].as_u64().unwrap_or(0))
+            .sum();
+        shards == 15 && accounts.iter().all(|a| a["tokens"].as_u64() > Some(0))
+    }
+
+    /// Runs the three nodes to the end and records everything the tests below judge.
+    fn train_and_inspect() -> Outcome {
+        let tmp = tempfile::tempdir().unwrap();
+        let coordinator = Coordinator::start(
+            tmp.path(),
+            &format!("rounds = 5\nserve_after_finish = true\n{ROUND}"),
+        );
+        let node_dir = |i: usize| tmp.path().join(format!("node-{i}"));
+        let _nodes = Reaper(
+            (0..3)
+                .map(|i| coordinator.start_node(&node_dir(i)))
+                .collect(),
+        );
+        let status = wait_until(Duration::from_secs(300), "the run to finish", || {
+            coordinator.status().filter(|s| s["finished"] == true)
+        });
+
+        let account = |i: usize| {
+            let ran = Ran::of(
+                bin("herd-node")
+                    .args(["status", "--json", "--data-dir"])
+                    .arg(node_dir(i)),
+            );
+            if !ran.ok {
+                return Err(ran.stderr);
+            }
+            serde_json::from_str::<Value>(&ran.stdout).map_err(|e| format!("{e}: {}", ran.stdout))
+        };
+        let accounts = observe_until(
+            Duration::from_secs(10),
+            || (0..3).map(account).collect::<Result<Vec<_>, _>>(),
+            |seen| seen.as_ref().map_or(true, |a| accounts_add_up(a)),
+        );
+        let account_in_words = Ran::of(
+            bin("herd-node")
+                .args(["status", "--data-dir"])
+                .arg(node_dir(0)),
+        );
+        let credit = get_json(&format!("{}/v1/contributors", coordinator.http));
+        let metrics = get_bytes(&format!("{}/metrics", coordinator.http))
+            .and_then(|bytes| Ok(String::from_utf8(bytes)?))
+            .map_err(|e| format!("{e:#}"));
+
+        // Download the final checkpoint over HTTP.
+        let list = get_json(&format!("{}/v1/checkpoints", coordinator.http))
+            .expect("GET /v1/checkpoints answers");
+        let checkpoint = list
+            .as_array()
+            .and_then(|l| l.last())
+            .unwrap_or_else(|| panic!("no checkpoint listed: {list}"))
+            .clone();
+        let id = checkpoint["id"].as_str().expect("the checkpoint's id");
+        let names: Vec<String> = checkpoint["files"]
+            .as_array()
+            .expect("the checkpoint's files")
+            .iter()
+            .map(|f| f["name"].as_str().expect("a file's name").to_string())
+            .collect();
+        let adapter = tmp.path().join("downloaded");
+        std::fs::create_dir_all(&adapter).unwrap();
+        let mut downloaded = Vec::new();
+        for (name, file) in names.iter().zip(checkpoint["files"].as_array().unwrap()) {
+            let url = format!("{}/v1/checkpoints/{id}/{name}", coordinator.http);
+            let bytes = get_bytes(&url).unwrap_or_else(|e| panic!("GET {url}: {e:#}"));
+            let listed = file["blake3"].as_str().unwrap_or_default().to_string();
+            downloaded.push((
+                name.clone(),
+                listed,
+                blake3::hash(&bytes).to_hex().to_string(),
+            ));
+            std::fs::write(adapter.join(name), bytes).unwrap();
+        }
+        let eval = Ran::of(
+            bin("herd-node")
+                .args(["eval", "--json", "--model"])
+                .arg(default_asset("base"))
+                .arg("--adapter")
+                .arg(&adapter)
+                .arg("--data")
+                .arg(default_asset("data/heldout.jsonl")),
+        );
+        let outside = get_bytes(&format!(
             "{}/v1/checkpoints/round-00005/..%2Fidentity.key",
             coordinator.http
         ))
-        .is_err()
-    );
+        .ok()
+        .map(|bytes| bytes.len());
 
-    // `herd-node pull` over HTTP gives the same files, resuming a partial one with `Range`.
-    let pulled = tmp.path().join("pulled/checkpoints/round-00005");
-    std::fs::create_dir_all(&pulled).unwrap();
-    let weights = std::fs::read(adapter.join("adapter_model.safetensors")).unwrap();
-    std::fs::write(
-        pulled.join(".adapter_model.safetensors.partial"),
-        &weights[..1000],
-    )
-    .unwrap();
-    let (out, stdout, stderr) = run(bin("herd-node")
-        .args(["pull", "--checkpoint", "round-00005", "--from"])
-        .arg(&coordinator.http)
-        .arg("--out")
-        .arg(tmp.path().join("pulled")));
-    assert!(
-        out.status.success()
-            && stdout.contains("signature and hashes ok")
-            && stderr.contains("resuming a download"),
-        "{stdout}{stderr}"
-    );
-    for file in last["files"].as_array().unwrap() {
-        let name = file["name"].as_str().unwrap();
+        // `herd-node pull` over HTTP, with a partial weights file to resume.
+        let pulled = tmp.path().join("pulled/checkpoints/round-00005");
+        std::fs::create_dir_all(&pulled).unwrap();
+        let weights = adapter.join("adapter_model.safetensors");
+        let good = std::fs::read(&weights).expect("the downloaded weights");
+        std::fs::write(
+            pulled.join(".adapter_model.safetensors.partial"),
+            &good[..1000],
+        )
+        .unwrap();
+        let pull = Ran::of(
+            bin("herd-node")
+                .args(["pull", "--checkpoint", "round-00005", "--from"])
+                .arg(&coordinator.http)
+                .arg("--out")
+                .arg(tmp.path().join("pulled")),
+        );
+        let pulled_differently = names
+            .iter()
+            .filter_map(|name| {
+                match (
+                    std::fs::read(pulled.join(name)),
+                    std::fs::read(adapter.join(name)),
+                ) {
+                    (Ok(a), Ok(b)) if a == b => None,
+                    (Ok(_), Ok(_)) => Some(format!("{name}: other bytes")),
+                    (Err(e), _) | (_, Err(e)) => Some(format!("{name}: {e}")),
+                }
+            })
+            .collect();
+
+        // Provenance, as served, then with a changed byte, then with a changed manifest.
+        let addr: libp2p::Multiaddr = coordinator.addr.parse().unwrap();
+        let signer = herd_protocol::net::pinned_peer(&addr).unwrap().to_string();
+        let verify_checkpoint = || {
+            Ran::of(
+                bin("herd-node")
+                    .args(["verify-checkpoint", "--coordinator", &signer])
+                    .arg(&adapter),
+            )
+        };
+        let verify = verify_checkpoint();
+        let mut bad = good.clone();
+        *bad.last_mut().unwrap() ^= 1;
+        std::fs::write(&weights, &bad).unwrap();
+        let verify_changed_weights = verify_checkpoint();
+        std::fs::write(&weights, &good).unwrap();
+        let manifest = adapter.join("manifest.json");
+        let text = std::fs::read_to_string(&manifest).unwrap();
+        std::fs::write(&manifest, text.replace("\"round\": 5", "\"round\": 6")).unwrap();
+        let verify_changed_manifest = verify_checkpoint();
+
+        Outcome {
+            status,
+            accounts,
+            account_in_words,
+            credit,
+            metrics,
+            checkpoint,
+            downloaded,
+            outside,
+            eval,
+            pull,
+            pulled_differently,
+            verify,
+            verify_changed_weights,
+            verify_changed_manifest,
+        }
+    }
+
+    #[test]
+    fn the_run_completes_five_rounds_and_the_heldout_loss_falls_clearly() {
+        let run = RUN.get();
         assert_eq!(
-            std::fs::read(pulled.join(name)).unwrap(),
-            std::fs::read(adapter.join(name)).unwrap(),
-            "{name}"
+            run.status["rounds_completed"], 5,
+            "rounds completed: {}",
+            run.status
+        );
+        let losses = run.losses();
+        assert_eq!(
+            losses.len(),
+            6,
+            "θ_0's held-out loss and 5 rounds': {losses:?}"
+        );
+        assert!(
+            losses[5] < 0.6 * losses[0],
+            "held-out loss should fall below 60% of θ_0's: {losses:?}"
         );
     }
 
-    // Provenance: signed by this coordinator, built from the 15 accepted deltas, every file
-    // as listed; a changed byte or a changed manifest fails with the file named.
-    let addr: libp2p::Multiaddr = coordinator.addr.parse().unwrap();
-    let signer = herd_protocol::net::pinned_peer(&addr).unwrap().to_string();
-    let verify = || {
-        run(bin("herd-node")
-            .args(["verify-checkpoint", "--coordinator", &signer])
-            .arg(&adapter))
-    };
-    let (out, stdout, stderr) = verify();
-    assert!(
-        out.status.success() && stdout.contains("15 verified deltas of 3 peers over rounds 0..5"),
-        "{stdout}{stderr}"
-    );
-    let weights = adapter.join("adapter_model.safetensors");
-    let good = std::fs::read(&weights).unwrap();
-    let mut bad = good.clone();
-    *bad.last_mut().unwrap() ^= 1;
-    std::fs::write(&weights, &bad).unwrap();
-    let (out, _, stderr) = verify();
-    assert!(
-        !out.status.success()
-            && stderr.contains("adapter_model.safetensors")
-            && stderr.contains("was changed"),
-        "{stderr}"
-    );
-    std::fs::write(&weights, &good).unwrap();
-    let manifest = adapter.join("manifest.json");
-    let text = std::fs::read_to_string(&manifest).unwrap();
-    std::fs::write(&manifest, text.replace("\"round\": 5", "\"round\": 6")).unwrap();
-    let (out, _, stderr) = verify();
-    assert!(
-        !out.status.success() && stderr.contains("signature does not match"),
-        "{stderr}"
-    );
+    #[test]
+    fn every_node_contributes() {
+        let status = &RUN.get().status;
+        let contributors = status["peers"]
+            .as_array()
+            .unwrap_or_else(|| panic!("no peers in the status: {status}"))
+            .iter()
+            .filter(|p| p["accepted"].as_u64() > Some(0))
+            .count();
+        assert_eq!(
+            contributors, 3,
+            "peers with an accepted delta, of 3 nodes: {status}"
+        );
+    }
+
+    #[test]
+    fn each_nodes_own_account_adds_up_to_what_the_coordinator_counted() {
+        let run = RUN.get();
+        let accounts = run
+            .accounts
+            .as_ref()
+            .unwrap_or_else(|stderr| panic!("herd-node status --json failed: {stderr}"));
+        assert!(
+            accounts_add_up(accounts),
+            "the nodes' accepted shards should add up to the coordinator's 15 and each node \
+             have tokens of credit, within 10 s; `herd-node status --json` said: {accounts:?}"
+        );
+        let words = &run.account_in_words;
+        assert!(
+            words.ok
+                && words.stdout.contains("accepted shards")
+                && words.stdout.contains("tokens of credit"),
+            "herd-node status should say the accepted shards and tokens of credit: {}{}",
+            words.stdout,
+            words.stderr
+        );
+    }
+
+    #[test]
+    fn credit_and_metrics_say_the_same_as_the_verdicts() {
+        let run = RUN.get();
+        let credit = run
+            .credit
+            .as_ref()
+            .and_then(Value::as_array)
+            .unwrap_or_else(|| panic!("GET /v1/contributors: {:?}", run.credit));
+        let shards: u64 = credit
+            .iter()
+            .map(|c| c["accepted_shards"].as_u64().unwrap())
+            .sum();
+        let tokens: Vec<u64> = credit
+            .iter()
+            .map(|c| c["tokens"].as_u64().unwrap())
+            .collect();
+        assert_eq!(
+            (credit.len(), shards),
+            (3, 15),
+            "(contributors, their accepted shards) in /v1/contributors: {credit:?}"
+        );
+        assert!(
+            tokens.windows(2).all(|w| w[0] >= w[1]) && tokens[2] > 0,
+            "/v1/contributors should list the most tokens first, every contributor with some: \
+             {credit:?}"
+        );
+        let metrics = run
+            .metrics
+            .as_ref()
+            .unwrap_or_else(|e| panic!("GET /metrics: {e}"));
+        assert!(
+            metrics.contains("herd_verdicts_total{verdict=\"accepted\"} 15\n")
+                && metrics.contains("herd_rounds_completed_total 5\n"),
+            "/metrics should count 15 accepted verdicts and 5 rounds: {metrics}"
+        );
+    }
+
+    #[test]
+    fn the_final_checkpoint_downloads_over_http_as_listed() {
+        let run = RUN.get();
+        assert_eq!(
+            run.checkpoint["round"], 5,
+            "the last checkpoint listed: {}",
+            run.checkpoint
+        );
+        for (name, listed, served) in &run.downloaded {
+            assert_eq!(served, listed, "BLAKE3 of {name} as served, and as listed");
+        }
+    }
+
+    #[test]
+    fn the_checkpoint_endpoint_serves_nothing_outside_the_checkpoint() {
+        assert_eq!(
+            RUN.get().outside,
+            None,
+            "bytes served for /v1/checkpoints/round-00005/..%2Fidentity.key"
+        );
+    }
+
+    #[test]
+    fn herd_node_eval_of_the_checkpoint_reproduces_the_coordinators_heldout_loss() {
+        let run = RUN.get();
+        let eval = &run.eval;
+        assert!(eval.ok, "herd-node eval: {}", eval.stderr);
+        let report: Value = serde_json::from_str(eval.stdout.trim())
+            .unwrap_or_else(|e| panic!("herd-node eval --json: {e}: {}", eval.stdout));
+        let loss = report["loss"]
+            .as_f64()
+            .unwrap_or_else(|| panic!("no loss from herd-node eval: {report}"));
+        let losses = run.losses();
+        let theirs = *losses
+            .get(5)
+            .unwrap_or_else(|| panic!("no held-out loss for round 5: {losses:?}"));
+        assert!(
+            (loss - theirs).abs() < 1e-4,
+            "eval {loss} vs coordinator {theirs}"
+        );
+    }
+
+    #[test]
+    fn herd_node_pull_resumes_a_partial_file_and_gets_the_same_files() {
+        let run = RUN.get();
+        let pull = &run.pull;
+        assert!(
+            pull.ok
+                && pull.stdout.contains("signature and hashes ok")
+                && pull.stderr.contains("resuming a download"),
+            "herd-node pull should resume the partial file and check the signature and \
+             hashes: {}{}",
+            pull.stdout,
+            pull.stderr
+        );
+        assert!(
+            run.pulled_differently.is_empty(),
+            "pulled files unlike the HTTP download: {:?}",
+            run.pulled_differently
+        );
+    }
+
+    #[test]
+    fn verify_checkpoint_traces_the_checkpoint_to_15_deltas_of_3_peers() {
+        let verify = &RUN.get().verify;
+        assert!(
+            verify.ok
+                && verify
+                    .stdout
+                    .contains("15 verified deltas of 3 peers over rounds 0..5"),
+            "herd-node verify-checkpoint: {}{}",
+            verify.stdout,
+            verify.stderr
+        );
+    }
+
+    #[test]
+    fn verify_checkpoint_fails_on_a_changed_byte_naming_the_file_or_a_changed_manifest() {
+        let run = RUN.get();
+        let changed = &run.verify_changed_weights;
+        assert!(
+            !changed.ok
+                && changed.stderr.contains("adapter_model.safetensors")
+                && changed.stderr.contains("was changed"),
+            "herd-node verify-checkpoint with one byte of the weights changed should fail \
+             naming the file: {}",
+            changed.stderr
+        );
+        let changed = &run.verify_changed_manifest;
+        assert!(
+            !changed.ok && changed.stderr.contains("signature does not match"),
+            "herd-node verify-checkpoint with the manifest's round changed should fail on the \
+             signature: {}",
+            changed.stderr
+        );
+    }
 }
 
 #[test]
