@@ -15,7 +15,7 @@ use crate::round::Action;
 
 impl Coordinator {
     /// Side effects of actions that answer no request.
-    pub(super) fn perform(&mut self, swarm: &mut Swarm<Behaviour>, actions: Vec<Action>) {
+    pub(super) fn carry_out(&mut self, swarm: &mut Swarm<Behaviour>, actions: Vec<Action>) {
         if actions.is_empty() {
             return; // most ticks: nothing changed, nothing to republish
         }
@@ -40,7 +40,7 @@ impl Coordinator {
                     peer,
                     lease,
                     verdict,
-                } => self.decide(swarm, peer, lease, verdict, None),
+                } => self.give_verdict(swarm, peer, lease, verdict, None),
                 Action::Excluded {
                     peer,
                     lease,

@@ -117,7 +117,7 @@ impl Coordinator {
                 event = swarm.select_next_some() => self.on_swarm_event(swarm, event),
                 _ = tick.tick() => {
                     let actions = self.machine.handle(Event::Tick, now_ms());
-                    self.perform(swarm, actions);
+                    self.carry_out(swarm, actions);
                     if let Some(at) = self.finished_at
                         && !self.cfg.serve_after_finish
                         && at.elapsed() >= LINGER_AFTER_FINISH

@@ -55,7 +55,7 @@ impl Coordinator {
         let actions = self
             .machine
             .handle(Event::Aggregated { round, adapter }, now_ms());
-        self.perform(swarm, actions);
+        self.carry_out(swarm, actions);
         Ok(())
     }
 

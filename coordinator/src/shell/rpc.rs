@@ -72,7 +72,7 @@ impl Coordinator {
         if let Some(response) = answer.and_then(|a| self.lease_answer(a)) {
             let _ = swarm.behaviour_mut().rpc.send_response(channel, response);
         }
-        self.perform(swarm, rest);
+        self.carry_out(swarm, rest);
         self.publish_status(); // a grant or return changed the leases even without other actions
     }
 

@@ -5,11 +5,12 @@
 use std::collections::HashMap;
 
 use anyhow::{Context, Result};
+use herd_protocol::Round;
 use herd_protocol::blob_server::BlobServer;
 use herd_protocol::blobs::BlobStore;
+use herd_protocol::delta::DeltaLayout;
 use herd_protocol::messages::{ANNOUNCE_TOPIC, RunAssets};
 use herd_protocol::net::{Behaviour, NetOptions, Role, build_swarm, load_or_create_identity};
-use herd_protocol::{LeaseId, Round};
 use libp2p::{Multiaddr, Swarm, gossipsub};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -22,9 +23,9 @@ use crate::config::RunConfig;
 use crate::engine::Engine;
 use crate::lease::lease_for;
 use crate::ledger::Ledger;
-use crate::round::RoundMachine;
+use crate::round::{Action, RoundMachine};
 use crate::status::Status;
-use crate::store::{RunState, Store, resume};
+use crate::store::{RunState, Snapshot, Store, resume};
 use crate::verify::log::VerdictLog;
 use crate::verify::reputation::{Reputation, ReputationConfig};
 
@@ -34,115 +35,135 @@ pub async fn serve(cfg: RunConfig, shutdown: impl std::future::Future<Output = (
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("creating {}", cfg.data_dir.display()))?;
     let keypair = load_or_create_identity(&cfg.data_dir.join("identity.key"))?;
-    let identity = keypair.clone(); // signs checkpoint manifests
-    let mut swarm = listen(&cfg, keypair)?;
+    let mut swarm = listen(&cfg, keypair.clone())?;
     let topic = gossipsub::IdentTopic::new(ANNOUNCE_TOPIC);
     swarm.behaviour_mut().gossipsub.subscribe(&topic)?;
-
-    tracing::info!(model = %cfg.base_model.display(), "loading the base model");
-    let mut engine = Engine::new(&cfg)?;
-    let layout = engine.layout();
-    let mut blobs = BlobStore::open(&cfg.data_dir.join("blobs"))?;
-    let assets = put_assets(&cfg, &mut blobs)?;
-    let store = Store::open(&cfg.data_dir.join("state.redb"))?;
-    let snapshot = store.load()?;
-    let run_state = match snapshot.run.clone() {
-        Some(run) => resume_engine(&mut engine, &blobs, run)?,
-        None => start_engine(&mut engine, &mut blobs)?,
-    };
-    store.set_run(&run_state)?;
-    let machine_cfg = cfg.machine_config(cfg.training_examples()?);
-    let round = Round(run_state.round);
-    let open_round = resume::open_round(
-        &snapshot,
-        round,
-        run_state.adapter,
-        &machine_cfg,
-        (&layout, cfg.round.codec),
-        &blobs,
-    )?;
-    let (machine, due) = RoundMachine::resume(
-        machine_cfg,
-        round,
-        run_state.adapter,
-        open_round.accepted,
-        open_round
-            .live
-            .iter()
-            .map(|(g, peer)| (g.lease, *peer, g.shard, g.expires_at_ms))
-            .collect(),
-        (run_state.epoch as u64) << 32 | 1,
-    );
-    let publisher = Publisher {
-        dir: cfg.data_dir.join("checkpoints"),
-        run: cfg.run.clone(),
-        assets,
-        identity,
-    };
-    for c in &run_state.checkpoints {
-        publisher.register(&mut blobs, c)?;
-    }
-    let ledger = Ledger::restore(
-        reputation(&cfg),
-        layout.numel() as u64 * 4,
-        &snapshot.verdicts,
-    )?;
-    let status = Status {
-        run: cfg.run.clone(),
-        peer_id: swarm.local_peer_id().to_string(),
-        rounds_total: cfg.rounds,
-        round: run_state.round,
-        rounds_completed: run_state.round,
-        shards: cfg.round.shards as u64,
-        quorum: cfg.quorum() as u64,
-        heldout_loss: run_state.heldout_loss.clone(),
-        checkpoints: run_state.checkpoints.clone(),
-        ..Status::default()
-    };
-    let (status_tx, status_rx) = watch::channel(status);
-    let (http_stop_tx, http_stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let http = serve_http(&cfg, status_rx, &publisher, async {
-        let _ = http_stop_rx.await;
-    })
-    .await?;
-    let leases: HashMap<LeaseId, _> = open_round
-        .live
-        .iter()
-        .map(|(g, _)| (g.lease, lease_for(&cfg, &publisher.assets, g)))
-        .collect();
-    let mut coordinator = Coordinator {
-        verdict_log: VerdictLog::open(&cfg.data_dir.join("verdicts.jsonl"))?,
-        cfg,
-        layout,
-        machine,
-        ledger,
-        engine: EngineSlot::new(engine),
-        verifications: Verifications::default(),
-        waiting_aggregation: None,
-        round_deltas: open_round.deltas,
-        leases,
-        store,
-        run_state,
-        blobs,
-        blob_server: BlobServer::default(),
-        publisher,
-        status_tx,
-        peers: HashMap::new(),
-        finished_at: None,
-        topic,
-    };
-    coordinator.publish_status();
+    let (mut coordinator, due) = Coordinator::open(cfg, keypair, topic)?;
+    coordinator.publish_status(); // the restored totals and credit, before anyone can ask
+    let http = HttpServer::start(&coordinator.cfg, &coordinator).await?;
     // A round that reached quorum before a stop aggregates now; a finished run says so.
-    coordinator.perform(&mut swarm, due);
+    coordinator.carry_out(&mut swarm, due);
     let result = coordinator.run(&mut swarm, shutdown).await;
-    let _ = http_stop_tx.send(());
     if let Some(http) = http {
-        http.await.context("HTTP task")??;
+        http.stop().await?;
     }
     result?;
     let summary = coordinator.write_summary()?;
     say!("summary: {}", summary.display());
     Ok(())
+}
+
+impl Coordinator {
+    /// A fresh run, or a stored one where it stopped: the engine on θ_r, the run's assets in
+    /// the blob store, the round machine and the ledger from the store. Returns the actions due
+    /// at once (an aggregation or the end of the run).
+    fn open(
+        cfg: RunConfig,
+        identity: libp2p::identity::Keypair,
+        topic: gossipsub::IdentTopic,
+    ) -> Result<(Self, Vec<Action>)> {
+        tracing::info!(model = %cfg.base_model.display(), "loading the base model");
+        let mut engine = Engine::new(&cfg)?;
+        let layout = engine.layout();
+        let mut blobs = BlobStore::open(&cfg.data_dir.join("blobs"))?;
+        let publisher = Publisher {
+            dir: cfg.data_dir.join("checkpoints"),
+            run: cfg.run.clone(),
+            assets: put_assets(&cfg, &mut blobs)?,
+            identity,
+        };
+        let store = Store::open(&cfg.data_dir.join("state.redb"))?;
+        let snapshot = store.load()?;
+        let run_state = match snapshot.run.clone() {
+            Some(run) => resume_engine(&mut engine, &blobs, run)?,
+            None => start_engine(&mut engine, &mut blobs)?,
+        };
+        store.set_run(&run_state)?;
+        for c in &run_state.checkpoints {
+            publisher.register(&mut blobs, c)?;
+        }
+        let (machine, due, open_round) =
+            resume_round(&cfg, &snapshot, &run_state, &layout, &blobs)?;
+        let ledger = Ledger::restore(
+            reputation(&cfg),
+            layout.numel() as u64 * 4,
+            &snapshot.verdicts,
+        )?;
+        let leases = open_round
+            .live
+            .iter()
+            .map(|(g, _)| (g.lease, lease_for(&cfg, &publisher.assets, g)))
+            .collect();
+        let status = Status {
+            run: cfg.run.clone(),
+            peer_id: publisher.identity.public().to_peer_id().to_string(),
+            rounds_total: cfg.rounds,
+            round: run_state.round,
+            rounds_completed: run_state.round,
+            shards: cfg.round.shards as u64,
+            quorum: cfg.quorum() as u64,
+            heldout_loss: run_state.heldout_loss.clone(),
+            checkpoints: run_state.checkpoints.clone(),
+            ..Status::default()
+        };
+        let coordinator = Coordinator {
+            verdict_log: VerdictLog::open(&cfg.data_dir.join("verdicts.jsonl"))?,
+            cfg,
+            layout,
+            machine,
+            ledger,
+            engine: EngineSlot::new(engine),
+            verifications: Verifications::default(),
+            waiting_aggregation: None,
+            round_deltas: open_round.deltas,
+            leases,
+            store,
+            run_state,
+            blobs,
+            blob_server: BlobServer::default(),
+            publisher,
+            status_tx: watch::Sender::new(status),
+            peers: HashMap::new(),
+            finished_at: None,
+            topic,
+        };
+        Ok((coordinator, due))
+    }
+}
+
+/// The round machine on the stored run's open round, the actions due at once, and that round
+/// as stored (accepted deltas, live leases).
+fn resume_round(
+    cfg: &RunConfig,
+    snapshot: &Snapshot,
+    run_state: &RunState,
+    layout: &DeltaLayout,
+    blobs: &BlobStore,
+) -> Result<(RoundMachine, Vec<Action>, resume::OpenRound)> {
+    let machine_cfg = cfg.machine_config(cfg.training_examples()?);
+    let round = Round(run_state.round);
+    let mut open_round = resume::open_round(
+        snapshot,
+        round,
+        run_state.adapter,
+        &machine_cfg,
+        (layout, cfg.round.codec),
+        blobs,
+    )?;
+    let live = open_round
+        .live
+        .iter()
+        .map(|(g, peer)| (g.lease, *peer, g.shard, g.expires_at_ms))
+        .collect();
+    let (machine, due) = RoundMachine::resume(
+        machine_cfg,
+        round,
+        run_state.adapter,
+        std::mem::take(&mut open_round.accepted),
+        live,
+        (run_state.epoch as u64) << 32 | 1,
+    );
+    Ok((machine, due, open_round))
 }
 
 /// The swarm, listening where the run says. The coordinator is every run's DHT bootstrap, so
@@ -226,25 +247,41 @@ fn reputation(cfg: &RunConfig) -> Reputation {
     )
 }
 
-/// Starts the HTTP API where the run says (`None` when it is off) until `stop` resolves.
-async fn serve_http(
-    cfg: &RunConfig,
-    status: watch::Receiver<Status>,
-    publisher: &Publisher,
-    stop: impl std::future::Future<Output = ()> + Send + 'static,
-) -> Result<Option<JoinHandle<std::io::Result<()>>>> {
-    let Some(addr) = cfg.http_addr() else {
-        say!("http: off (checkpoints are served over libp2p only)");
-        return Ok(None);
-    };
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("binding HTTP on {addr}"))?;
-    say!("http: http://{}", listener.local_addr()?);
-    let app = crate::http::router(status, publisher.dir.clone());
-    Ok(Some(tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(stop)
+/// The HTTP API, serving `/v1/status` and the checkpoints until stopped.
+struct HttpServer {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: JoinHandle<std::io::Result<()>>,
+}
+
+impl HttpServer {
+    /// Starts it where the run says (`None` when it is off).
+    async fn start(cfg: &RunConfig, coordinator: &Coordinator) -> Result<Option<Self>> {
+        let Some(addr) = cfg.http_addr() else {
+            say!("http: off (checkpoints are served over libp2p only)");
+            return Ok(None);
+        };
+        let listener = tokio::net::TcpListener::bind(addr)
             .await
-    })))
+            .with_context(|| format!("binding HTTP on {addr}"))?;
+        say!("http: http://{}", listener.local_addr()?);
+        let app = crate::http::router(
+            coordinator.status_tx.subscribe(),
+            coordinator.publisher.dir.clone(),
+        );
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async {
+                    let _ = stopped.await;
+                })
+                .await
+        });
+        Ok(Some(HttpServer { stop, task }))
+    }
+
+    /// Tells it to stop and waits until it has.
+    async fn stop(self) -> Result<()> {
+        let _ = self.stop.send(());
+        Ok(self.task.await.context("HTTP task")??)
+    }
 }

@@ -87,7 +87,7 @@ impl Coordinator {
         }
         if let Some(why) = self.ledger.reputation().banned(&peer) {
             let verdict = Verdict::Rejected(RejectReason::Banned(why.to_string()));
-            self.decide(swarm, peer, sub.lease, verdict, Some((channel, facts)));
+            self.give_verdict(swarm, peer, sub.lease, verdict, Some((channel, facts)));
             return;
         }
         let checked = self.check_cheap_layers(&peer, &sub);
@@ -120,7 +120,7 @@ impl Coordinator {
                 self.verifications.queue.push_back(lease);
             }
             (Some(Action::Verdict { lease, verdict, .. }), _) => {
-                self.decide(swarm, peer, lease, verdict, Some((channel, facts)));
+                self.give_verdict(swarm, peer, lease, verdict, Some((channel, facts)));
             }
             (other, _) => {
                 // The machine answers every submission with one of the two, and asks for
@@ -128,7 +128,7 @@ impl Coordinator {
                 tracing::error!(?other, "no answer for a submission; its node will retry");
             }
         }
-        self.perform(swarm, rest);
+        self.carry_out(swarm, rest);
         self.start_verification(swarm);
     }
 
@@ -194,7 +194,7 @@ impl Coordinator {
                     result: Err(RejectReason::StaleRound),
                 };
                 let actions = self.machine.handle(stale, now_ms());
-                self.perform(swarm, actions);
+                self.carry_out(swarm, actions);
                 continue;
             }
             let job = self.verify_job(p, lease_msg.clone());
@@ -241,14 +241,14 @@ impl Coordinator {
             result: outcome.result,
         };
         let actions = self.machine.handle(event, now_ms());
-        self.perform(swarm, actions);
+        self.carry_out(swarm, actions);
     }
 
     /// Records a verdict durably, applies it to the ledger, then answers the node: on
     /// `answer` for a request decided at once, or on the channel of its pending verification.
     /// An accepted delta's payload goes to the blob store and its record into the same
     /// transaction as the verdict, before the node hears "accepted".
-    pub(super) fn decide(
+    pub(super) fn give_verdict(
         &mut self,
         swarm: &mut Swarm<Behaviour>,
         peer: PeerKey,
@@ -307,7 +307,7 @@ impl Coordinator {
             let actions = self
                 .machine
                 .handle(Event::Banned { peer, reason }, now_ms());
-            self.perform(swarm, actions);
+            self.carry_out(swarm, actions);
         }
         self.publish_status();
     }

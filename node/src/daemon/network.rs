@@ -119,7 +119,7 @@ impl EventLoop {
                     Some(c) => self.on_command(c),
                     None => return,
                 },
-                _ = tick.tick() => self.lookups.settle(&mut self.swarm),
+                _ = tick.tick() => self.lookups.answer_finished(&mut self.swarm),
                 (channel, response) = self.blob_server.next() => self.respond(channel, response),
             }
         }
@@ -216,7 +216,7 @@ impl EventLoop {
                     && !self.reachability.has_relayed(&peer)
                 {
                     self.lookups.unreachable(&peer);
-                    self.lookups.settle(&mut self.swarm);
+                    self.lookups.answer_finished(&mut self.swarm);
                 }
             }
             // A relayed address is how peers behind NAT are reached: tell the DHT about it.
@@ -243,7 +243,7 @@ impl EventLoop {
                 .insert(peer, endpoint.get_remote_address().clone());
         }
         self.lookups.connected(peer);
-        self.lookups.settle(&mut self.swarm);
+        self.lookups.answer_finished(&mut self.swarm);
     }
 
     fn on_behaviour(&mut self, event: BehaviourEvent) {
@@ -267,11 +267,13 @@ impl EventLoop {
                 let dial = self.last_dial_error.clone();
                 let failure =
                     |e: &request_response::OutboundFailure| outbound_failure(dial.as_deref(), e);
-                let _ = settle(&mut self.pending_rpc, event, failure);
+                let _ = route_response(&mut self.pending_rpc, event, failure);
             }
             BehaviourEvent::Blob(event) => {
                 let failure = |e: &request_response::OutboundFailure| outbound_failure(None, e);
-                if let Some((request, channel)) = settle(&mut self.pending_blob, event, failure) {
+                if let Some((request, channel)) =
+                    route_response(&mut self.pending_blob, event, failure)
+                {
                     let mut store = self.store.lock().expect("blob store lock");
                     let ready = self.blob_server.answer(&mut store, &request, channel);
                     drop(store);
@@ -320,7 +322,7 @@ fn outbound_failure(
 
 /// Hands a response (or failure) to whoever waits for it; returns an inbound request with its
 /// channel, which the caller must answer.
-fn settle<Req, Resp>(
+fn route_response<Req, Resp>(
     pending: &mut HashMap<OutboundRequestId, Reply<Resp>>,
     event: request_response::Event<Req, Resp>,
     failure: impl Fn(&request_response::OutboundFailure) -> NetFailure,

@@ -107,11 +107,11 @@ impl Lookups {
         if let kad::QueryResult::StartProviding(Err(e)) = &result {
             tracing::debug!(error = %e, "announcing a blob reached no DHT peer");
         }
-        self.settle(swarm);
+        self.answer_finished(swarm);
     }
 
     /// Answers the lookups that are complete or out of time.
-    pub(super) fn settle(&mut self, swarm: &mut Swarm<Behaviour>) {
+    pub(super) fn answer_finished(&mut self, swarm: &mut Swarm<Behaviour>) {
         let now = Instant::now();
         let done: Vec<kad::QueryId> = self
             .0
