@@ -59,7 +59,7 @@ impl Coordinator {
         Ok(())
     }
 
-    /// Brings `/v1/status` up to date with the machine, the ledger and the peers.
+    /// Brings `/v1/status` up to date with the machine and the peers (totals: `publish_totals`).
     pub(super) fn publish_status(&self) {
         let known = self.peers.keys().chain(self.ledger.peers());
         let ids: std::collections::HashSet<_> = known.copied().collect();
@@ -84,9 +84,14 @@ impl Coordinator {
             s.round = self.machine.round().0;
             s.accepted_this_round = self.machine.accepted_count() as u64;
             s.active_leases = self.machine.active_leases().len() as u64;
-            s.totals = self.ledger.totals().clone();
             s.peers = peers;
         });
+    }
+
+    /// Brings the status's totals up to date with the ledger: after a verdict, and at start.
+    pub(super) fn publish_totals(&self) {
+        let totals = self.ledger.totals().clone();
+        self.status_tx.send_modify(|s| s.totals = totals);
     }
 
     /// Writes `summary.json` (see `../shared/INTERFACES.md`, beside the repository) into the

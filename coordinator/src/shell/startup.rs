@@ -39,7 +39,9 @@ pub async fn serve(cfg: RunConfig, shutdown: impl std::future::Future<Output = (
     let topic = gossipsub::IdentTopic::new(ANNOUNCE_TOPIC);
     swarm.behaviour_mut().gossipsub.subscribe(&topic)?;
     let (mut coordinator, due) = Coordinator::open(cfg, keypair, topic)?;
-    coordinator.publish_status(); // the restored totals and credit, before anyone can ask
+    // The restored totals and credit, before anyone can ask.
+    coordinator.publish_totals();
+    coordinator.publish_status();
     let http = HttpServer::start(&coordinator.cfg, &coordinator).await?;
     // A round that reached quorum before a stop aggregates now; a finished run says so.
     coordinator.carry_out(&mut swarm, due);

@@ -284,6 +284,7 @@ impl Coordinator {
             tracing::warn!(error = %e, "cannot append to verdicts.jsonl (the store has the verdict)");
         }
         let banned = self.ledger.apply(peer, &record);
+        self.publish_totals();
         let replayed = detail.replay.is_some();
         let round = self.machine.round().0;
         match &verdict {
