@@ -34,6 +34,26 @@ pub enum NetError {
     Build(String),
     #[error("identity key {path}: {problem}")]
     Identity { path: String, problem: String },
+    #[error("listen address `{addr}`: {problem}")]
+    Listen { addr: String, problem: String },
+}
+
+/// Listens on each of `addrs` (multiaddrs as text); the first that does not parse or cannot be
+/// listened on is the error.
+pub fn listen_on_all(swarm: &mut Swarm<Behaviour>, addrs: &[String]) -> Result<(), NetError> {
+    for addr in addrs {
+        let err = |problem: String| NetError::Listen {
+            addr: addr.clone(),
+            problem,
+        };
+        let parsed: libp2p::Multiaddr = addr
+            .parse()
+            .map_err(|e| err(format!("not a multiaddr: {e}")))?;
+        swarm
+            .listen_on(parsed)
+            .map_err(|e| err(format!("cannot listen: {e}")))?;
+    }
+    Ok(())
 }
 
 /// A request-response codec: one length-prefixed bincode frame each way, capped at `REQ` and

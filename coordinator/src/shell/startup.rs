@@ -10,8 +10,10 @@ use herd_protocol::blob_server::BlobServer;
 use herd_protocol::blobs::BlobStore;
 use herd_protocol::delta::DeltaLayout;
 use herd_protocol::messages::{ANNOUNCE_TOPIC, RunAssets};
-use herd_protocol::net::{Behaviour, NetOptions, Role, build_swarm, load_or_create_identity};
-use libp2p::{Multiaddr, Swarm, gossipsub};
+use herd_protocol::net::{
+    Behaviour, NetOptions, Role, build_swarm, listen_on_all, load_or_create_identity,
+};
+use libp2p::{Swarm, gossipsub};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -176,14 +178,7 @@ fn listen(cfg: &RunConfig, keypair: libp2p::identity::Keypair) -> Result<Swarm<B
         .behaviour_mut()
         .kad
         .set_mode(Some(libp2p::kad::Mode::Server));
-    for addr in &cfg.listen {
-        let addr: Multiaddr = addr
-            .parse()
-            .with_context(|| format!("listen address `{addr}`"))?;
-        swarm
-            .listen_on(addr.clone())
-            .with_context(|| format!("listening on {addr}"))?;
-    }
+    listen_on_all(&mut swarm, &cfg.listen)?;
     Ok(swarm)
 }
 

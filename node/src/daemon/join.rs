@@ -6,7 +6,9 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use herd_protocol::messages::RoundAnnouncement;
-use herd_protocol::net::{NetOptions, Role, build_swarm, load_or_create_identity, pinned_peer};
+use herd_protocol::net::{
+    NetOptions, Role, build_swarm, listen_on_all, load_or_create_identity, pinned_peer,
+};
 use libp2p::identity::Keypair;
 use libp2p::{Multiaddr, PeerId};
 use tokio::sync::mpsc;
@@ -73,14 +75,7 @@ pub async fn join(coordinator: &str, args: &PeerArgs) -> Result<Joined> {
     tracing::info!(peer = %keypair.public().to_peer_id(), data_dir = %data_dir.display(), "herd node starting");
     let mut swarm = build_swarm(keypair.clone(), Role::Node, NetOptions::default())?;
     // Listening lets other peers fetch blobs from this node (AutoNAT tells whether they can).
-    for listen in &args.listen {
-        let listen: Multiaddr = listen
-            .parse()
-            .with_context(|| format!("--listen `{listen}` is not a multiaddr"))?;
-        swarm
-            .listen_on(listen.clone())
-            .with_context(|| format!("listening on {listen}"))?;
-    }
+    listen_on_all(&mut swarm, &args.listen).context("--listen")?;
     let topic = libp2p::gossipsub::IdentTopic::new(herd_protocol::messages::ANNOUNCE_TOPIC);
     swarm.behaviour_mut().gossipsub.subscribe(&topic)?;
     let cache = BlobCache::open(data_dir.join("cache"))?;
