@@ -187,6 +187,10 @@ fn seeds(target: &str, layout: &DeltaLayout) -> Vec<Vec<u8>> {
                 enc(&RpcRequest::Lease(LeaseRequest {
                     version: PROTOCOL_VERSION,
                     device: "cpu x2".into(),
+                    admission: Some(crate::admission::AdmissionProof {
+                        bits: 20,
+                        nonce: 123_456,
+                    }),
                 })),
                 enc(&RpcRequest::Submit(Box::new(sub))),
                 enc(&RpcRequest::Return { lease: LeaseId(9) }),

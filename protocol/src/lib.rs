@@ -1,6 +1,7 @@
 //! herd's wire protocol: what nodes and the coordinator say to each other, and how.
 //!
 //! # Layout
+//! - [`admission`]: the proof of work a new identity pays before its first lease.
 //! - [`ids`]: content ids (blake3), rounds, shards, leases, sample ranges.
 //! - [`messages`]: versioned requests and responses, with their size caps.
 //! - [`delta`]: the payload of a submission (a LoRA update) and its checked decoding.
@@ -23,6 +24,7 @@
 //! works on bytes in memory, so each can be fuzzed alone. See `docs/architecture.md` for how
 //! the crates fit together.
 
+pub mod admission;
 pub mod blob_server;
 pub mod blobs;
 pub mod codec;

@@ -1,4 +1,4 @@
-//! Versioned messages of the `/herd/rpc/1` and `/herd/blob/2` protocols and the round
+//! Versioned messages of the `/herd/rpc/2` and `/herd/blob/2` protocols and the round
 //! announcement, with the size cap of each.
 
 use serde::{Deserialize, Serialize};
@@ -7,16 +7,20 @@ use crate::codec::CodecSpec;
 use crate::ids::{ContentId, LeaseId, Round, SampleRange, ShardId};
 
 /// Bumped on any incompatible change of the messages below (and of the protocol names).
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 /// Control: leases, submissions, returns.
-pub const RPC_PROTOCOL: &str = "/herd/rpc/1";
+pub const RPC_PROTOCOL: &str = "/herd/rpc/2";
 /// Blobs by content id, in hash-verified groups (see [`crate::outline`]).
 pub const BLOB_PROTOCOL: &str = "/herd/blob/2";
 /// Gossipsub topic of round announcements.
 pub const ANNOUNCE_TOPIC: &str = "herd/rounds/1";
 
-/// A request carries at most one delta; 64 MiB fits a rank-16 all-target LoRA of a 1B model in fp32.
+/// A request carries at most one delta; 64 MiB fits a rank-16 all-target LoRA of a 1B model in
+/// fp32. A coordinator takes less: its run's largest honest submission (see
+/// [`crate::net::RpcLimits`]).
 pub const MAX_RPC_REQUEST_BYTES: usize = 64 << 20;
+/// Every request but a submission: a lease request, a return, a "what is published?" query.
+pub const MAX_SMALL_REQUEST_BYTES: usize = 4 << 10;
 pub const MAX_RPC_RESPONSE_BYTES: usize = 1 << 20;
 /// Chaining values per outline page: 512 KiB, so one page fits a response like one group does.
 pub const OUTLINE_PAGE: usize = 16 << 10;
@@ -28,6 +32,10 @@ pub const MAX_ANNOUNCE_BYTES: usize = 4 << 10;
 pub const MAX_CHECKPOINT_FILES: usize = 16;
 /// Longest run name, device description or reason string accepted.
 pub const MAX_TEXT_BYTES: usize = 256;
+
+/// The first byte of an encoded [`RpcRequest::Submit`] (bincode's variant index): the one
+/// request that may be large.
+pub const SUBMIT_TAG: u8 = 1;
 
 /// What a node asks the coordinator.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -60,14 +68,27 @@ pub enum RpcResponse {
     Refused {
         reason: String,
     },
+    /// A new identity must first prove work: solve [`crate::admission::Challenge`] for
+    /// `run` at `bits` and ask again with the proof.
+    AdmissionRequired { run: String, bits: u8 },
 }
 
 /// A request for work, with what the node is.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LeaseRequest {
     pub version: u32,
-    /// Free text for operators: "cpu x8", "cuda:0 NVIDIA RTX 4090".
+    /// Free text for operators: "cpu x8", "cuda:0 NVIDIA RTX 4090"; at most
+    /// [`MAX_TEXT_BYTES`].
     pub device: String,
+    /// The identity's admission proof for this run, once it has one.
+    pub admission: Option<crate::admission::AdmissionProof>,
+}
+
+impl LeaseRequest {
+    /// Whether every field is within its cap.
+    pub fn is_well_formed(&self) -> bool {
+        self.device.len() <= MAX_TEXT_BYTES
+    }
 }
 
 /// The blobs a node needs to train for a run, all by content id.
@@ -361,4 +382,43 @@ pub struct RoundAnnouncement {
     pub adapter: ContentId,
     /// The latest checkpoint, for nodes that seed checkpoints to downloaders.
     pub checkpoint: Option<CheckpointRef>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::framing::encode;
+
+    #[test]
+    fn only_a_submission_carries_the_submit_tag() {
+        let submit = RpcRequest::Submit(Box::new(Submission {
+            lease: LeaseId(1),
+            run: "r".into(),
+            round: Round(0),
+            shard: ShardId(0),
+            base_adapter: ContentId::of(b"a"),
+            payload: vec![1, 2, 3],
+            payload_hash: ContentId::of(b"p"),
+            loss_before: 1.0,
+            loss_after: 0.5,
+            tokens: 3,
+            public_key: Vec::new(),
+            signature: Vec::new(),
+        }));
+        assert_eq!(encode(&submit).unwrap()[0], SUBMIT_TAG);
+        let small = [
+            RpcRequest::Lease(LeaseRequest {
+                version: PROTOCOL_VERSION,
+                device: "cpu".into(),
+                admission: None,
+            }),
+            RpcRequest::Return { lease: LeaseId(1) },
+            RpcRequest::Published { checkpoint: None },
+        ];
+        for request in small {
+            let bytes = encode(&request).unwrap();
+            assert_ne!(bytes[0], SUBMIT_TAG, "{request:?}");
+            assert!(bytes.len() <= MAX_SMALL_REQUEST_BYTES);
+        }
+    }
 }

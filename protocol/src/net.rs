@@ -1,5 +1,5 @@
 //! The libp2p side both node and coordinator run: TCP and QUIC with noise and yamux, identify,
-//! ping, request-response for `/herd/rpc/1` and `/herd/blob/2` (length-prefixed bincode with
+//! ping, request-response for `/herd/rpc/2` and `/herd/blob/2` (length-prefixed bincode with
 //! per-message caps), gossipsub for round announcements, a kademlia DHT of its own
 //! (`/herd/kad/1`) where peers say which blobs they hold, and what lets peers behind NAT take
 //! part: AutoNAT (am I reachable?), a circuit relay served by the coordinator, and DCUtR (hole
@@ -8,6 +8,7 @@
 use std::io;
 use std::marker::PhantomData;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{AsyncRead, AsyncWrite};
@@ -17,13 +18,15 @@ use libp2p::request_response::{self, ProtocolSupport};
 use libp2p::swarm::NetworkBehaviour;
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::{
-    Multiaddr, PeerId, StreamProtocol, Swarm, autonat, dcutr, gossipsub, identify, kad, noise,
-    ping, relay, tcp, yamux,
+    Multiaddr, PeerId, StreamProtocol, Swarm, autonat, connection_limits, dcutr, gossipsub,
+    identify, kad, memory_connection_limits, noise, ping, relay, tcp, yamux,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::framing::{decode, encode, read_frame, write_frame};
+use crate::framing::{
+    ByteBudget, ReadLimits, decode, encode, read_frame, read_frame_limited, write_frame,
+};
 use crate::messages::*;
 
 /// Errors of setting up networking.
@@ -56,21 +59,57 @@ pub fn listen_on_all(swarm: &mut Swarm<Behaviour>, addrs: &[String]) -> Result<(
     Ok(())
 }
 
-/// A request-response codec: one length-prefixed bincode frame each way, capped at `REQ` and
-/// `RESP` bytes (checked before allocating).
-pub struct FramedCodec<Req, Resp, const REQ: usize, const RESP: usize>(
-    PhantomData<fn() -> (Req, Resp)>,
-);
+/// What an inbound request may be: `small` bytes, or `large` for the one kind whose bincode
+/// tag is `large_tag` (a submission); bodies being read hold at most `budget` together.
+#[derive(Debug, Clone)]
+pub struct RequestCaps {
+    pub small: usize,
+    pub large_tag: Option<u8>,
+    pub large: usize,
+    pub budget: Option<Arc<ByteBudget>>,
+}
+
+impl RequestCaps {
+    fn cap_for_tag(&self, tag: u8) -> usize {
+        if self.large_tag == Some(tag) {
+            self.large
+        } else {
+            self.small
+        }
+    }
+}
+
+/// A request-response codec: one length-prefixed bincode frame each way. Requests are capped by
+/// [`RequestCaps`] (never over `REQ`), responses at `RESP` bytes; both are checked before the
+/// body is read (see [`read_frame_limited`]).
+pub struct FramedCodec<Req, Resp, const REQ: usize, const RESP: usize> {
+    caps: RequestCaps,
+    types: PhantomData<fn() -> (Req, Resp)>,
+}
+
+impl<Req, Resp, const REQ: usize, const RESP: usize> FramedCodec<Req, Resp, REQ, RESP> {
+    pub fn new(caps: RequestCaps) -> Self {
+        FramedCodec {
+            caps,
+            types: PhantomData,
+        }
+    }
+}
 
 impl<Req, Resp, const REQ: usize, const RESP: usize> Default for FramedCodec<Req, Resp, REQ, RESP> {
     fn default() -> Self {
-        FramedCodec(PhantomData)
+        FramedCodec::new(RequestCaps {
+            small: REQ,
+            large_tag: None,
+            large: REQ,
+            budget: None,
+        })
     }
 }
 
 impl<Req, Resp, const REQ: usize, const RESP: usize> Clone for FramedCodec<Req, Resp, REQ, RESP> {
     fn clone(&self) -> Self {
-        FramedCodec(PhantomData)
+        FramedCodec::new(self.caps.clone())
     }
 }
 
@@ -78,7 +117,7 @@ impl<Req, Resp, const REQ: usize, const RESP: usize> std::fmt::Debug
     for FramedCodec<Req, Resp, REQ, RESP>
 {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "FramedCodec<{REQ}, {RESP}>")
+        write!(f, "FramedCodec<{REQ}, {RESP}>({:?})", self.caps)
     }
 }
 
@@ -96,8 +135,14 @@ where
     where
         T: AsyncRead + Unpin + Send,
     {
+        let caps = &self.caps;
+        let limits = ReadLimits {
+            max: caps.small.max(caps.large).min(REQ),
+            cap_for_tag: &|tag| caps.cap_for_tag(tag),
+            budget: caps.budget.as_deref(),
+        };
         // Log refusals here: libp2p drops inbound read errors without an event.
-        let request = match read_frame(io, REQ).await {
+        let request = match read_frame_limited(io, limits).await {
             Ok(body) => decode::<Req, REQ>(&body).map_err(std::io::Error::from),
             Err(e) => Err(e),
         };
@@ -144,6 +189,9 @@ pub type BlobCodec =
 #[allow(missing_debug_implementations)] // the derive also generates the event enum
 #[derive(NetworkBehaviour)]
 pub struct Behaviour {
+    /// Connection counts (first: a refused connection never reaches the others).
+    pub limits: connection_limits::Behaviour,
+    pub memory: Toggle<memory_connection_limits::Behaviour>,
     pub identify: identify::Behaviour,
     pub ping: ping::Behaviour,
     pub rpc: request_response::Behaviour<RpcCodec>,
@@ -162,7 +210,7 @@ pub struct Behaviour {
 /// Herd's own DHT: it must not mix with the public IPFS one.
 pub const KAD_PROTOCOL: &str = "/herd/kad/1";
 
-/// Which side of `/herd/rpc/1` this peer is. Blobs are served by everyone.
+/// Which side of `/herd/rpc/2` this peer is. Blobs are served by everyone.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
     Coordinator,
@@ -170,12 +218,65 @@ pub enum Role {
 }
 
 /// How a swarm is set up beyond its role.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct NetOptions {
     /// Treat private and loopback addresses as reachable when answering AutoNAT dial-back
     /// requests: for a LAN, containers, or a test on one machine. Off on the internet, where a
     /// private address says nothing about reachability.
     pub lan: bool,
+    pub limits: Limits,
+}
+
+/// What strangers may hold of this peer: connections, streams and bytes in flight.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Established inbound connections, all peers together.
+    pub max_incoming: u32,
+    /// Inbound connections still in their handshake.
+    pub max_pending_incoming: u32,
+    /// Established connections with any one peer.
+    pub max_per_peer: u32,
+    /// Inbound `/herd/rpc` requests a connection may have open at once.
+    pub rpc_streams_per_connection: usize,
+    /// Largest submission this peer takes (a coordinator: its run's largest honest one).
+    pub submission_bytes: usize,
+    /// Bytes that inbound submission bodies may hold at once, over every connection.
+    pub inflight_bytes: usize,
+    /// Refuse new connections while the process holds more than this (0: no such limit).
+    pub max_process_memory_bytes: usize,
+}
+
+impl Default for Limits {
+    /// A node's limits: it serves blobs and answers dial-backs, and takes no submissions.
+    fn default() -> Self {
+        Limits {
+            max_incoming: 256,
+            max_pending_incoming: 64,
+            max_per_peer: 4,
+            rpc_streams_per_connection: 8,
+            submission_bytes: MAX_SMALL_REQUEST_BYTES,
+            inflight_bytes: 16 << 20,
+            max_process_memory_bytes: 0,
+        }
+    }
+}
+
+impl Limits {
+    fn rpc_caps(&self) -> RequestCaps {
+        RequestCaps {
+            small: MAX_SMALL_REQUEST_BYTES,
+            large_tag: Some(SUBMIT_TAG),
+            large: self.submission_bytes.clamp(MAX_SMALL_REQUEST_BYTES, MAX_RPC_REQUEST_BYTES),
+            budget: Some(ByteBudget::new(self.inflight_bytes)),
+        }
+    }
+
+    fn connection_limits(&self) -> connection_limits::ConnectionLimits {
+        connection_limits::ConnectionLimits::default()
+            .with_max_established_incoming(Some(self.max_incoming))
+            .with_max_pending_incoming(Some(self.max_pending_incoming))
+            .with_max_established_per_peer(Some(self.max_per_peer))
+    }
 }
 
 /// How long a request may take before it fails; a delta upload on a slow home line included.
@@ -207,20 +308,31 @@ pub fn build_swarm(
             };
             let rr_config =
                 request_response::Config::default().with_request_timeout(REQUEST_TIMEOUT);
+            let rpc_config = rr_config
+                .clone()
+                .with_max_concurrent_streams(options.limits.rpc_streams_per_connection);
             let gossip_config = gossipsub::ConfigBuilder::default()
                 .max_transmit_size(MAX_ANNOUNCE_BYTES)
                 .validation_mode(gossipsub::ValidationMode::Strict)
                 .heartbeat_interval(Duration::from_millis(500))
                 .build()?;
+            let limits = &options.limits;
             Ok(Behaviour {
+                limits: connection_limits::Behaviour::new(limits.connection_limits()),
+                memory: Toggle::from((limits.max_process_memory_bytes > 0).then(|| {
+                    memory_connection_limits::Behaviour::with_max_bytes(
+                        limits.max_process_memory_bytes,
+                    )
+                })),
                 identify: identify::Behaviour::new(identify::Config::new(
                     format!("/herd/{PROTOCOL_VERSION}"),
                     key.public(),
                 )),
                 ping: ping::Behaviour::default(),
-                rpc: request_response::Behaviour::new(
+                rpc: request_response::Behaviour::with_codec(
+                    RpcCodec::new(options.limits.rpc_caps()),
                     [(StreamProtocol::new(RPC_PROTOCOL), rpc_support)],
-                    rr_config.clone(),
+                    rpc_config,
                 ),
                 blob: request_response::Behaviour::new(
                     [(StreamProtocol::new(BLOB_PROTOCOL), ProtocolSupport::Full)],

@@ -1,4 +1,4 @@
-//! Requests on `/herd/rpc/1`: leases asked for and returned, and what is published. A
+//! Requests on `/herd/rpc/2`: leases asked for and returned, and what is published. A
 //! submission is handed to [`super::submissions`].
 
 use herd_protocol::messages::{
