@@ -6,6 +6,9 @@ use anyhow::{Context, Result, bail};
 use herd_protocol::codec::CodecSpec;
 use serde::Deserialize;
 
+mod open_network;
+pub use open_network::{LeasesSection, NetworkSection};
+
 /// A whole run.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -45,6 +48,10 @@ pub struct RunConfig {
     pub verify: VerifySection,
     #[serde(default)]
     pub aggregate: AggregateSection,
+    #[serde(default)]
+    pub network: NetworkSection,
+    #[serde(default)]
+    pub leases: LeasesSection,
 }
 
 /// The adapter every node trains.
@@ -303,7 +310,8 @@ impl RunConfig {
         if self.run.is_empty() || self.run.len() > herd_protocol::messages::MAX_TEXT_BYTES {
             bail!("run name must be 1..=256 bytes");
         }
-        Ok(())
+        self.network.check()?;
+        self.leases.check()
     }
 
     /// Records in the training data file (what shards are cut from).
@@ -329,6 +337,7 @@ impl RunConfig {
                 .round
                 .deadline_quorum
                 .unwrap_or(self.quorum().div_ceil(2)),
+            leases: self.leases.policy(),
         }
     }
 

@@ -1,13 +1,14 @@
 //! HTTP for operators and downloaders: `/v1/status`, `/metrics` (Prometheus),
-//! `/v1/contributors` (credit), `/v1/checkpoints`,
+//! `/v1/contributors` (credit, paged), `/v1/checkpoints`,
 //! `/v1/checkpoints/{id}/{file}`: files stream with `Range` (one range: 206, or 416 when it
 //! cannot be served), `ETag` = the quoted blake3, `If-None-Match` (304) and `If-Range`, so
 //! `curl -C -` resumes a download.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::{Path, Request, State};
+use axum::extract::{Path, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Json, Response};
 use axum::routing::get;
@@ -15,16 +16,25 @@ use tokio::sync::watch;
 use tower::ServiceExt;
 use tower_http::services::ServeFile;
 
-use crate::status::Status;
+use crate::status::{Contribution, Status};
+
+/// The most contributors one page of `/v1/contributors` lists.
+pub const CONTRIBUTORS_PAGE_MAX: usize = 1000;
 
 #[derive(Clone)]
 struct AppState {
     status: watch::Receiver<Status>,
+    contributors: watch::Receiver<Arc<Vec<Contribution>>>,
     checkpoints_dir: PathBuf,
 }
 
-/// The router; `checkpoints_dir` holds one dir per checkpoint id.
-pub fn router(status: watch::Receiver<Status>, checkpoints_dir: PathBuf) -> Router {
+/// The router; `contributors` is every peer's credit, most tokens first; `checkpoints_dir`
+/// holds one dir per checkpoint id.
+pub fn router(
+    status: watch::Receiver<Status>,
+    contributors: watch::Receiver<Arc<Vec<Contribution>>>,
+    checkpoints_dir: PathBuf,
+) -> Router {
     Router::new()
         .route("/v1/status", get(get_status))
         .route("/metrics", get(get_metrics))
@@ -33,6 +43,7 @@ pub fn router(status: watch::Receiver<Status>, checkpoints_dir: PathBuf) -> Rout
         .route("/v1/checkpoints/{id}/{file}", get(get_checkpoint_file))
         .with_state(AppState {
             status,
+            contributors,
             checkpoints_dir,
         })
 }
@@ -58,9 +69,27 @@ async fn get_metrics(State(s): State<AppState>, headers: HeaderMap) -> Response 
     ([(header::CONTENT_TYPE, kind)], text).into_response()
 }
 
-/// Credit: each peer's accepted shards and tokens, most tokens first.
-async fn list_contributors(State(s): State<AppState>) -> Json<Vec<crate::status::Contribution>> {
-    Json(crate::status::contributions(&s.status.borrow()))
+/// Which page of `/v1/contributors`: `?offset=N&limit=M` (limit at most
+/// [`CONTRIBUTORS_PAGE_MAX`], its default).
+#[derive(Debug, serde::Deserialize)]
+struct Page {
+    #[serde(default)]
+    offset: usize,
+    limit: Option<usize>,
+}
+
+/// Credit: each peer's accepted shards and tokens, most tokens first, a page at a time; every
+/// peer that ever had a verdict, gone or not.
+async fn list_contributors(
+    State(s): State<AppState>,
+    Query(page): Query<Page>,
+) -> Json<Vec<Contribution>> {
+    let all = s.contributors.borrow().clone();
+    let limit = page
+        .limit
+        .unwrap_or(CONTRIBUTORS_PAGE_MAX)
+        .min(CONTRIBUTORS_PAGE_MAX);
+    Json(all.iter().skip(page.offset).take(limit).cloned().collect())
 }
 
 async fn list_checkpoints(State(s): State<AppState>) -> Response {

@@ -184,6 +184,12 @@ impl Ledger {
         self.credit.keys()
     }
 
+    /// Bans `peer` for what it did outside a verdict (its leases expired unused). Held for
+    /// this coordinator's life: the store records verdicts, and this is none.
+    pub fn ban(&mut self, peer: PeerKey, reason: &str) {
+        self.reputation.ban(peer, reason);
+    }
+
     pub fn reputation(&self) -> &Reputation {
         &self.reputation
     }

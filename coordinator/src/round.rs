@@ -10,9 +10,15 @@
 //! past its straggler deadline (a multiple of recent rounds' durations) with at least
 //! `deadline_quorum`; then the shell aggregates and reports back, and the next round opens.
 //! A banned peer's accepted shards of the open round are dropped and reissued.
+//!
+//! Anyone may ask for work, so shards are shared fairly ([`LeasePolicy`], `leases.rs`): one
+//! live lease per peer, a capped share for peers not yet trusted, backups by trusted peers of
+//! shards a newcomer sits on, and a backoff, then a ban, for leases that end without a
+//! submission (`fairness.rs`).
 
 mod config;
 mod events;
+mod fairness;
 mod leases;
 
 use std::collections::{BTreeMap, HashMap};
@@ -20,7 +26,7 @@ use std::collections::{BTreeMap, HashMap};
 use herd_protocol::messages::{RejectReason, Verdict};
 use herd_protocol::{ContentId, LeaseId, Round, SampleRange, ShardId};
 
-pub use config::MachineConfig;
+pub use config::{LeasePolicy, MachineConfig};
 pub use events::{Accepted, Action, Event, Grant, PeerKey};
 
 /// Quorum-closed rounds whose durations set the deadline, and how many must be known first.
@@ -38,6 +44,8 @@ enum LeaseState {
     Rejected,
     Expired,
     Returned,
+    /// Another lease's delta for the same shard was accepted first.
+    Superseded,
 }
 
 #[derive(Debug, Clone)]
@@ -49,6 +57,10 @@ struct LeaseRecord {
     state: LeaseState,
     /// Tokens the submission claims (known once submitted).
     tokens: u64,
+    /// Whether its peer was trusted when it was granted.
+    trusted: bool,
+    granted_at_ms: u64,
+    submitted_at_ms: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,6 +79,18 @@ pub struct RoundMachine {
     adapter: ContentId,
     /// Per shard of the current round: the live lease, if any.
     holders: Vec<Option<LeaseId>>,
+    /// Per shard: a trusted peer's second lease on a shard its holder sits on.
+    backups: Vec<Option<LeaseId>>,
+    /// Per peer: its leases among `holders` and `backups` (so a request needs no scan).
+    by_peer: HashMap<PeerKey, Vec<LeaseId>>,
+    /// Per shard: since when it has been free (for the idle grace of [`LeasePolicy`]).
+    free_since_ms: Vec<u64>,
+    /// Misses, backoffs and bans of peers.
+    fairness: fairness::Fairness,
+    /// How long recent accepted shards took from grant to submission.
+    submit_times: std::collections::VecDeque<u64>,
+    /// The time of the event being handled.
+    now_ms: u64,
     accepted: BTreeMap<ShardId, Accepted>,
     leases: HashMap<LeaseId, LeaseRecord>,
     next_lease: u64,
@@ -94,6 +118,12 @@ impl RoundMachine {
         };
         RoundMachine {
             holders: vec![None; cfg.shards as usize],
+            backups: vec![None; cfg.shards as usize],
+            by_peer: HashMap::new(),
+            free_since_ms: vec![0; cfg.shards as usize],
+            fairness: fairness::Fairness::default(),
+            submit_times: std::collections::VecDeque::new(),
+            now_ms: 0,
             cfg,
             round: Round(0),
             phase,
@@ -145,6 +175,7 @@ impl RoundMachine {
                 continue;
             }
             m.holders[shard.0 as usize] = Some(lease);
+            m.by_peer.entry(peer).or_default().push(lease);
             m.leases.insert(
                 lease,
                 LeaseRecord {
@@ -154,6 +185,9 @@ impl RoundMachine {
                     expires_at_ms,
                     state: LeaseState::Active,
                     tokens: 0,
+                    trusted: false,
+                    granted_at_ms: expires_at_ms.saturating_sub(m.cfg.lease_ms),
+                    submitted_at_ms: 0,
                 },
             );
         }
@@ -175,6 +209,20 @@ impl RoundMachine {
     /// Shards of the current round accepted so far.
     pub fn accepted_count(&self) -> usize {
         self.accepted.len()
+    }
+
+    /// Live leases of the open round (holders and backups that have not submitted yet).
+    pub fn active_lease_count(&self) -> usize {
+        self.holders
+            .iter()
+            .chain(&self.backups)
+            .flatten()
+            .filter(|l| {
+                self.leases
+                    .get(l)
+                    .is_some_and(|r| r.state == LeaseState::Active)
+            })
+            .count()
     }
 
     /// Live leases: `(lease, peer, shard)`.
@@ -213,16 +261,27 @@ impl RoundMachine {
         Some(self.opened_at_ms? + (median as f64 * self.cfg.straggler_multiple) as u64)
     }
 
+    /// Peers whose misses the machine remembers (bounded: see `fairness.rs`).
+    pub fn remembered_peers(&self) -> usize {
+        self.fairness.len()
+    }
+
     /// Feeds one event at time `now_ms`; returns what to do, in order.
     pub fn handle(&mut self, event: Event, now_ms: u64) -> Vec<Action> {
+        self.now_ms = now_ms;
         if self.phase == Phase::Open && self.opened_at_ms.is_none() {
             self.opened_at_ms = Some(now_ms);
+            for t in &mut self.free_since_ms {
+                *t = (*t).max(now_ms);
+            }
         }
         let mut actions = self.expire(now_ms);
         actions.extend(self.check_deadline(now_ms));
         match event {
             Event::Tick => {}
-            Event::LeaseRequested { peer } => actions.push(self.grant(peer, now_ms)),
+            Event::LeaseRequested { peer, trusted } => {
+                actions.push(self.grant(peer, trusted, now_ms))
+            }
             Event::Submitted {
                 peer,
                 lease,
@@ -238,6 +297,7 @@ impl RoundMachine {
                         let record = self.leases.get_mut(&lease).expect("checked above");
                         record.state = LeaseState::Verifying;
                         record.tokens = tokens;
+                        record.submitted_at_ms = now_ms;
                         actions.push(Action::Verify {
                             peer,
                             lease,
@@ -268,6 +328,10 @@ impl RoundMachine {
                 );
                 if released {
                     self.end_lease(lease, LeaseState::Returned);
+                    let policy = &self.cfg.leases;
+                    // Handing back is honest but still a shard someone else could have had:
+                    // it backs the peer off, and never bans.
+                    self.fairness.missed(policy, peer, false, now_ms);
                 }
                 actions.push(Action::Returned {
                     peer,
@@ -297,10 +361,21 @@ impl RoundMachine {
             return Vec::new(); // e.g. its peer was banned meanwhile
         }
         let (peer, shard, tokens) = (record.peer, record.shard, record.tokens);
+        let took_ms = record.submitted_at_ms.saturating_sub(record.granted_at_ms);
         let current = record.round == self.round && self.phase == Phase::Open;
         let verdict = match result {
+            Ok(()) if current && self.accepted.contains_key(&shard) => {
+                self.end_lease(lease, LeaseState::Superseded);
+                Verdict::Rejected(RejectReason::ShardTaken)
+            }
             Ok(()) if current => {
                 self.end_lease(lease, LeaseState::Accepted);
+                self.supersede_others(shard, lease);
+                self.fairness.delivered(&peer);
+                if self.submit_times.len() == DURATION_WINDOW {
+                    self.submit_times.pop_front();
+                }
+                self.submit_times.push_back(took_ms);
                 self.accepted.insert(
                     shard,
                     Accepted {
@@ -383,6 +458,10 @@ impl RoundMachine {
         self.opened_at_ms = None; // set by the next event
         self.accepted.clear();
         self.holders = vec![None; self.cfg.shards as usize];
+        self.backups = vec![None; self.cfg.shards as usize];
+        self.by_peer.clear();
+        self.free_since_ms = vec![self.now_ms; self.cfg.shards as usize];
+        self.fairness.forget_old(self.now_ms);
         // Leases of the closed round can only be rejected now; forget the finished ones.
         self.leases
             .retain(|_, r| matches!(r.state, LeaseState::Active | LeaseState::Verifying));

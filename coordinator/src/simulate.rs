@@ -65,6 +65,8 @@ pub fn simulate(cfg: ScaleConfig) -> Result<ScaleReport> {
             seed: 1,
             straggler_multiple: 0.0,
             deadline_quorum: 1,
+            // The rules a run has, for peers that are established (trusted).
+            leases: crate::config::LeasesSection::default().policy(),
         },
         ContentId::of(b"round 0"),
     );
@@ -79,7 +81,13 @@ pub fn simulate(cfg: ScaleConfig) -> Result<ScaleReport> {
         let mut grants = Vec::with_capacity(cfg.peers as usize);
         let started = Instant::now();
         for &peer in &peers {
-            for action in machine.handle(Event::LeaseRequested { peer }, now) {
+            for action in machine.handle(
+                Event::LeaseRequested {
+                    peer,
+                    trusted: true,
+                },
+                now,
+            ) {
                 if let Action::Grant { grant, .. } = action {
                     grants.push((peer, grant));
                 }

@@ -75,15 +75,15 @@ pub struct Contribution {
 }
 
 /// Every peer's credit, most tokens first (ties by peer id, so the order is stable).
-pub fn contributions(s: &Status) -> Vec<Contribution> {
-    let mut list: Vec<Contribution> = s
-        .peers
-        .iter()
-        .map(|p| Contribution {
-            peer: p.peer.clone(),
-            accepted_shards: p.credit.accepted,
-            tokens: p.credit.tokens,
-            rejected: p.credit.rejected,
+pub fn contributions<'a>(
+    credit: impl Iterator<Item = (&'a crate::round::PeerKey, Credit)>,
+) -> Vec<Contribution> {
+    let mut list: Vec<Contribution> = credit
+        .map(|(peer, c)| Contribution {
+            peer: peer.to_string(),
+            accepted_shards: c.accepted,
+            tokens: c.tokens,
+            rejected: c.rejected,
         })
         .collect();
     list.sort_by(|a, b| b.tokens.cmp(&a.tokens).then_with(|| a.peer.cmp(&b.peer)));

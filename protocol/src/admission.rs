@@ -102,14 +102,29 @@ mod tests {
         assert!(challenge.accepts(&proof, 16));
         assert!(challenge.accepts(&proof, 0));
         assert!(
-            !challenge.accepts(&AdmissionProof { nonce: proof.nonce + 1, ..proof }, 16),
+            !challenge.accepts(
+                &AdmissionProof {
+                    nonce: proof.nonce + 1,
+                    ..proof
+                },
+                16
+            ),
             "the next nonce is no proof"
         );
         // Another identity, run or coordinator: the nonce is worthless there.
         for elsewhere in [
-            Challenge { peer: &other, ..challenge },
-            Challenge { run: "other", ..challenge },
-            Challenge { coordinator: &other, ..challenge },
+            Challenge {
+                peer: &other,
+                ..challenge
+            },
+            Challenge {
+                run: "other",
+                ..challenge
+            },
+            Challenge {
+                coordinator: &other,
+                ..challenge
+            },
         ] {
             assert!(!elsewhere.accepts(&proof, 16));
         }

@@ -98,7 +98,9 @@ impl ByteBudget {
 
     fn take(&self, n: usize) -> bool {
         self.left
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |left| left.checked_sub(n))
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |left| {
+                left.checked_sub(n)
+            })
             .is_ok()
     }
 
@@ -196,7 +198,10 @@ pub async fn read_frame_limited<R: AsyncRead + Unpin>(
         body.resize(want, 0);
         let read = tokio::time::timeout_at(deadline, within_stall(io.read(&mut body[filled..])))
             .await
-            .map_err(|_| FrameError::TooSlow { received: filled, len })???;
+            .map_err(|_| FrameError::TooSlow {
+                received: filled,
+                len,
+            })???;
         if read == 0 {
             return Err(std::io::ErrorKind::UnexpectedEof.into());
         }
@@ -204,7 +209,11 @@ pub async fn read_frame_limited<R: AsyncRead + Unpin>(
         if filled == 0 {
             let cap = (limits.cap_for_tag)(body[0]);
             if len > cap {
-                return Err(FrameError::TooLarge { len: len as u64, cap }.into());
+                return Err(FrameError::TooLarge {
+                    len: len as u64,
+                    cap,
+                }
+                .into());
             }
         }
     }
@@ -284,7 +293,8 @@ mod tests {
             budget: Some(&budget),
         };
         // Announces 1 MiB, sends 3 bytes and ends: the read fails having held one chunk.
-        let mut io = futures::io::Cursor::new([(1u32 << 20).to_le_bytes().to_vec(), vec![1, 2, 3]].concat());
+        let mut io =
+            futures::io::Cursor::new([(1u32 << 20).to_le_bytes().to_vec(), vec![1, 2, 3]].concat());
         let err = read_frame_limited(&mut io, limits).await.unwrap_err();
         assert_eq!(err.kind(), std::io::ErrorKind::UnexpectedEof, "{err}");
         assert_eq!(budget.available(), 100 << 10, "given back");
@@ -295,7 +305,10 @@ mod tests {
         assert_eq!(budget.available(), 100 << 10);
         // 80 KiB fits.
         let mut io = futures::io::Cursor::new(frame(&vec![5u8; 80 << 10]));
-        assert_eq!(read_frame_limited(&mut io, limits).await.unwrap().len(), 80 << 10);
+        assert_eq!(
+            read_frame_limited(&mut io, limits).await.unwrap().len(),
+            80 << 10
+        );
         assert_eq!(budget.available(), 100 << 10);
     }
 
@@ -303,10 +316,8 @@ mod tests {
     async fn a_stalled_body_fails_after_the_stall_timeout() {
         // The length and half the body, then nothing (the stream stays open).
         let sent = [64u32.to_le_bytes().to_vec(), vec![0u8; 32]].concat();
-        let mut io = futures::io::Cursor::new(sent).chain(futures::io::AsyncReadExt::take(
-            Silent,
-            u64::MAX,
-        ));
+        let mut io =
+            futures::io::Cursor::new(sent).chain(futures::io::AsyncReadExt::take(Silent, u64::MAX));
         let started = tokio::time::Instant::now();
         let err = read_frame(&mut io, 1024).await.unwrap_err();
         assert!(err.to_string().contains("no byte arrived"), "{err}");

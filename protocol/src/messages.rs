@@ -70,7 +70,10 @@ pub enum RpcResponse {
     },
     /// A new identity must first prove work: solve [`crate::admission::Challenge`] for
     /// `run` at `bits` and ask again with the proof.
-    AdmissionRequired { run: String, bits: u8 },
+    AdmissionRequired {
+        run: String,
+        bits: u8,
+    },
 }
 
 /// A request for work, with what the node is.
@@ -226,6 +229,8 @@ pub enum RejectReason {
     },
     /// This peer is banned; the text says why.
     Banned(String),
+    /// Another peer's delta for the same shard (a backup lease) was accepted first.
+    ShardTaken,
 }
 
 impl std::fmt::Display for RejectReason {
@@ -264,6 +269,9 @@ impl std::fmt::Display for RejectReason {
                 "replay differs: cosine {cosine:.4}, relative error {rel_error:.4}"
             ),
             RejectReason::Banned(why) => write!(f, "banned: {why}"),
+            RejectReason::ShardTaken => {
+                f.write_str("another delta for this shard was accepted first")
+            }
         }
     }
 }
@@ -291,6 +299,7 @@ impl RejectReason {
             RejectReason::HeldoutRegression { .. } => "heldout_regression",
             RejectReason::ReplayMismatch { .. } => "replay_mismatch",
             RejectReason::Banned(_) => "banned",
+            RejectReason::ShardTaken => "shard_taken",
         }
     }
 
@@ -305,6 +314,7 @@ impl RejectReason {
                 | RejectReason::WrongBaseAdapter
                 | RejectReason::Duplicate
                 | RejectReason::Banned(_)
+                | RejectReason::ShardTaken
         )
     }
 }

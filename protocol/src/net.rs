@@ -266,7 +266,9 @@ impl Limits {
         RequestCaps {
             small: MAX_SMALL_REQUEST_BYTES,
             large_tag: Some(SUBMIT_TAG),
-            large: self.submission_bytes.clamp(MAX_SMALL_REQUEST_BYTES, MAX_RPC_REQUEST_BYTES),
+            large: self
+                .submission_bytes
+                .clamp(MAX_SMALL_REQUEST_BYTES, MAX_RPC_REQUEST_BYTES),
             budget: Some(ByteBudget::new(self.inflight_bytes)),
         }
     }

@@ -35,7 +35,16 @@ async fn serve(dir: &Path) -> (String, Vec<u8>) {
     let (_, rx) = watch::channel(status);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
-    let app = router(rx, dir.to_path_buf());
+    let credit: Vec<Contribution> = (0..2500u64)
+        .map(|i| Contribution {
+            peer: format!("peer-{i:04}"),
+            accepted_shards: 1,
+            tokens: 2500 - i,
+            rejected: 0,
+        })
+        .collect();
+    let (_, contributors) = watch::channel(Arc::new(credit));
+    let app = router(rx, contributors, dir.to_path_buf());
     tokio::spawn(async move { axum::serve(listener, app).await });
     (url, bytes)
 }
@@ -169,4 +178,29 @@ async fn metrics_come_as_prometheus_text_or_openmetrics_when_asked() {
         open.contains("herd_checkpoints 1\n") && open.ends_with("# EOF\n"),
         "{open}"
     );
+}
+
+#[tokio::test]
+async fn contributors_come_a_page_at_a_time() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (base, _) = serve(&tmp.path().join("checkpoints")).await;
+    let page = |query: &str| {
+        let out = tmp.path().join("page.json");
+        let url = format!("{base}/v1/contributors{query}");
+        async move {
+            assert_eq!(curl_to(&out, vec![url]).await, 200);
+            let list: Vec<Contribution> =
+                serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
+            list
+        }
+    };
+    let first = page("").await;
+    assert_eq!(first.len(), CONTRIBUTORS_PAGE_MAX);
+    assert_eq!(first[0].peer, "peer-0000", "most tokens first");
+    let last = page("?offset=2400").await;
+    assert_eq!(last.len(), 100);
+    assert_eq!(last[0].peer, "peer-2400");
+    assert_eq!(page("?offset=10&limit=5").await.len(), 5);
+    assert_eq!(page("?limit=100000").await.len(), CONTRIBUTORS_PAGE_MAX);
+    assert!(page("?offset=9999").await.is_empty());
 }

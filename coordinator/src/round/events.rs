@@ -11,6 +11,9 @@ pub type PeerKey = libp2p::PeerId;
 pub enum Event {
     LeaseRequested {
         peer: PeerKey,
+        /// The peer is in good standing (see [`crate::verify::reputation::Standing`]): it may
+        /// take shards newcomers may not.
+        trusted: bool,
     },
     /// A submission whose payload the shell has already checked (`checked` is the outcome of
     /// signature, hash and structure checks, so the lease rules can take precedence).
@@ -108,6 +111,12 @@ pub enum Action {
         peer: PeerKey,
         lease: LeaseId,
         shard: ShardId,
+    },
+    /// Too many of the peer's leases expired without a submission: ban it (the shell records
+    /// the ban and reports [`Event::Banned`]).
+    Banned {
+        peer: PeerKey,
+        reason: String,
     },
     /// The round ran past its straggler deadline and closes with fewer than `quorum` shards
     /// (an [`Action::Aggregate`] follows); later submissions for it are stale.

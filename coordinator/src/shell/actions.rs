@@ -3,7 +3,7 @@
 //! and announcing rounds to subscribed nodes.
 
 use herd_protocol::delta::Delta;
-use herd_protocol::messages::RoundAnnouncement;
+use herd_protocol::messages::{RoundAnnouncement, now_ms};
 use herd_protocol::net::Behaviour;
 use herd_protocol::{ContentId, Round};
 use libp2p::Swarm;
@@ -11,7 +11,7 @@ use libp2p::Swarm;
 use super::engine_slot::EngineDone;
 use super::{Coordinator, say};
 use crate::checkpoint::Checkpoint;
-use crate::round::Action;
+use crate::round::{Action, Event};
 
 impl Coordinator {
     /// Side effects of actions that answer no request.
@@ -23,6 +23,15 @@ impl Coordinator {
             match action {
                 Action::LeaseExpired { peer, lease, shard } => {
                     tracing::warn!(%peer, %lease, %shard, "lease expired; shard reissued");
+                }
+                Action::Banned { peer, reason } => {
+                    tracing::warn!(%peer, reason = %reason, "peer banned");
+                    self.ledger.ban(peer, &reason);
+                    self.publish_peer(&peer);
+                    let actions = self
+                        .machine
+                        .handle(Event::Banned { peer, reason }, now_ms());
+                    self.carry_out(swarm, actions);
                 }
                 Action::DeadlinePassed {
                     round,

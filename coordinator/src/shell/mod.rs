@@ -4,7 +4,8 @@
 //!
 //! - `mod.rs`: the coordinator's state and its event loop (swarm, timer, engine, blob reads).
 //! - [`startup`]: opening or resuming a run (assets, store, engine, ledger, HTTP).
-//! - [`rpc`]: lease requests, returns and "what is published?" queries.
+//! - [`rpc`]: lease requests (admission first), returns and "what is published?" queries;
+//!   [`rate_limit`]: how many a peer may send.
 //! - [`submissions`]: a submission's cheap checks, the verification queue and verdicts.
 //! - [`engine_slot`]: the engine, free or away on a blocking thread with one job.
 //! - [`actions`]: the side effects of the machine's actions (aggregation, announcements).
@@ -16,11 +17,13 @@
 mod actions;
 mod engine_slot;
 mod publish;
+mod rate_limit;
 mod rpc;
 mod startup;
 mod submissions;
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Result;
@@ -40,7 +43,7 @@ use crate::checkpoint::Publisher;
 use crate::config::RunConfig;
 use crate::ledger::Ledger;
 use crate::round::{Event, PeerKey, RoundMachine};
-use crate::status::Status;
+use crate::status::{Contribution, Status};
 use crate::store::{RunState, Store};
 use crate::verify::log::VerdictLog;
 use engine_slot::{EngineDone, EngineSlot};
@@ -57,6 +60,9 @@ macro_rules! say {
     }};
 }
 pub(crate) use say;
+
+/// How often peers gone for good are looked for.
+const FORGET_EVERY_MS: u64 = 10_000;
 
 /// How long a finished coordinator keeps answering "run finished" before it exits.
 const LINGER_AFTER_FINISH: Duration = Duration::from_secs(3);
@@ -98,7 +104,12 @@ struct Coordinator {
     blob_server: BlobServer,
     publisher: Publisher,
     status_tx: watch::Sender<Status>,
+    /// Every peer's credit, most tokens first, for `/v1/contributors` (after each verdict).
+    contributors_tx: watch::Sender<Arc<Vec<Contribution>>>,
+    /// Peers connected now or seen within `network.forget_after_secs`.
     peers: HashMap<PeerKey, PeerPresence>,
+    next_forget_ms: u64,
+    rate_limits: rate_limit::RateLimits,
     finished_at: Option<tokio::time::Instant>,
     topic: gossipsub::IdentTopic,
 }
@@ -116,8 +127,13 @@ impl Coordinator {
             tokio::select! {
                 event = swarm.select_next_some() => self.on_swarm_event(swarm, event),
                 _ = tick.tick() => {
-                    let actions = self.machine.handle(Event::Tick, now_ms());
+                    let now = now_ms();
+                    let actions = self.machine.handle(Event::Tick, now);
                     self.carry_out(swarm, actions);
+                    if now >= self.next_forget_ms {
+                        self.forget_gone_peers(now);
+                        self.next_forget_ms = now + FORGET_EVERY_MS;
+                    }
                     if let Some(at) = self.finished_at
                         && !self.cfg.serve_after_finish
                         && at.elapsed() >= LINGER_AFTER_FINISH
@@ -159,7 +175,7 @@ impl Coordinator {
                 let p = self.peers.entry(peer_id).or_default();
                 p.connected = true;
                 p.last_seen_ms = now_ms();
-                self.publish_status();
+                self.publish_peer(&peer_id);
             }
             SwarmEvent::ConnectionClosed {
                 peer_id,
@@ -170,7 +186,8 @@ impl Coordinator {
                     p.connected = false;
                     p.last_seen_ms = now_ms();
                 }
-                self.publish_status();
+                self.rate_limits.forget(&peer_id);
+                self.publish_peer(&peer_id);
             }
             SwarmEvent::Behaviour(BehaviourEvent::Rpc(request_response::Event::Message {
                 peer,

@@ -12,7 +12,9 @@ use super::{Coordinator, say};
 use crate::checkpoint::Checkpoint;
 use crate::engine::RoundResult;
 use crate::round::Event;
-use crate::status::PeerStatus;
+use crate::round::PeerKey;
+use crate::status::{PeerStatus, contributions};
+use std::sync::Arc;
 
 impl Coordinator {
     /// Commits the aggregated round, then opens the next: a stop from the commit on resumes
@@ -59,45 +61,73 @@ impl Coordinator {
         Ok(())
     }
 
-    /// Brings `/v1/status` up to date with the machine and the peers (totals: `publish_totals`).
+    /// Brings `/v1/status`'s round figures up to date with the machine: a few counters, so it
+    /// can run on every grant, return and connection (peers: `publish_peer`; totals:
+    /// `publish_totals`).
     pub(super) fn publish_status(&self) {
-        let known = self.peers.keys().chain(self.ledger.peers());
-        let ids: std::collections::HashSet<_> = known.copied().collect();
-        let reputation = self.ledger.reputation();
-        let mut peers: Vec<PeerStatus> = ids
-            .iter()
-            .map(|id| {
-                let presence = self.peers.get(id).cloned().unwrap_or_default();
-                PeerStatus {
-                    peer: id.to_string(),
-                    device: presence.device,
-                    connected: presence.connected,
-                    credit: self.ledger.credit(id),
-                    standing: reputation.standing(id).label().to_string(),
-                    last_seen_ms: presence.last_seen_ms,
-                    tokens_per_second: presence.tokens_per_second,
-                }
-            })
-            .collect();
-        peers.sort_by(|a, b| a.peer.cmp(&b.peer));
         self.status_tx.send_modify(|s| {
             s.round = self.machine.round().0;
             s.accepted_this_round = self.machine.accepted_count() as u64;
-            s.active_leases = self.machine.active_leases().len() as u64;
-            s.peers = peers;
+            s.active_leases = self.machine.active_lease_count() as u64;
         });
     }
 
-    /// Brings the status's totals up to date with the ledger: after a verdict, and at start.
+    /// Brings `peer`'s line of `/v1/status` up to date, or takes it out once the peer is
+    /// forgotten: one line in place (the list stays in peer order), not the whole list.
+    pub(super) fn publish_peer(&self, peer: &PeerKey) {
+        let line = self.peers.get(peer).map(|presence| PeerStatus {
+            peer: peer.to_string(),
+            device: presence.device.clone(),
+            connected: presence.connected,
+            credit: self.ledger.credit(peer),
+            standing: self.ledger.reputation().standing(peer).label().to_string(),
+            last_seen_ms: presence.last_seen_ms,
+            tokens_per_second: presence.tokens_per_second,
+        });
+        let key = peer.to_string();
+        self.status_tx.send_modify(|s| {
+            let at = s.peers.binary_search_by(|p| p.peer.as_str().cmp(&key));
+            match (at, line) {
+                (Ok(i), Some(line)) => s.peers[i] = line,
+                (Err(i), Some(line)) => s.peers.insert(i, line),
+                (Ok(i), None) => {
+                    s.peers.remove(i);
+                }
+                (Err(_), None) => {}
+            }
+        });
+    }
+
+    /// Forgets peers gone for longer than `network.forget_after_secs`: they leave the live
+    /// status (their credit stays in the ledger and `/v1/contributors`).
+    pub(super) fn forget_gone_peers(&mut self, now_ms: u64) {
+        let keep_ms = self.cfg.network.forget_after_secs * 1000;
+        let gone: Vec<PeerKey> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| !p.connected && p.last_seen_ms + keep_ms < now_ms)
+            .map(|(id, _)| *id)
+            .collect();
+        for peer in gone {
+            self.peers.remove(&peer);
+            self.publish_peer(&peer);
+        }
+    }
+
+    /// Brings the status's totals and the credit list up to date with the ledger: after a
+    /// verdict, and at start.
     pub(super) fn publish_totals(&self) {
         let totals = self.ledger.totals().clone();
         self.status_tx.send_modify(|s| s.totals = totals);
+        let credit = contributions(self.ledger.peers().map(|p| (p, self.ledger.credit(p))));
+        self.contributors_tx.send_replace(Arc::new(credit));
     }
 
     /// Writes `summary.json` (see `../shared/INTERFACES.md`, beside the repository) into the
     /// data dir; returns its path.
     pub(super) fn write_summary(&self) -> Result<std::path::PathBuf> {
         let s = self.status_tx.borrow().clone();
+        let contributors = self.contributors_tx.borrow().clone();
         let t = &s.totals;
         let final_adapter = s.checkpoints.last().map(|c| self.publisher.dir.join(&c.id));
         let per_delta = |bytes: u64| bytes as f64 / t.accepted_deltas.max(1) as f64;
@@ -132,6 +162,7 @@ impl Coordinator {
                 "rejects_by_reason": t.rejects_by_reason,
             },
             "peers": s.peers,
+            "contributors": contributors.as_slice(),
             "checkpoints": s.checkpoints,
         });
         let path = self.cfg.data_dir.join("summary.json");

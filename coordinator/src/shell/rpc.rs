@@ -12,6 +12,8 @@ use super::Coordinator;
 use crate::lease::lease_for;
 use crate::round::{Action, Event, PeerKey};
 use crate::store::GrantRecord;
+use crate::verify::reputation::Standing;
+use herd_protocol::admission::Challenge;
 
 /// Takes the one action that answers the request just handled out of `actions` (the first
 /// that `answers` picks); the rest are the machine's other work, carried out as usual.
@@ -42,14 +44,30 @@ impl Coordinator {
         request: RpcRequest,
         channel: ResponseChannel<RpcResponse>,
     ) {
+        let now = now_ms();
         if let Some(p) = self.peers.get_mut(&peer) {
-            p.last_seen_ms = now_ms();
+            p.last_seen_ms = now;
+        }
+        if !matches!(request, RpcRequest::Submit(_))
+            && let Err(wait_ms) = self.rate_limits.take(peer, now)
+        {
+            let response = match request {
+                RpcRequest::Lease(_) => RpcResponse::NoWork {
+                    retry_after_ms: wait_ms,
+                    finished: false,
+                    reason: "too many requests".into(),
+                },
+                _ => RpcResponse::Refused {
+                    reason: format!("too many requests: ask again in {wait_ms} ms"),
+                },
+            };
+            let _ = swarm.behaviour_mut().rpc.send_response(channel, response);
+            return;
         }
         let event = match request {
             RpcRequest::Lease(req) => match self.admit(&peer, &req) {
-                Ok(()) => Event::LeaseRequested { peer },
-                Err(reason) => {
-                    let response = RpcResponse::Refused { reason };
+                Ok(trusted) => Event::LeaseRequested { peer, trusted },
+                Err(response) => {
                     let _ = swarm.behaviour_mut().rpc.send_response(channel, response);
                     return;
                 }
@@ -76,22 +94,50 @@ impl Coordinator {
         self.publish_status(); // a grant or return changed the leases even without other actions
     }
 
-    /// Whether `peer` may ask for work: it speaks this protocol version and is not banned.
-    /// Remembers the device it says it trains on.
-    fn admit(&mut self, peer: &PeerKey, req: &LeaseRequest) -> Result<(), String> {
+    /// Whether `peer` may ask for work: it speaks this protocol version, its request is
+    /// within the caps, it is not banned, and it has paid its admission. Remembers the device
+    /// it says it trains on. `Ok(trusted)`: whether it is in good standing.
+    fn admit(&mut self, peer: &PeerKey, req: &LeaseRequest) -> Result<bool, RpcResponse> {
+        let refuse = |reason: String| Err(RpcResponse::Refused { reason });
         if req.version != PROTOCOL_VERSION {
             tracing::warn!(%peer, version = req.version, "refused a node speaking another protocol version");
-            return Err(format!(
+            return refuse(format!(
                 "protocol version {} is not supported; this coordinator speaks {PROTOCOL_VERSION}",
                 req.version
             ));
         }
-        if let Some(why) = self.ledger.reputation().banned(peer) {
-            return Err(format!("this node is banned from the run: {why}"));
+        if !req.is_well_formed() {
+            return refuse(format!(
+                "the device description is longer than {MAX_TEXT_BYTES} bytes"
+            ));
         }
-        self.peers.entry(*peer).or_default().device =
-            req.device.chars().take(MAX_TEXT_BYTES).collect();
-        Ok(())
+        let reputation = self.ledger.reputation();
+        if let Some(why) = reputation.banned(peer) {
+            return refuse(format!("this node is banned from the run: {why}"));
+        }
+        let bits = self.cfg.network.admission_bits;
+        let coordinator = self.publisher.identity.public().to_peer_id();
+        let challenge = Challenge {
+            run: &self.cfg.run,
+            coordinator: &coordinator,
+            peer,
+        };
+        if !req
+            .admission
+            .is_some_and(|proof| challenge.accepts(&proof, bits))
+        {
+            return Err(RpcResponse::AdmissionRequired {
+                run: self.cfg.run.clone(),
+                bits,
+            });
+        }
+        let trusted = reputation.standing(peer) == Standing::Trusted;
+        let presence = self.peers.entry(*peer).or_default();
+        if presence.device != req.device {
+            presence.device = req.device.clone();
+            self.publish_peer(peer);
+        }
+        Ok(trusted)
     }
 
     /// The answer to a lease request or return. A grant is committed to the store first;

@@ -2,24 +2,25 @@
 //! the run's assets in the blob store, the engine on θ_r, the round machine and ledger from
 //! the store, then the HTTP server; then the event loop until the run ends.
 
-use std::collections::HashMap;
+use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use herd_protocol::Round;
 use herd_protocol::blob_server::BlobServer;
 use herd_protocol::blobs::BlobStore;
 use herd_protocol::delta::DeltaLayout;
-use herd_protocol::messages::{ANNOUNCE_TOPIC, RunAssets};
+use herd_protocol::messages::{ANNOUNCE_TOPIC, RunAssets, now_ms};
 use herd_protocol::net::{
-    Behaviour, NetOptions, Role, build_swarm, listen_on_all, load_or_create_identity,
+    Behaviour, Limits, NetOptions, Role, build_swarm, listen_on_all, load_or_create_identity,
 };
 use libp2p::{Swarm, gossipsub};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use super::engine_slot::EngineSlot;
+use super::rate_limit::RateLimits;
 use super::submissions::Verifications;
-use super::{Coordinator, say};
+use super::{Coordinator, PeerPresence, say};
 use crate::checkpoint::Publisher;
 use crate::config::RunConfig;
 use crate::engine::Engine;
@@ -37,13 +38,17 @@ pub async fn serve(cfg: RunConfig, shutdown: impl std::future::Future<Output = (
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("creating {}", cfg.data_dir.display()))?;
     let keypair = load_or_create_identity(&cfg.data_dir.join("identity.key"))?;
-    let mut swarm = listen(&cfg, keypair.clone())?;
     let topic = gossipsub::IdentTopic::new(ANNOUNCE_TOPIC);
+    let (mut coordinator, due) = Coordinator::open(cfg, keypair.clone(), topic.clone())?;
+    // Listening waits for the run's layout: it sets the largest submission taken.
+    let mut swarm = listen(&coordinator.cfg, keypair, coordinator.layout.payload_cap())?;
     swarm.behaviour_mut().gossipsub.subscribe(&topic)?;
-    let (mut coordinator, due) = Coordinator::open(cfg, keypair, topic)?;
     // The restored totals and credit, before anyone can ask.
     coordinator.publish_totals();
     coordinator.publish_status();
+    for peer in coordinator.peers.keys() {
+        coordinator.publish_peer(peer);
+    }
     let http = HttpServer::start(&coordinator.cfg, &coordinator).await?;
     // A round that reached quorum before a stop aggregates now; a finished run says so.
     coordinator.carry_out(&mut swarm, due);
@@ -93,6 +98,8 @@ impl Coordinator {
             layout.numel() as u64 * 4,
             &snapshot.verdicts,
         )?;
+        let known: Vec<_> = ledger.peers().copied().collect();
+        let net = cfg.network.clone();
         let leases = open_round
             .live
             .iter()
@@ -127,7 +134,20 @@ impl Coordinator {
             blob_server: BlobServer::default(),
             publisher,
             status_tx: watch::Sender::new(status),
-            peers: HashMap::new(),
+            contributors_tx: watch::Sender::new(Arc::new(Vec::new())),
+            // Peers with credit show in the live status until they are forgotten.
+            peers: known
+                .into_iter()
+                .map(|p| {
+                    let presence = PeerPresence {
+                        last_seen_ms: now_ms(),
+                        ..PeerPresence::default()
+                    };
+                    (p, presence)
+                })
+                .collect(),
+            next_forget_ms: 0,
+            rate_limits: RateLimits::new(net.requests_per_second, net.request_burst),
             finished_at: None,
             topic,
         };
@@ -170,10 +190,32 @@ fn resume_round(
     Ok((machine, due, open_round))
 }
 
-/// The swarm, listening where the run says. The coordinator is every run's DHT bootstrap, so
-/// it answers DHT queries from the start.
-fn listen(cfg: &RunConfig, keypair: libp2p::identity::Keypair) -> Result<Swarm<Behaviour>> {
-    let mut swarm = build_swarm(keypair, Role::Coordinator, NetOptions { lan: cfg.lan })?;
+/// The swarm, listening where the run says, within the run's limits (a submission frame:
+/// `payload_cap` plus room for its other fields). The coordinator is every run's DHT
+/// bootstrap, so it answers DHT queries from the start.
+fn listen(
+    cfg: &RunConfig,
+    keypair: libp2p::identity::Keypair,
+    payload_cap: usize,
+) -> Result<Swarm<Behaviour>> {
+    let n = &cfg.network;
+    let submission_bytes = payload_cap + SUBMISSION_FIELDS_BYTES;
+    let inflight_bytes = (n.inflight_submission_mib << 20).max(submission_bytes);
+    let limits = Limits {
+        max_incoming: n.max_connections,
+        max_pending_incoming: n.max_pending_connections,
+        max_per_peer: n.max_connections_per_peer,
+        rpc_streams_per_connection: n.rpc_streams_per_connection,
+        submission_bytes,
+        inflight_bytes,
+        max_process_memory_bytes: n.max_memory_mib << 20,
+    };
+    tracing::info!(?limits, "network limits");
+    let options = NetOptions {
+        lan: cfg.lan,
+        limits,
+    };
+    let mut swarm = build_swarm(keypair, Role::Coordinator, options)?;
     swarm
         .behaviour_mut()
         .kad
@@ -181,6 +223,10 @@ fn listen(cfg: &RunConfig, keypair: libp2p::identity::Keypair) -> Result<Swarm<B
     listen_on_all(&mut swarm, &cfg.listen)?;
     Ok(swarm)
 }
+
+/// A submission's fields besides its payload: run name (≤ 256 bytes), ids, hashes, losses,
+/// public key and signature, with room to spare.
+const SUBMISSION_FIELDS_BYTES: usize = 4096;
 
 /// The base model's files and the training data, in the blob store for nodes to fetch.
 fn put_assets(cfg: &RunConfig, blobs: &mut BlobStore) -> Result<RunAssets> {
@@ -263,6 +309,7 @@ impl HttpServer {
         say!("http: http://{}", listener.local_addr()?);
         let app = crate::http::router(
             coordinator.status_tx.subscribe(),
+            coordinator.contributors_tx.subscribe(),
             coordinator.publisher.dir.clone(),
         );
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

@@ -311,6 +311,7 @@ impl Coordinator {
             self.carry_out(swarm, actions);
         }
         self.publish_status();
+        self.publish_peer(&peer);
     }
 
     /// Commits `record` (and an accepted delta: its norm and payload) to the store.

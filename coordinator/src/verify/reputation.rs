@@ -102,6 +102,14 @@ impl Reputation {
         (x as f64 / u64::MAX as f64) < self.replay_rate(peer)
     }
 
+    /// Bans `peer` (unless it already is) for `reason`.
+    pub fn ban(&mut self, peer: PeerKey, reason: &str) {
+        let r = self.peers.entry(peer).or_default();
+        if r.banned.is_none() {
+            r.banned = Some(reason.to_string());
+        }
+    }
+
     /// Records a verdict; returns the ban reason if this verdict banned the peer.
     pub fn record(&mut self, peer: PeerKey, verdict: &Verdict, replayed: bool) -> Option<String> {
         let ban_after = self.cfg.ban_after as usize;

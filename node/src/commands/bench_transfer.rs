@@ -147,8 +147,22 @@ async fn herd(dir: &std::path::Path, bytes: usize, sink: Sink, listen: &str) -> 
     let (server_key, client_key) = (Keypair::generate_ed25519(), Keypair::generate_ed25519());
     let server_peer = server_key.public().to_peer_id();
     let client_peer = client_key.public().to_peer_id();
-    let mut server_swarm = build_swarm(server_key, Role::Node, NetOptions { lan: true })?;
-    let mut client_swarm = build_swarm(client_key, Role::Node, NetOptions { lan: true })?;
+    let mut server_swarm = build_swarm(
+        server_key,
+        Role::Node,
+        NetOptions {
+            lan: true,
+            ..NetOptions::default()
+        },
+    )?;
+    let mut client_swarm = build_swarm(
+        client_key,
+        Role::Node,
+        NetOptions {
+            lan: true,
+            ..NetOptions::default()
+        },
+    )?;
     let server_addr = listen_addr(&mut server_swarm, listen.clone()).await?;
     let client_addr = listen_addr(&mut client_swarm, listen).await?;
 

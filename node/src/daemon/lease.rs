@@ -13,6 +13,7 @@ use herd_protocol::messages::{
 use libp2p::identity::Keypair;
 
 use super::MAX_BACKOFF;
+use super::admission::Admission;
 use super::availability::Availability;
 use super::network::{Client, NetFailure};
 use super::status::NodeStatus;
@@ -29,6 +30,8 @@ pub enum Offer {
     Wait { reason: String, retry_after_ms: u64 },
     /// The run is over.
     Finished { reason: String },
+    /// This identity must first prove work for `run` at `bits`.
+    Admission { run: String, bits: u8 },
     /// The request did not get through.
     Unreachable(NetFailure),
 }
@@ -53,6 +56,8 @@ pub struct Contributor {
     pub data_dir: PathBuf,
     /// This node's device, in words, sent with each lease request.
     pub device: String,
+    /// Its admission proof, once it has one.
+    pub admission: Admission,
 }
 
 impl Contributor {
@@ -67,6 +72,7 @@ impl Contributor {
         let request = RpcRequest::Lease(LeaseRequest {
             version: PROTOCOL_VERSION,
             device: self.device.clone(),
+            admission: self.admission.proof(),
         });
         Ok(match self.client.rpc(request).await {
             Ok(RpcResponse::Lease(lease)) => Offer::Lease(lease),
@@ -86,6 +92,7 @@ impl Contributor {
             Ok(RpcResponse::Refused { reason }) => {
                 bail!("the coordinator refused this node: {reason}")
             }
+            Ok(RpcResponse::AdmissionRequired { run, bits }) => Offer::Admission { run, bits },
             Ok(other) => bail!("unexpected answer to a lease request: {other:?}"),
             Err(e) => Offer::Unreachable(e),
         })

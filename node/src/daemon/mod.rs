@@ -3,11 +3,12 @@
 //! coordinator cannot be reached, takes no work outside its availability, and on Ctrl-C hands
 //! its lease back and exits.
 //!
-//! Layout: `join` links the node to a run (identity, blob cache, network loop); `network` is
+//! Layout: `admission` is the proof of work a new identity pays once per run; `join` links the node to a run (identity, blob cache, network loop); `network` is
 //! that libp2p loop; `lease` is one lease's life and `worker` its training; `fetch` and `cache`
 //! get and keep blobs; `seed` fetches announced checkpoints for other peers; `residual` keeps
 //! error feedback; `availability` says when the machine may be used; `status` is `status.json`.
 
+mod admission;
 pub mod availability;
 pub mod cache;
 pub mod fetch;
@@ -25,6 +26,7 @@ use anyhow::{Result, bail};
 use libp2p::Multiaddr;
 
 use crate::commands::ComputeArgs;
+use admission::Admission;
 use availability::Availability;
 pub use join::{Joined, PeerArgs, default_data_dir, join, unreachable_message};
 use lease::{Contributor, Ended, Offer};
@@ -78,11 +80,11 @@ async fn run_async(args: RunArgs) -> Result<()> {
         data_dir,
         keypair,
         addr,
+        coordinator,
         cache,
         client,
         net,
         announced,
-        ..
     } = join(&args.coordinator, &args.peer).await?;
     let seeding = tokio::spawn(seed::seed_announced(
         client.clone(),
@@ -97,6 +99,7 @@ async fn run_async(args: RunArgs) -> Result<()> {
         addr.to_string(),
         device.clone(),
     );
+    let admission = Admission::load(&data_dir, coordinator, keypair.public().to_peer_id());
     let mut node = Contributor {
         client,
         keypair,
@@ -104,6 +107,7 @@ async fn run_async(args: RunArgs) -> Result<()> {
         status,
         data_dir,
         device,
+        admission,
     };
     node.report("connecting to the coordinator");
     let availability = Availability::new(args.active_hours.clone(), &node.data_dir);
@@ -170,6 +174,16 @@ async fn contribute(
             }
             Offer::Unreachable(e) => {
                 back_off(node, &mut contact, addr, &e).await?;
+                continue;
+            }
+            Offer::Admission { run, bits } => {
+                node.report(format!(
+                    "proving work to join run `{run}` ({bits} bits, once)"
+                ));
+                tokio::select! {
+                    solved = node.admission.solve(&run, bits) => solved?,
+                    _ = tokio::signal::ctrl_c() => return Ok(()),
+                }
                 continue;
             }
         };
