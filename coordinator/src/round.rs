@@ -480,4 +480,6 @@ impl RoundMachine {
 }
 
 #[cfg(test)]
+mod fair_tests;
+#[cfg(test)]
 mod tests;

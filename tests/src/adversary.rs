@@ -77,6 +77,7 @@ pub struct Adversary {
     swarm: Swarm<request_response::Behaviour<RawCodec>>,
     coordinator: PeerId,
     pub key: Keypair,
+    admission: Option<herd_protocol::admission::AdmissionProof>,
 }
 
 impl Adversary {
@@ -110,6 +111,7 @@ impl Adversary {
             swarm,
             coordinator,
             key,
+            admission: None,
         }
     }
 
@@ -159,30 +161,39 @@ impl Adversary {
     }
 
     pub async fn lease(&mut self) -> Lease {
-        match self
-            .send(&RpcRequest::Lease(LeaseRequest {
-                version: PROTOCOL_VERSION,
-                device: "adversary".into(),
-            }))
-            .await
-        {
-            RpcResponse::Lease(l) => *l,
-            other => panic!("expected a lease, got {other:?}"),
+        match self.try_lease().await {
+            Ok(l) => l,
+            Err(other) => panic!("expected a lease, got {other:?}"),
         }
     }
 
-    /// Asks for a lease; `Err` with the reason when refused.
+    /// Asks for a lease (paying the admission proof first when asked); `Err` with the
+    /// answer when there is none.
     pub async fn try_lease(&mut self) -> Result<Lease, RpcResponse> {
-        match self
-            .send(&RpcRequest::Lease(LeaseRequest {
-                version: PROTOCOL_VERSION,
-                device: "adversary".into(),
-            }))
-            .await
-        {
+        let mut answer = self.ask_lease().await;
+        if let RpcResponse::AdmissionRequired { run, bits } = &answer {
+            let me = self.key.public().to_peer_id();
+            let challenge = herd_protocol::admission::Challenge {
+                run,
+                coordinator: &self.coordinator,
+                peer: &me,
+            };
+            self.admission = challenge.solve(*bits, || true);
+            answer = self.ask_lease().await;
+        }
+        match answer {
             RpcResponse::Lease(l) => Ok(*l),
             other => Err(other),
         }
+    }
+
+    async fn ask_lease(&mut self) -> RpcResponse {
+        let request = RpcRequest::Lease(LeaseRequest {
+            version: PROTOCOL_VERSION,
+            device: "adversary".into(),
+            admission: self.admission,
+        });
+        self.send(&request).await
     }
 
     /// `payload` for `lease`, signed with this client's key, claiming `outcome`'s losses.

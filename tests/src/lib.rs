@@ -10,6 +10,12 @@ use std::process::{Command, Output};
 use anyhow::{Context, Result};
 use serde_json::Value;
 
+/// The `[network]` and `[leases]` of a group of machines that trust each other.
+const CLOSED_GROUP: &str = "[network]\nadmission_bits = 8\nrequests_per_second = 1000.0\n\
+    request_burst = 1000.0\nrpc_streams_per_connection = 100\nmax_connections_per_peer = 8\n\
+    [leases]\nper_peer = 64\nnewcomer_share = 1.0\nbackup_after = 0.0\nmiss_backoff_secs = 0.0\n\
+    max_backoff_secs = 0.0\nban_after_expiries = 0\n";
+
 /// The workspace root.
 pub fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -245,9 +251,16 @@ impl Coordinator {
         } else {
             "http = \"127.0.0.1:0\"\n"
         };
+        // The scenarios that predate the open-network rules run a closed group's rules (cheap
+        // admission, no per-peer limits); a body with its own sections keeps them.
+        let open_network = if body.contains("[leases]") || body.contains("[network]") {
+            ""
+        } else {
+            CLOSED_GROUP
+        };
         let text = format!(
             "run = \"test\"\nbase_model = {:?}\ndata = {:?}\nheldout = {:?}\ndata_dir = \"coordinator\"\n\
-             listen = [\"{listen}\"]\n{http}{body}",
+             listen = [\"{listen}\"]\n{http}{body}\n{open_network}",
             default_asset("base"),
             default_asset("data/train.jsonl"),
             default_asset("data/heldout.jsonl"),

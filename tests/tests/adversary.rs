@@ -301,9 +301,10 @@ mod under_attack {
             .send(&RpcRequest::Lease(LeaseRequest {
                 version: 99,
                 device: String::new(),
+                admission: None,
             }))
             .await;
-        let mut future = Adversary::new(&addr, "/herd/rpc/2");
+        let mut future = Adversary::new(&addr, "/herd/rpc/3");
         let unsupported = future.send_raw(vec![0, 0, 0, 0]).await;
 
         // A peer that keeps failing: three zero deltas, then another lease request.
@@ -440,7 +441,7 @@ mod under_attack {
                 suite.unsupported,
                 Err(OutboundFailure::UnsupportedProtocols)
             ),
-            "/herd/rpc/2: {:?}",
+            "/herd/rpc/3: {:?}",
             suite.unsupported
         );
     }

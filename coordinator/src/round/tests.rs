@@ -13,6 +13,7 @@ fn cfg(shards: u32, quorum: u32, rounds: u64) -> MachineConfig {
         seed: 7,
         straggler_multiple: 0.0,
         deadline_quorum: 1,
+        leases: LeasePolicy::unlimited(shards),
     }
 }
 
@@ -31,7 +32,13 @@ fn adapter(n: u8) -> ContentId {
 
 fn grant(m: &mut RoundMachine, peer: &str, now: u64) -> Grant {
     match m
-        .handle(Event::LeaseRequested { peer: id(peer) }, now)
+        .handle(
+            Event::LeaseRequested {
+                peer: id(peer),
+                trusted: true,
+            },
+            now,
+        )
         .pop()
     {
         Some(Action::Grant { grant, .. }) => grant,
@@ -89,7 +96,13 @@ fn rounds_close_at_quorum_and_open_after_aggregation() {
     let shards: Vec<u32> = grants.iter().map(|g| g.shard.0).collect();
     assert_eq!(shards, vec![0, 1, 2]);
     assert!(matches!(
-        m.handle(Event::LeaseRequested { peer: id("d") }, 0)[0],
+        m.handle(
+            Event::LeaseRequested {
+                peer: id("d"),
+                trusted: true
+            },
+            0
+        )[0],
         Action::NoWork {
             finished: false,
             ..
@@ -110,7 +123,13 @@ fn rounds_close_at_quorum_and_open_after_aggregation() {
     assert_eq!((*round, accepted.len()), (Round(0), 3));
     // While aggregating there is no work.
     assert!(matches!(
-        m.handle(Event::LeaseRequested { peer: id("a") }, 20)[0],
+        m.handle(
+            Event::LeaseRequested {
+                peer: id("a"),
+                trusted: true
+            },
+            20
+        )[0],
         Action::NoWork {
             finished: false,
             ..
@@ -152,7 +171,13 @@ fn rounds_close_at_quorum_and_open_after_aggregation() {
         vec![Action::Finished { rounds: 2 }]
     );
     assert!(matches!(
-        m.handle(Event::LeaseRequested { peer: id("a") }, 70)[0],
+        m.handle(
+            Event::LeaseRequested {
+                peer: id("a"),
+                trusted: true
+            },
+            70
+        )[0],
         Action::NoWork { finished: true, .. }
     ));
 }
@@ -415,6 +440,7 @@ fn thousands_of_simulated_peers_with_failures_complete_every_round() {
             seed: 1,
             straggler_multiple: 0.0,
             deadline_quorum: 1,
+            leases: LeasePolicy::unlimited(64),
         },
         adapter(0),
     );
@@ -423,7 +449,13 @@ fn thousands_of_simulated_peers_with_failures_complete_every_round() {
     'outer: for step in 0..200_000usize {
         now += 1;
         let peer = &peers[step % peers.len()];
-        let actions = m.handle(Event::LeaseRequested { peer: id(peer) }, now);
+        let actions = m.handle(
+            Event::LeaseRequested {
+                peer: id(peer),
+                trusted: true,
+            },
+            now,
+        );
         for action in actions {
             match action {
                 Action::Grant { grant, .. } if step % 3 != 0 => {
@@ -482,8 +514,14 @@ fn a_resumed_machine_keeps_its_round_accepted_shards_and_live_leases() {
         "new ids, free shard"
     );
     assert!(matches!(
-        m.handle(Event::LeaseRequested { peer: id("d") }, 1000)
-            .pop(),
+        m.handle(
+            Event::LeaseRequested {
+                peer: id("d"),
+                trusted: true
+            },
+            1000
+        )
+        .pop(),
         Some(Action::NoWork { .. })
     ));
     // b's lease from before the stop is honoured.
