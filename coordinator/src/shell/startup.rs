@@ -199,7 +199,9 @@ fn listen(
     payload_cap: usize,
 ) -> Result<Swarm<Behaviour>> {
     let n = &cfg.network;
-    let submission_bytes = payload_cap + SUBMISSION_FIELDS_BYTES;
+    // At least 1 MiB: a payload somewhat over the cap still arrives and gets a verdict that
+    // names the cap (a clear error for a misconfigured node); the shared budget bounds memory.
+    let submission_bytes = (payload_cap + SUBMISSION_FIELDS_BYTES).max(MIN_SUBMISSION_FRAME);
     let inflight_bytes = (n.inflight_submission_mib << 20).max(submission_bytes);
     let limits = Limits {
         max_incoming: n.max_connections,
@@ -227,6 +229,7 @@ fn listen(
 /// A submission's fields besides its payload: run name (≤ 256 bytes), ids, hashes, losses,
 /// public key and signature, with room to spare.
 const SUBMISSION_FIELDS_BYTES: usize = 4096;
+const MIN_SUBMISSION_FRAME: usize = 1 << 20;
 
 /// The base model's files and the training data, in the blob store for nodes to fetch.
 fn put_assets(cfg: &RunConfig, blobs: &mut BlobStore) -> Result<RunAssets> {
