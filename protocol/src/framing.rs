@@ -142,6 +142,9 @@ pub struct ReadLimits<'a> {
     pub max: usize,
     pub cap_for_tag: &'a (dyn Fn(u8) -> usize + Sync),
     pub budget: Option<&'a ByteBudget>,
+    /// Whether the frame's first bytes must come within [`STALL_TIMEOUT`] too: a request's
+    /// do; a response's may take as long as the request does (a verification).
+    pub prompt_start: bool,
 }
 
 impl std::fmt::Debug for ReadLimits<'_> {
@@ -150,7 +153,8 @@ impl std::fmt::Debug for ReadLimits<'_> {
     }
 }
 
-/// Reads one frame of at most `cap` bytes.
+/// Reads one frame of at most `cap` bytes (a response: its start may take as long as the
+/// request does; once it has started, a stall fails it).
 pub async fn read_frame<R: AsyncRead + Unpin>(io: &mut R, cap: usize) -> std::io::Result<Vec<u8>> {
     read_frame_limited(
         io,
@@ -158,6 +162,7 @@ pub async fn read_frame<R: AsyncRead + Unpin>(io: &mut R, cap: usize) -> std::io
             max: cap,
             cap_for_tag: &|_| cap,
             budget: None,
+            prompt_start: false,
         },
     )
     .await
@@ -172,7 +177,11 @@ pub async fn read_frame_limited<R: AsyncRead + Unpin>(
     limits: ReadLimits<'_>,
 ) -> std::io::Result<Vec<u8>> {
     let mut len = [0u8; 4];
-    within_stall(io.read_exact(&mut len)).await??;
+    if limits.prompt_start {
+        within_stall(io.read_exact(&mut len)).await??;
+    } else {
+        io.read_exact(&mut len).await?;
+    }
     let len = u32::from_le_bytes(len) as usize;
     if len > limits.max {
         return Err(FrameError::TooLarge {
@@ -273,6 +282,7 @@ mod tests {
             max: 1000,
             cap_for_tag: &cap_for_tag,
             budget: None,
+            prompt_start: true,
         };
         let big = [vec![1u8], vec![7u8; 499]].concat();
         let mut io = futures::io::Cursor::new(frame(&big));
@@ -291,6 +301,7 @@ mod tests {
             max: 1 << 20,
             cap_for_tag: &|_| 1 << 20,
             budget: Some(&budget),
+            prompt_start: true,
         };
         // Announces 1 MiB, sends 3 bytes and ends: the read fails having held one chunk.
         let mut io =

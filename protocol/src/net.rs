@@ -140,6 +140,7 @@ where
             max: caps.small.max(caps.large).min(REQ),
             cap_for_tag: &|tag| caps.cap_for_tag(tag),
             budget: caps.budget.as_deref(),
+            prompt_start: true,
         };
         // Log refusals here: libp2p drops inbound read errors without an event.
         let request = match read_frame_limited(io, limits).await {
