@@ -225,18 +225,6 @@ impl RoundMachine {
             .count()
     }
 
-    /// Live leases: `(lease, peer, shard)`.
-    pub fn active_leases(&self) -> Vec<(LeaseId, PeerKey, ShardId)> {
-        let mut out: Vec<_> = self
-            .leases
-            .iter()
-            .filter(|(_, r)| r.state == LeaseState::Active)
-            .map(|(id, r)| (*id, r.peer, r.shard))
-            .collect();
-        out.sort_by_key(|(id, _, _)| *id);
-        out
-    }
-
     /// See [`MachineConfig::shard_ranges`].
     pub fn shard_ranges(&self, round: Round, shard: ShardId) -> Vec<SampleRange> {
         self.cfg.shard_ranges(round, shard)
@@ -259,11 +247,6 @@ impl RoundMachine {
         d.sort_unstable();
         let median = d[d.len() / 2];
         Some(self.opened_at_ms? + (median as f64 * self.cfg.straggler_multiple) as u64)
-    }
-
-    /// Peers whose misses the machine remembers (bounded: see `fairness.rs`).
-    pub fn remembered_peers(&self) -> usize {
-        self.fairness.len()
     }
 
     /// Feeds one event at time `now_ms`; returns what to do, in order.

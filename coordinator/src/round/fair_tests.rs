@@ -209,3 +209,30 @@ fn a_trusted_peer_backs_up_a_shard_a_newcomer_sits_on_and_the_first_delta_counts
         "{late:?}"
     );
 }
+
+#[test]
+fn identities_that_missed_once_and_left_are_forgotten_within_the_hour() {
+    let mut m = RoundMachine::new(open_cfg(1), ContentId::of(b"a"));
+    for n in 10..60u8 {
+        let g = ask(&mut m, peer(n), false, 0).unwrap();
+        m.handle(
+            Event::Returned {
+                peer: peer(n),
+                lease: g.lease,
+            },
+            0,
+        );
+    }
+    assert_eq!(m.fairness.len(), 50, "each is backing off");
+    // A round opens two hours later: the records whose backoff ended an hour ago go.
+    let g = ask(&mut m, peer(1), true, 7_200_000).unwrap();
+    deliver(&mut m, peer(1), &g, 7_200_000);
+    m.handle(
+        Event::Aggregated {
+            round: Round(0),
+            adapter: ContentId::of(b"b"),
+        },
+        7_200_000,
+    );
+    assert_eq!(m.fairness.len(), 0);
+}

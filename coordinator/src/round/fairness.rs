@@ -86,6 +86,7 @@ impl Fairness {
     }
 
     /// Peers remembered now.
+    #[cfg(test)]
     pub(super) fn len(&self) -> usize {
         self.peers.len()
     }

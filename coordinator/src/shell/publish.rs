@@ -72,10 +72,9 @@ impl Coordinator {
         });
     }
 
-    /// Brings `peer`'s line of `/v1/status` up to date, or takes it out once the peer is
-    /// forgotten: one line in place (the list stays in peer order), not the whole list.
-    pub(super) fn publish_peer(&self, peer: &PeerKey) {
-        let line = self.peers.get(peer).map(|presence| PeerStatus {
+    /// `peer`'s line of `/v1/status`, if it is connected or seen lately.
+    fn peer_line(&self, peer: &PeerKey) -> Option<PeerStatus> {
+        self.peers.get(peer).map(|presence| PeerStatus {
             peer: peer.to_string(),
             device: presence.device.clone(),
             connected: presence.connected,
@@ -83,7 +82,13 @@ impl Coordinator {
             standing: self.ledger.reputation().standing(peer).label().to_string(),
             last_seen_ms: presence.last_seen_ms,
             tokens_per_second: presence.tokens_per_second,
-        });
+        })
+    }
+
+    /// Brings `peer`'s line of `/v1/status` up to date, or takes it out once the peer is
+    /// forgotten: one line in place (the list stays in peer order), not the whole list.
+    pub(super) fn publish_peer(&self, peer: &PeerKey) {
+        let line = self.peer_line(peer);
         let key = peer.to_string();
         self.status_tx.send_modify(|s| {
             let at = s.peers.binary_search_by(|p| p.peer.as_str().cmp(&key));
@@ -98,20 +103,32 @@ impl Coordinator {
         });
     }
 
+    /// Builds every peer's line at once, in peer order (at start: one sort, not an insert
+    /// per peer).
+    pub(super) fn publish_peers(&self) {
+        let mut lines: Vec<PeerStatus> = self
+            .peers
+            .keys()
+            .filter_map(|p| self.peer_line(p))
+            .collect();
+        lines.sort_by(|a, b| a.peer.cmp(&b.peer));
+        self.status_tx.send_modify(|s| s.peers = lines);
+    }
+
     /// Forgets peers gone for longer than `network.forget_after_secs`: they leave the live
-    /// status (their credit stays in the ledger and `/v1/contributors`).
+    /// status (their credit stays in the ledger and `/v1/contributors`), in one pass over it.
     pub(super) fn forget_gone_peers(&mut self, now_ms: u64) {
         let keep_ms = self.cfg.network.forget_after_secs * 1000;
-        let gone: Vec<PeerKey> = self
-            .peers
-            .iter()
-            .filter(|(_, p)| !p.connected && p.last_seen_ms + keep_ms < now_ms)
-            .map(|(id, _)| *id)
-            .collect();
-        for peer in gone {
-            self.peers.remove(&peer);
-            self.publish_peer(&peer);
+        let before = self.peers.len();
+        self.peers
+            .retain(|_, p| p.connected || p.last_seen_ms + keep_ms >= now_ms);
+        if self.peers.len() == before {
+            return;
         }
+        let kept: std::collections::HashSet<String> =
+            self.peers.keys().map(|p| p.to_string()).collect();
+        self.status_tx
+            .send_modify(|s| s.peers.retain(|line| kept.contains(&line.peer)));
     }
 
     /// Brings the status's totals and the credit list up to date with the ledger: after a

@@ -65,7 +65,7 @@ impl Coordinator {
             return;
         }
         let event = match request {
-            RpcRequest::Lease(req) => match self.admit(&peer, &req) {
+            RpcRequest::Lease(req) => match self.admit(swarm.local_peer_id(), &peer, &req) {
                 Ok(trusted) => Event::LeaseRequested { peer, trusted },
                 Err(response) => {
                     let _ = swarm.behaviour_mut().rpc.send_response(channel, response);
@@ -97,7 +97,12 @@ impl Coordinator {
     /// Whether `peer` may ask for work: it speaks this protocol version, its request is
     /// within the caps, it is not banned, and it has paid its admission. Remembers the device
     /// it says it trains on. `Ok(trusted)`: whether it is in good standing.
-    fn admit(&mut self, peer: &PeerKey, req: &LeaseRequest) -> Result<bool, RpcResponse> {
+    fn admit(
+        &mut self,
+        coordinator: &PeerKey,
+        peer: &PeerKey,
+        req: &LeaseRequest,
+    ) -> Result<bool, RpcResponse> {
         let refuse = |reason: String| Err(RpcResponse::Refused { reason });
         if req.version != PROTOCOL_VERSION {
             tracing::warn!(%peer, version = req.version, "refused a node speaking another protocol version");
@@ -116,10 +121,9 @@ impl Coordinator {
             return refuse(format!("this node is banned from the run: {why}"));
         }
         let bits = self.cfg.network.admission_bits;
-        let coordinator = self.publisher.identity.public().to_peer_id();
         let challenge = Challenge {
             run: &self.cfg.run,
-            coordinator: &coordinator,
+            coordinator,
             peer,
         };
         if !req

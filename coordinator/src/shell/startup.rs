@@ -46,9 +46,7 @@ pub async fn serve(cfg: RunConfig, shutdown: impl std::future::Future<Output = (
     // The restored totals and credit, before anyone can ask.
     coordinator.publish_totals();
     coordinator.publish_status();
-    for peer in coordinator.peers.keys() {
-        coordinator.publish_peer(peer);
-    }
+    coordinator.publish_peers();
     let http = HttpServer::start(&coordinator.cfg, &coordinator).await?;
     // A round that reached quorum before a stop aggregates now; a finished run says so.
     coordinator.carry_out(&mut swarm, due);
