@@ -115,17 +115,48 @@ impl Adversary {
         }
     }
 
+    /// Dials the coordinator and waits (bounded) for the connection: whether it was
+    /// established. The connection stays while this client lives.
+    pub async fn connect(&mut self) -> bool {
+        if self.swarm.dial(self.coordinator).is_err() {
+            return false;
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            match tokio::time::timeout_at(deadline, self.swarm.select_next_some()).await {
+                Ok(SwarmEvent::ConnectionEstablished { .. }) => return true,
+                Ok(SwarmEvent::OutgoingConnectionError { .. }) | Err(_) => return false,
+                Ok(_) => {}
+            }
+        }
+    }
+
+    /// Keeps the client's connection served (pings, identify) until `deadline`; false if it
+    /// closed before.
+    pub async fn hold(&mut self, deadline: tokio::time::Instant) -> bool {
+        loop {
+            match tokio::time::timeout_at(deadline, self.swarm.select_next_some()).await {
+                Err(_) => return true,
+                Ok(SwarmEvent::ConnectionClosed {
+                    num_established: 0, ..
+                }) => return false,
+                Ok(_) => {}
+            }
+        }
+    }
+
     /// Sends raw bytes; returns the decoded response or the failure.
     pub async fn send_raw(&mut self, bytes: Vec<u8>) -> Result<RpcResponse, OutboundFailure> {
         let id = self
             .swarm
             .behaviour_mut()
             .send_request(&self.coordinator, bytes);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
         loop {
-            let event =
-                tokio::time::timeout(Duration::from_secs(60), self.swarm.select_next_some())
-                    .await
-                    .expect("an answer in time");
+            let Ok(event) = tokio::time::timeout_at(deadline, self.swarm.select_next_some()).await
+            else {
+                return Err(OutboundFailure::Timeout);
+            };
             match event {
                 SwarmEvent::Behaviour(request_response::Event::Message {
                     message:
@@ -154,10 +185,15 @@ impl Adversary {
     }
 
     pub async fn send(&mut self, request: &RpcRequest) -> RpcResponse {
+        self.request(request).await.expect("a response")
+    }
+
+    /// Sends `request` framed as a node would; the answer, or why there is none.
+    pub async fn request(&mut self, request: &RpcRequest) -> Result<RpcResponse, OutboundFailure> {
         let body = encode(request).unwrap();
         let mut frame = (body.len() as u32).to_le_bytes().to_vec();
         frame.extend(body);
-        self.send_raw(frame).await.expect("a response")
+        self.send_raw(frame).await
     }
 
     pub async fn lease(&mut self) -> Lease {
@@ -170,7 +206,12 @@ impl Adversary {
     /// Asks for a lease (paying the admission proof first when asked); `Err` with the
     /// answer when there is none.
     pub async fn try_lease(&mut self) -> Result<Lease, RpcResponse> {
-        let mut answer = self.ask_lease().await;
+        self.ask_for_lease().await.expect("a response")
+    }
+
+    /// [`Adversary::try_lease`] that also survives a lost exchange (`Err` outside).
+    pub async fn ask_for_lease(&mut self) -> Result<Result<Lease, RpcResponse>, OutboundFailure> {
+        let mut answer = self.ask_lease().await?;
         if let RpcResponse::AdmissionRequired { run, bits } = &answer {
             let me = self.key.public().to_peer_id();
             let challenge = herd_protocol::admission::Challenge {
@@ -179,21 +220,21 @@ impl Adversary {
                 peer: &me,
             };
             self.admission = challenge.solve(*bits, || true);
-            answer = self.ask_lease().await;
+            answer = self.ask_lease().await?;
         }
-        match answer {
+        Ok(match answer {
             RpcResponse::Lease(l) => Ok(*l),
             other => Err(other),
-        }
+        })
     }
 
-    async fn ask_lease(&mut self) -> RpcResponse {
+    async fn ask_lease(&mut self) -> Result<RpcResponse, OutboundFailure> {
         let request = RpcRequest::Lease(LeaseRequest {
             version: PROTOCOL_VERSION,
             device: "adversary".into(),
             admission: self.admission,
         });
-        self.send(&request).await
+        self.request(&request).await
     }
 
     /// `payload` for `lease`, signed with this client's key, claiming `outcome`'s losses.

@@ -1,6 +1,7 @@
 //! Helpers for herd's workspace-level integration tests: find the real binaries that
 //! `cargo xtask test` built, copy fixtures, and damage files in controlled ways.
 
+pub mod abuse;
 pub mod adversary;
 pub mod netns;
 
@@ -25,7 +26,8 @@ pub fn root() -> PathBuf {
 }
 
 /// A command for a workspace binary in the same profile dir as this test binary
-/// (`target/<profile>/deps/<test>` → `target/<profile>/<name>`).
+/// (`target/<profile>/deps/<test>` → `target/<profile>/<name>`) or this binary
+/// (`target/<profile>/<bin>`).
 pub fn bin(name: &str) -> Command {
     Command::new(bin_path(name))
 }
@@ -33,10 +35,10 @@ pub fn bin(name: &str) -> Command {
 /// The path of a workspace binary (see [`bin`]).
 pub fn bin_path(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test binary path");
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>");
+    let mut dir = exe.parent().expect("target/<profile>");
+    if dir.ends_with("deps") {
+        dir = dir.parent().expect("target/<profile>");
+    }
     let path = dir.join(name);
     assert!(
         path.exists(),

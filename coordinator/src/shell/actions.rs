@@ -5,7 +5,7 @@
 use herd_protocol::delta::Delta;
 use herd_protocol::messages::{RoundAnnouncement, now_ms};
 use herd_protocol::net::Behaviour;
-use herd_protocol::{ContentId, Round};
+use herd_protocol::{ContentId, LeaseId, Round};
 use libp2p::Swarm;
 
 use super::engine_slot::EngineDone;
@@ -23,6 +23,7 @@ impl Coordinator {
             match action {
                 Action::LeaseExpired { peer, lease, shard } => {
                     tracing::warn!(%peer, %lease, %shard, "lease expired; shard reissued");
+                    self.end_lease_record(lease);
                 }
                 Action::Banned { peer, reason } => {
                     tracing::warn!(%peer, reason = %reason, "peer banned");
@@ -94,6 +95,15 @@ impl Coordinator {
             }
         }
         self.publish_status();
+    }
+
+    /// Drops a lease that ended without a verdict from the store. Failing only leaves the
+    /// record until its round closes (a restart would hold the shard until the lease's
+    /// expiry), so it is logged, not fatal.
+    pub(super) fn end_lease_record(&self, lease: LeaseId) {
+        if let Err(e) = self.store.end_lease(lease.0) {
+            tracing::error!(error = %e, %lease, "cannot drop an ended lease's record");
+        }
     }
 
     /// Hands the closed round's deltas to the engine if one is waiting and the engine is

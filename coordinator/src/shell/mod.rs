@@ -106,7 +106,7 @@ struct Coordinator {
     status_tx: watch::Sender<Status>,
     /// Every peer's credit, most tokens first, for `/v1/contributors` (after each verdict).
     contributors_tx: watch::Sender<Arc<Vec<Contribution>>>,
-    /// Peers connected now or seen within `network.forget_after_secs`.
+    /// Peers connected now, or gone within `network.forget_after_secs` with verdicts to their name.
     peers: HashMap<PeerKey, PeerPresence>,
     next_forget_ms: u64,
     rate_limits: rate_limit::RateLimits,
@@ -182,7 +182,13 @@ impl Coordinator {
                 num_established: 0,
                 ..
             } => {
-                if let Some(p) = self.peers.get_mut(&peer_id) {
+                // A peer that leaves without a verdict to its name leaves the live status at
+                // once: connecting is cheap, and a churn of fresh identities must not grow
+                // it. One with verdicts stays `forget_after_secs` (see `forget_gone_peers`).
+                let credit = self.ledger.credit(&peer_id);
+                if credit.accepted + credit.rejected == 0 {
+                    self.peers.remove(&peer_id);
+                } else if let Some(p) = self.peers.get_mut(&peer_id) {
                     p.connected = false;
                     p.last_seen_ms = now_ms();
                 }

@@ -179,6 +179,7 @@ impl Coordinator {
             } => {
                 if released {
                     tracing::info!(%lease, "lease returned; its shard goes to the next node that asks");
+                    self.end_lease_record(lease);
                 }
                 Some(RpcResponse::Returned)
             }

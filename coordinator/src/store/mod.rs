@@ -28,7 +28,10 @@ use crate::verify::log::VerdictRecord;
 
 /// Where the run is: changes once per round, atomically.
 const RUN: TableDefinition<&str, &[u8]> = TableDefinition::new("run");
-/// Lease id → the grant (leases of every round).
+/// Lease id → the grant, while it is live: a lease leaves when it is returned, expires or gets
+/// a deciding verdict, and whatever is left of a round leaves when it closes, so the table
+/// holds about one record per shard however many identities come and go (resume is its only
+/// reader; audit needs the verdicts and accepted deltas, not the grants).
 const LEASES: TableDefinition<u64, &[u8]> = TableDefinition::new("leases");
 /// Every verdict, numbered in the order given.
 const VERDICTS: TableDefinition<u64, &[u8]> = TableDefinition::new("verdicts");
@@ -166,11 +169,26 @@ impl Store {
         })
     }
 
-    /// Writes where the run is (at the start, and when a round closes).
+    /// Writes where the run is (at the start, and when a round closes), and drops the lease
+    /// records of the rounds before `state.round` in the same transaction.
     pub fn set_run(&self, state: &RunState) -> Result<()> {
         let tx = self.db.begin_write()?;
         tx.open_table(RUN)?
             .insert(RUN_STATE, encode(state)?.as_slice())?;
+        {
+            let mut leases = tx.open_table(LEASES)?;
+            let mut closed = Vec::new();
+            for item in leases.iter()? {
+                let (id, record) = item?;
+                let record: GrantRecord = decode(record.value(), "lease")?;
+                if record.round < state.round {
+                    closed.push(id.value());
+                }
+            }
+            for id in closed {
+                leases.remove(id)?;
+            }
+        }
         tx.commit().context("committing the run state")?;
         Ok(())
     }
@@ -183,8 +201,17 @@ impl Store {
         Ok(())
     }
 
+    /// Forgets a lease that ended without a verdict (returned or expired): a restart has
+    /// nothing to resume of it.
+    pub fn end_lease(&self, lease: u64) -> Result<()> {
+        let tx = self.db.begin_write()?;
+        tx.open_table(LEASES)?.remove(lease)?;
+        tx.commit().context("committing a lease's end")?;
+        Ok(())
+    }
+
     /// Records a verdict and, when accepted, the delta that now counts for its shard: both or
-    /// neither.
+    /// neither. A verdict that decides its lease ends the lease's record too.
     pub fn record_verdict(
         &self,
         verdict: &VerdictRecord,
@@ -195,6 +222,9 @@ impl Store {
             let mut verdicts = tx.open_table(VERDICTS)?;
             let next = verdicts.last()?.map_or(0, |(k, _)| k.value() + 1);
             verdicts.insert(next, encode(verdict)?.as_slice())?;
+        }
+        if crate::ledger::decides_lease(&verdict.outcome) {
+            tx.open_table(LEASES)?.remove(verdict.lease)?;
         }
         if let Some(a) = accepted {
             tx.open_table(ACCEPTED)?
@@ -284,8 +314,10 @@ mod tests {
                 shard: 1,
                 expires_at_ms: 9,
             };
-            store.record_lease(7, &lease).unwrap();
-            store.record_lease(8, &lease).unwrap();
+            for id in [7, 8, 9, 10] {
+                store.record_lease(id, &lease).unwrap();
+            }
+            store.end_lease(10).unwrap(); // returned
             store
                 .record_verdict(&verdict(7, "accepted"), Some(&accepted))
                 .unwrap();
@@ -294,8 +326,9 @@ mod tests {
                 .unwrap();
         }
         let snap = Store::open(&path).unwrap().load().unwrap();
-        assert_eq!(snap.run, Some(run));
-        assert_eq!(snap.leases.len(), 2);
+        assert_eq!(snap.run, Some(run.clone()));
+        let live: Vec<u64> = snap.leases.iter().map(|(id, _)| *id).collect();
+        assert_eq!(live, [9], "decided and returned leases leave the store");
         assert_eq!(snap.verdicts.len(), 2);
         assert_eq!(snap.verdicts[1].verdict, "zero_delta");
         assert!(
@@ -306,6 +339,11 @@ mod tests {
         let store = Store::open(&path).unwrap();
         assert_eq!(store.accepted_between(2, 3).unwrap(), vec![accepted]);
         assert!(store.accepted_between(0, 2).unwrap().is_empty());
+        store.set_run(&RunState { round: 3, ..run }).unwrap();
+        assert!(
+            store.load().unwrap().leases.is_empty(),
+            "a closed round's leases leave with it"
+        );
         drop(store);
         Store::open(&path).unwrap().exclude(2, 1).unwrap();
         assert!(

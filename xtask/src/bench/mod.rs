@@ -6,8 +6,11 @@
 //! - codecs: bytes per delta and held-out loss of the demo at several codec settings.
 //! - scale: the coordinator with 100, 1,000 and 10,000 simulated peers.
 //! - transfer: a 64 MiB blob between two nodes over libp2p TCP and QUIC against plain TCP.
+//! - abuse: the open network's defences under attack (hoarder and Sybils, stalled frames, a
+//!   connection flood, identity churn, admission cost), by `herd-abuse`.
 //! - gpu: folded in from bench/gpu/run.sh's output (`--gpu-results`); needs a GPU machine.
 
+mod abuse;
 mod codecs;
 mod gpu;
 mod plot;
@@ -38,14 +41,16 @@ enum Bench {
     Codecs,
     Scale,
     Transfer,
+    Abuse,
     Gpu,
 }
 
-const ALL: [Bench; 5] = [
+const ALL: [Bench; 6] = [
     Bench::Train,
     Bench::Codecs,
     Bench::Scale,
     Bench::Transfer,
+    Bench::Abuse,
     Bench::Gpu,
 ];
 
@@ -56,6 +61,7 @@ impl Bench {
             Bench::Codecs => "upload_vs_learning",
             Bench::Scale => "coordinator_scale",
             Bench::Transfer => "transfer",
+            Bench::Abuse => "abuse",
             Bench::Gpu => "gpu",
         }
     }
@@ -66,6 +72,7 @@ impl Bench {
             Bench::Codecs => codecs::measure(root),
             Bench::Scale => scale::measure(root),
             Bench::Transfer => transfer::measure(root),
+            Bench::Abuse => abuse::measure(root),
             Bench::Gpu => gpu::measure(args.gpu_results.as_deref()),
         }
     }
@@ -76,6 +83,7 @@ impl Bench {
             Bench::Codecs => codecs::markdown(results),
             Bench::Scale => scale::markdown(results),
             Bench::Transfer => transfer::markdown(results),
+            Bench::Abuse => abuse::markdown(results),
             Bench::Gpu => gpu::markdown(results),
         }
     }
