@@ -136,16 +136,21 @@ pub struct FloodReport {
 }
 
 /// `connections` fresh identities dialing at once, each holding its connection (doing
-/// nothing) until `until`.
+/// nothing) until `until`; one refused dials again (up to 10 times, 200 ms apart), as a
+/// flooder would.
 pub async fn flood(addr: &str, connections: usize, until: Instant) -> FloodReport {
     let mut tasks = JoinSet::new();
     for _ in 0..connections {
         let addr = addr.to_string();
         tasks.spawn(async move {
-            let mut me = Adversary::new(&addr, RPC_PROTOCOL);
-            let established = me.connect().await;
-            let held = established && me.hold(until).await;
-            (established, held)
+            for _ in 0..10 {
+                let mut me = Adversary::new(&addr, RPC_PROTOCOL);
+                if me.connect().await {
+                    return (true, me.hold(until).await);
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            (false, false)
         });
     }
     let mut report = FloodReport {
