@@ -32,14 +32,15 @@ pub struct NetworkSection {
     /// Lease requests, returns and queries a peer may send per second, and in a burst.
     pub requests_per_second: f64,
     pub request_burst: f64,
-    /// A peer gone this long leaves `/v1/status` (its credit stays in `/v1/contributors`).
+    /// A peer with verdicts gone this long leaves `/v1/status` (its credit stays in
+    /// `/v1/contributors`); one without leaves it when it disconnects.
     pub forget_after_secs: u64,
 }
 
 impl Default for NetworkSection {
     fn default() -> Self {
         NetworkSection {
-            admission_bits: 22,
+            admission_bits: 24,
             max_connections: 1024,
             max_pending_connections: 128,
             max_connections_per_peer: 2,

@@ -34,14 +34,22 @@ pub fn markdown(r: &Value) -> String {
     let a = &r["admission"];
     let _ = writeln!(
         md,
-        "**Admission.** blake3 proofs at {:.2} M hashes/s on one core here: at the default {} bits an \
-         identity costs {:.2} s of a core on average. An honest node pays that once per run; a farm \
-         pays it per identity: {:.2} core-hours per 1,000 identities.\n",
+        "**Admission.** blake3 proofs at {:.2} M hashes/s on one core here. An honest node pays once \
+         per run; a farm pays per identity it mints (default: {} bits).\n\n\
+         | bits | an honest node, once | a farm, per 1,000 identities |\n|---|---|---|",
         num(&a["hashes_per_second"]) / 1e6,
-        a["bits"],
-        num(&a["seconds_per_identity"]),
-        num(&a["core_hours_per_1000_identities"]),
+        a["default_bits"],
     );
+    // 2^bits hashes per identity on average.
+    for bits in (20..=28).step_by(2) {
+        let seconds = 2f64.powi(bits) / num(&a["hashes_per_second"]);
+        let _ = writeln!(
+            md,
+            "| {bits} | {seconds:.2} s | {:.2} core-hours |",
+            seconds * 1000.0 / 3600.0
+        );
+    }
+    md.push('\n');
     let h = &r["honest_under_attack"];
     let _ = writeln!(
         md,
@@ -52,7 +60,8 @@ pub fn markdown(r: &Value) -> String {
          | | seconds | rounds | rounds/min |\n|---|---|---|---|\n\
          | alone | {:.0} | {} | {:.1} |\n| attacked | {:.0} | {} | {:.1} |\n\n\
          Under attack: **{:.0}%** of the pace alone. The attackers got {} leases (the hoarder {}), \
-         never more than {} at once; {} of them were banned for letting leases expire.\n",
+         never more than {} at once; {} of them were banned for letting leases expire (a lease \
+         whose shard a backup finished first ends with its round, which is no strike).\n",
         h["sybils"],
         h["admission_bits"],
         num(&h["alone_seconds"]),
@@ -96,7 +105,7 @@ pub fn markdown(r: &Value) -> String {
         num(&f["rss_growth_mib"]),
         f["newcomer_served_after_seconds"]
             .as_f64()
-            .map_or("never (within 60 s)".to_string(), |s| format!("{s:.1} s")),
+            .map_or("never (within 60 s)".to_string(), |s| format!("{s:.3} s")),
     );
     let c = &r["identity_churn"];
     let _ = writeln!(
