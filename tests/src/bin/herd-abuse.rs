@@ -88,20 +88,15 @@ fn stalled_frames(dir: &std::path::Path, runtime: &tokio::runtime::Runtime) -> R
     eprintln!(
         "abuse: {connections} connections × {streams} streams announcing {SUBMISSION_FRAME} bytes, held {hold} s"
     );
-    std::fs::create_dir_all(dir)?;
-    let coordinator = Coordinator::start(dir, &abuse::endless_run(""));
-    let pid = coordinator.child.id();
-    std::thread::sleep(Duration::from_secs(2));
-    let before = abuse::rss_bytes(pid);
-    let peak = PeakRss::start(pid);
-    let report = runtime.block_on(abuse::stall(
-        &coordinator.addr,
-        connections,
-        streams,
-        (SUBMISSION_FRAME, SUBMIT_TAG),
-        Duration::from_secs(hold),
-    ));
-    let peak = peak.finish();
+    let (coordinator, report, before, peak) = measured_attack(dir, "", |coordinator| {
+        runtime.block_on(abuse::stall(
+            &coordinator.addr,
+            connections,
+            streams,
+            (SUBMISSION_FRAME, SUBMIT_TAG),
+            Duration::from_secs(hold),
+        ))
+    })?;
     let growth = peak.saturating_sub(before) as f64 / MIB;
     eprintln!(
         "  RSS {:.1} → peak {:.1} MiB (+{growth:.1}); {} streams cut, {} held to the end",
@@ -129,18 +124,14 @@ fn stalled_frames(dir: &std::path::Path, runtime: &tokio::runtime::Runtime) -> R
 fn connection_flood(dir: &std::path::Path, runtime: &tokio::runtime::Runtime) -> Result<Value> {
     let (connections, hold) = (1500, 20);
     eprintln!("abuse: {connections} connections at once, held {hold} s (default limits)");
-    std::fs::create_dir_all(dir)?;
-    let coordinator = Coordinator::start(dir, &abuse::endless_run("admission_bits = 8"));
-    let pid = coordinator.child.id();
-    std::thread::sleep(Duration::from_secs(2));
-    let before = abuse::rss_bytes(pid);
-    let peak = PeakRss::start(pid);
-    let report = runtime.block_on(abuse::flood(
-        &coordinator.addr,
-        connections,
-        Instant::now() + Duration::from_secs(hold),
-    ));
-    let peak = peak.finish();
+    let (coordinator, report, before, peak) =
+        measured_attack(dir, "admission_bits = 8", |coordinator| {
+            runtime.block_on(abuse::flood(
+                &coordinator.addr,
+                connections,
+                Instant::now() + Duration::from_secs(hold),
+            ))
+        })?;
     // How long until a newcomer is served once the flood has left.
     let served = runtime.block_on(async {
         let start = Instant::now();
@@ -165,6 +156,24 @@ fn connection_flood(dir: &std::path::Path, runtime: &tokio::runtime::Runtime) ->
         "rss_growth_mib": peak.saturating_sub(before) as f64 / MIB,
         "newcomer_served_after_seconds": served,
     }))
+}
+
+/// A coordinator in `dir` (the open network's defaults but for the `[network]` keys in
+/// `network`), given 2 s to settle, with its resident memory sampled while `attack` runs:
+/// (the coordinator, what the attack reported, RSS before, peak RSS during).
+fn measured_attack<R>(
+    dir: &std::path::Path,
+    network: &str,
+    attack: impl FnOnce(&Coordinator) -> R,
+) -> Result<(Coordinator, R, u64, u64)> {
+    std::fs::create_dir_all(dir)?;
+    let coordinator = Coordinator::start(dir, &abuse::endless_run(network));
+    let pid = coordinator.child.id();
+    std::thread::sleep(Duration::from_secs(2));
+    let before = abuse::rss_bytes(pid);
+    let peak = PeakRss::start(pid);
+    let report = attack(&coordinator);
+    Ok((coordinator, report, before, peak.finish()))
 }
 
 fn identity_churn(dir: &std::path::Path, runtime: &tokio::runtime::Runtime) -> Result<Value> {
