@@ -5,7 +5,7 @@
 //! # Layout
 //! - [`config`]: HF `config.json`.
 //! - [`safetensors_io`]: memory-mapped (sharded) safetensors in, atomic safetensors out.
-//! - [`llama`]: the model; [`lora`]: adapters; [`peft`]: adapter dirs; [`merge`]: folding in.
+//! - [`llama`]: the model (with [`kv_cache`] for generation); [`lora`]: adapters; [`peft`]: adapter dirs; [`merge`]: folding in.
 //! - [`tokenizer`], [`data`]: `tokenizer.json`, records, examples, shards, batches.
 //! - [`train`], [`eval`], [`generate`]: what is done with a model; [`shard`]: one lease.
 //! - [`delta`]: adapters as protocol deltas.
@@ -20,10 +20,12 @@ pub mod device;
 pub mod error;
 pub mod eval;
 pub mod generate;
+pub mod kv_cache;
 pub mod llama;
 pub mod lora;
 pub mod merge;
 pub mod peft;
+mod rope;
 pub mod safetensors_io;
 pub mod shard;
 pub mod tokenizer;
@@ -34,5 +36,7 @@ pub use error::{ModelError, Result};
 pub use llama::{Llama, WeightInit};
 pub use lora::{Lora, LoraConfig, Target};
 
+#[cfg(test)]
+mod generate_tests;
 #[cfg(test)]
 mod parity_tests;

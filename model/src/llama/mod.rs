@@ -11,8 +11,13 @@ use tch::{Device, Kind, Tensor, nn::Init, nn::VarStore};
 
 use crate::config::LlamaConfig;
 use crate::error::{ModelError, Result};
+use crate::kv_cache::KvCache;
 use crate::lora::{Lora, Target};
+use crate::rope::Rope;
+
+mod attention;
 use crate::safetensors_io::{SafetensorsFiles, write_safetensors};
+use attention::Attention;
 
 /// Label value that excludes a position from the loss (PyTorch's `ignore_index`).
 pub const IGNORE_INDEX: i64 = -100;
@@ -90,99 +95,6 @@ impl RmsNorm {
     }
 }
 
-/// Precomputed RoPE cos/sin tables (`[max_pos, head_dim]`, HF's rotate-half layout).
-#[derive(Debug)]
-struct Rope {
-    cos: Tensor,
-    sin: Tensor,
-}
-
-impl Rope {
-    fn new(cfg: &LlamaConfig, device: Device) -> Result<Self> {
-        let dim = cfg.head_dim();
-        let inv_freq: Vec<f32> = (0..dim / 2)
-            .map(|i| 1.0 / cfg.rope_theta().powf(2.0 * i as f64 / dim as f64) as f32)
-            .collect();
-        let inv_freq = Tensor::f_from_slice(&inv_freq)?;
-        let positions = Tensor::f_arange(cfg.max_position_embeddings, (Kind::Float, Device::Cpu))?;
-        let freqs = positions.f_outer(&inv_freq)?;
-        let emb = Tensor::f_cat(&[&freqs, &freqs], -1)?;
-        Ok(Rope {
-            cos: emb.f_cos()?.f_to_device(device)?,
-            sin: emb.f_sin()?.f_to_device(device)?,
-        })
-    }
-
-    /// Rotates `x: [b, heads, t, d]` by position.
-    fn apply(&self, x: &Tensor) -> Result<Tensor> {
-        let (t, d) = (x.size()[2], x.size()[3]);
-        let cos = self.cos.f_narrow(0, 0, t)?.f_to_kind(x.kind())?;
-        let sin = self.sin.f_narrow(0, 0, t)?.f_to_kind(x.kind())?;
-        let x1 = x.f_narrow(-1, 0, d / 2)?;
-        let x2 = x.f_narrow(-1, d / 2, d / 2)?;
-        let rotated = Tensor::f_cat(&[&x2.f_neg()?, &x1], -1)?;
-        Ok(x.f_mul(&cos)?.f_add(&rotated.f_mul(&sin)?)?)
-    }
-}
-
-#[derive(Debug)]
-struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    o_proj: Linear,
-    heads: i64,
-    kv_heads: i64,
-    head_dim: i64,
-}
-
-impl Attention {
-    fn new(p: &tch::nn::Path, cfg: &LlamaConfig, init: &Inits) -> Self {
-        let dims = |t: Target| t.dims(cfg);
-        let lin = |t: Target, bias: bool| {
-            let (i, o) = dims(t);
-            Linear::new(&(p / t.name()), i, o, bias, init)
-        };
-        Attention {
-            q_proj: lin(Target::QProj, cfg.qkv_bias()),
-            k_proj: lin(Target::KProj, cfg.qkv_bias()),
-            v_proj: lin(Target::VProj, cfg.qkv_bias()),
-            o_proj: lin(Target::OProj, cfg.o_bias()),
-            heads: cfg.num_attention_heads,
-            kv_heads: cfg.num_kv_heads(),
-            head_dim: cfg.head_dim(),
-        }
-    }
-
-    fn forward(&self, x: &Tensor, rope: &Rope, lora: Option<&Lora>, layer: i64) -> Result<Tensor> {
-        let (b, t) = (x.size()[0], x.size()[1]);
-        let split = |y: Tensor, heads: i64| -> Result<Tensor> {
-            Ok(y.f_view([b, t, heads, self.head_dim])?.f_transpose(1, 2)?)
-        };
-        let q = split(
-            self.q_proj.forward_lora(x, lora, layer, Target::QProj)?,
-            self.heads,
-        )?;
-        let k = split(
-            self.k_proj.forward_lora(x, lora, layer, Target::KProj)?,
-            self.kv_heads,
-        )?;
-        let v = split(
-            self.v_proj.forward_lora(x, lora, layer, Target::VProj)?,
-            self.kv_heads,
-        )?;
-        let (q, k) = (rope.apply(&q)?, rope.apply(&k)?);
-        let gqa = self.kv_heads != self.heads;
-        let y = Tensor::f_scaled_dot_product_attention::<Tensor>(
-            &q, &k, &v, None, 0.0, true, None, gqa,
-        )?;
-        let y = y
-            .f_transpose(1, 2)?
-            .f_reshape([b, t, self.heads * self.head_dim])?;
-        self.o_proj.forward_lora(&y, lora, layer, Target::OProj)
-    }
-}
-
 #[derive(Debug)]
 struct Mlp {
     gate_proj: Linear,
@@ -224,10 +136,21 @@ struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    fn forward(&self, x: &Tensor, rope: &Rope, lora: Option<&Lora>, layer: i64) -> Result<Tensor> {
-        let h = self
-            .self_attn
-            .forward(&self.input_layernorm.forward(x)?, rope, lora, layer)?;
+    fn forward(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        lora: Option<&Lora>,
+        (layer, offset): (i64, i64),
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let h = self.self_attn.forward(
+            &self.input_layernorm.forward(x)?,
+            rope,
+            lora,
+            (layer, offset),
+            cache,
+        )?;
         let x = x.f_add(&h)?;
         let h = self
             .mlp
@@ -393,19 +316,56 @@ impl Llama {
         self.logits(&hidden)
     }
 
+    /// An empty KV cache for [`Llama::next_token_logits`].
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.layers.len(), self.cfg.max_position_embeddings)
+    }
+
+    /// fp32 logits `[b, vocab]` after the last of `input_ids` `[b, t]`, which continue the
+    /// sequences whose keys and values `cache` holds; they join the cache. With an empty cache
+    /// this is `forward`'s last position, computed once instead of at every position.
+    pub fn next_token_logits(
+        &self,
+        input_ids: &Tensor,
+        lora: Option<&Lora>,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        let t = input_ids.size().get(1).copied().unwrap_or(0);
+        cache.check_room(t)?;
+        let hidden = self.run_layers(input_ids, lora, Some(cache))?;
+        self.logits(&hidden.f_select(1, t - 1)?)
+    }
+
     /// The last decoder layer's output `[b, t, hidden]`, before the final norm.
     fn hidden_states(&self, input_ids: &Tensor, lora: Option<&Lora>) -> Result<Tensor> {
+        self.run_layers(input_ids, lora, None)
+    }
+
+    fn run_layers(
+        &self,
+        input_ids: &Tensor,
+        lora: Option<&Lora>,
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
         let size = input_ids.size();
-        if size.len() != 2 || size[1] > self.cfg.max_position_embeddings {
+        let offset = cache.as_ref().map_or(0, |c| c.len());
+        if size.len() != 2 || size[1] < 1 || offset + size[1] > self.cfg.max_position_embeddings {
             return Err(ModelError::Argument(format!(
-                "input of shape {size:?}: expected [batch, t] with t <= max_position_embeddings {}",
+                "input of shape {size:?} after {offset} cached positions: expected [batch, t] \
+                 with 1 <= t and cached + t <= max_position_embeddings {}",
                 self.cfg.max_position_embeddings
             )));
         }
         let ids = input_ids.f_to_device(self.device())?;
         let mut x = Tensor::f_embedding(&self.embed_tokens, &ids, -1, false, false)?;
         for (i, layer) in self.layers.iter().enumerate() {
-            x = layer.forward(&x, &self.rope, lora, i as i64)?;
+            x = layer.forward(
+                &x,
+                &self.rope,
+                lora,
+                (i as i64, offset),
+                cache.as_deref_mut(),
+            )?;
         }
         Ok(x)
     }
