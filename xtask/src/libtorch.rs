@@ -99,7 +99,7 @@ fn is_installed(torch: &Path, cuda: bool) -> bool {
         && lib.join("libtorch_cuda.so").exists() == cuda
 }
 
-fn find_python() -> Result<String> {
+pub fn find_python() -> Result<String> {
     for candidate in ["python3", "python"] {
         let ok = Command::new(candidate)
             .args(["-m", "pip", "--version"])

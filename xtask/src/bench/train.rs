@@ -88,7 +88,7 @@ impl Side {
 
 pub fn measure(root: &Path) -> Result<Value> {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let python = std::env::var("HERD_PYTHON").unwrap_or_else(|_| "python3".into());
+    let python = crate::python_env::reference_python(root);
     println!(
         "bench train: herd-node's LoRA trainer vs PyTorch + PEFT ({python}), {threads} threads, CPU"
     );
