@@ -806,8 +806,16 @@ fn a_node_behind_nat_serves_what_it_holds_by_dialling_back_a_peer_that_came_thro
     let weights = std::fs::metadata(default_asset("base/model.safetensors"))
         .unwrap()
         .len();
+    // The weights come from the node behind the NAT. A file asked for before its dial-back
+    // has landed may come from the coordinator, the last resort (seen on a loaded machine:
+    // config.json, 537 bytes): only the small files, never the bulk.
+    let from_others: u64 = from
+        .iter()
+        .filter(|(peer, _)| **peer != home_peer)
+        .filter_map(|(_, bytes)| bytes.as_u64())
+        .sum();
     assert!(
-        from.get(&home_peer).and_then(Value::as_u64) > Some(weights) && from.len() == 1,
+        from.get(&home_peer).and_then(Value::as_u64) > Some(weights) && from_others < weights / 8,
         "{report}\n{stderr}\nhome node:\n{}",
         log()
     );
