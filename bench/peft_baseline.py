@@ -27,7 +27,10 @@ MISSING = 3
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", required=True, help="HF config.json giving the shape")
+    p.add_argument("--config", help="HF config.json giving the shape of a random model")
+    p.add_argument("--model", help="instead of --config: an HF model dir trained on --data")
+    p.add_argument("--data", help="with --model: Alpaca JSONL; the first batch*(warmup+steps) records")
+    p.add_argument("--max-seq-len", type=int, default=128, help="with --model: tokens per example at most")
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument(
@@ -45,6 +48,8 @@ def main() -> int:
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
+    if bool(args.config) == bool(args.model) or bool(args.model) != bool(args.data):
+        p.error("give --config, or --model with --data")
 
     try:
         import torch
@@ -62,10 +67,16 @@ def main() -> int:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
-    with open(args.config) as f:
-        shape = json.load(f)
-    config = transformers.LlamaConfig(**shape, initializer_range=0.02)
-    model = transformers.LlamaForCausalLM(config)
+    if args.model:
+        model = transformers.LlamaForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+        config = model.config
+        batches = real_batches(args, config)
+    else:
+        with open(args.config) as f:
+            shape = json.load(f)
+        config = transformers.LlamaConfig(**shape, initializer_range=0.02)
+        model = transformers.LlamaForCausalLM(config)
+        batches = random_batches(args, config, torch)
     if device.type == "cuda":
         model = model.to(torch.bfloat16)
     model = model.to(device)
@@ -86,14 +97,10 @@ def main() -> int:
     trainable = [q for q in model.parameters() if q.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=1e-3, weight_decay=0.0)
 
-    prompt = args.seq - int(args.seq * args.loss_fraction + 0.5)  # half away from zero, as Rust
-    gen = torch.Generator().manual_seed(args.seed)
     tokens = 0
     started = time.perf_counter()
-    for step in range(args.warmup + args.steps):
-        ids = torch.randint(0, config.vocab_size, (args.batch, args.seq), generator=gen).to(device)
-        labels = ids.clone()
-        labels[:, :prompt] = -100
+    for step, (ids, labels, real_tokens) in enumerate(batches):
+        ids, labels = ids.to(device), labels.to(device)
         loss = model(input_ids=ids, labels=labels).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -103,7 +110,7 @@ def main() -> int:
         if step + 1 == args.warmup:
             started = time.perf_counter()
         elif step >= args.warmup:
-            tokens += ids.numel()
+            tokens += real_tokens
     seconds = time.perf_counter() - started
     print(
         json.dumps(
@@ -116,7 +123,8 @@ def main() -> int:
                 },
                 "device": str(device),
                 "threads": torch.get_num_threads(),
-                "seq": args.seq,
+                "data": "real" if args.model else "random",
+                "seq": None if args.model else args.seq,
                 "batch": args.batch,
                 "loss_fraction": args.loss_fraction,
                 "steps": args.steps,
@@ -129,6 +137,67 @@ def main() -> int:
         )
     )
     return 0
+
+
+def random_batches(args, config, torch):
+    """Random tokens, the first positions of each sequence a prompt without loss."""
+    prompt = args.seq - int(args.seq * args.loss_fraction + 0.5)  # half away from zero, as Rust
+    gen = torch.Generator().manual_seed(args.seed)
+    for _ in range(args.warmup + args.steps):
+        ids = torch.randint(0, config.vocab_size, (args.batch, args.seq), generator=gen)
+        labels = ids.clone()
+        labels[:, :prompt] = -100
+        yield ids, labels, ids.numel()
+
+
+def real_batches(args, config):
+    """The first batch*(warmup+steps) Alpaca records, tokenized as herd's encode_record does
+    (prompt masked, EOS appended, cut at --max-seq-len), in consecutive batches right-padded to
+    their longest. Right padding under a causal mask needs no attention mask: no real token
+    sees a pad, as in herd."""
+    import os
+
+    import torch
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(os.path.join(args.model, "tokenizer.json"))
+    eos = config.eos_token_id
+    eos = eos[0] if isinstance(eos, list) else eos
+    pad = config.pad_token_id if config.pad_token_id is not None else (eos or 0)
+    with open(args.data) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    needed = args.batch * (args.warmup + args.steps)
+    if len(rows) < needed:
+        sys.exit(f"{args.data} has {len(rows)} records; {needed} are needed")
+    examples = []
+    for row in rows[:needed]:
+        prompt = alpaca_prompt(row["instruction"], row.get("input", ""))
+        prompt_len = len(tok.encode(prompt).ids)
+        ids = tok.encode(prompt + row["output"]).ids
+        if eos is not None and ids[-1] != eos:
+            ids.append(eos)
+        ids = ids[: args.max_seq_len]
+        labels = [-100 if i < prompt_len else t for i, t in enumerate(ids)]
+        examples.append((ids, labels))
+    for b in range(args.warmup + args.steps):
+        chunk = examples[b * args.batch : (b + 1) * args.batch]
+        width = max(len(ids) for ids, _ in chunk)
+        ids = torch.tensor([i + [pad] * (width - len(i)) for i, _ in chunk])
+        labels = torch.tensor([l + [-100] * (width - len(l)) for _, l in chunk])
+        yield ids, labels, sum(len(i) for i, _ in chunk)
+
+
+def alpaca_prompt(instruction, input_):
+    if input_.strip():
+        return (
+            "Below is an instruction that describes a task, paired with an input that provides "
+            "further context. Write a response that appropriately completes the request.\n\n"
+            f"### Instruction:\n{instruction}\n\n### Input:\n{input_}\n\n### Response:\n"
+        )
+    return (
+        "Below is an instruction that describes a task. Write a response that appropriately "
+        f"completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
+    )
 
 
 if __name__ == "__main__":

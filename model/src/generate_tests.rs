@@ -123,7 +123,7 @@ fn check_references(file: &Path, model_dir: impl Fn(&str) -> PathBuf) -> usize {
 
 #[test]
 fn greedy_generation_matches_transformers() {
-    let checked = check_references(&repo("tests/fixtures/generate.json"), |m| repo(m));
+    let checked = check_references(&repo("tests/fixtures/generate.json"), repo);
     assert!(checked >= 4, "only {checked} reference generations");
 }
 

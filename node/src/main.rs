@@ -59,6 +59,9 @@ enum Command {
     /// LoRA training throughput on a random model of a given shape. Used by `cargo xtask bench`.
     #[command(hide = true)]
     BenchTrain(commands::bench_train::BenchTrainArgs),
+    /// Greedy generation speed on a model dir, timed apart from loading. Used by `cargo xtask bench`.
+    #[command(hide = true)]
+    BenchGenerate(commands::bench_generate::BenchGenerateArgs),
     /// A blob between two nodes over libp2p TCP or QUIC, or plain TCP. Used by `cargo xtask bench`.
     #[command(hide = true)]
     BenchTransfer(commands::bench_transfer::BenchTransferArgs),
@@ -104,6 +107,7 @@ fn main() -> ExitCode {
         Command::Pause(args) => commands::pause::pause(args),
         Command::Resume(args) => commands::pause::resume(args),
         Command::BenchTrain(args) => commands::bench_train::run(args),
+        Command::BenchGenerate(args) => commands::bench_generate::run(args),
         Command::BenchTransfer(args) => commands::bench_transfer::run(args),
         Command::MakeDefault(args) => commands::make_default::run(args),
     };

@@ -59,6 +59,12 @@ pub fn ensure(root: &Path) -> Result<PathBuf> {
     Ok(python)
 }
 
+/// `.venv/bin/python` if it has every package, without installing anything.
+pub fn existing(root: &Path) -> Option<PathBuf> {
+    let python = root.join(".venv/bin/python");
+    works(&python).then_some(python)
+}
+
 /// The Python the reference sides of the benchmarks run with: `HERD_PYTHON` if set, else
 /// `.venv`'s if it has every package (`cargo xtask fetch-model` makes it), else `python3`.
 pub fn reference_python(root: &Path) -> String {

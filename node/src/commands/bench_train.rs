@@ -1,9 +1,10 @@
 //! `herd-node bench-train` (hidden; run by `cargo xtask bench`): LoRA training throughput of
-//! the node's own trainer on a model of a given shape with random weights and random tokens,
-//! so that any shape can be measured without downloading it. Its PEFT twin is
-//! bench/peft_baseline.py, which reads the same config file and does the same steps.
+//! the node's own trainer, either on a model of a given shape with random weights and random
+//! tokens (any shape, nothing to download) or on a real model dir and Alpaca data (variable
+//! lengths, padding, the prompt masked). Its PEFT twin is bench/peft_baseline.py, which takes
+//! the same arguments and does the same steps.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result, ensure};
@@ -20,9 +21,18 @@ use super::ComputeArgs;
 
 #[derive(Debug, clap::Args)]
 pub struct BenchTrainArgs {
-    /// A model config.json (HF layout) giving the shape.
-    #[arg(long)]
-    config: PathBuf,
+    /// A model config.json (HF layout) giving the shape of a random model.
+    #[arg(long, required_unless_present = "model", conflicts_with = "model")]
+    config: Option<PathBuf>,
+    /// Instead of --config: a model dir (HF layout) whose weights are trained on --data.
+    #[arg(long, requires = "data")]
+    model: Option<PathBuf>,
+    /// With --model: Alpaca records; the first batch × (warmup + steps) are the steps' batches.
+    #[arg(long, requires = "model")]
+    data: Option<PathBuf>,
+    /// With --model: tokens per example at most.
+    #[arg(long, default_value_t = 128)]
+    max_seq_len: usize,
     /// Tokens per sequence.
     #[arg(long, default_value_t = 128)]
     seq: usize,
@@ -61,18 +71,12 @@ pub fn run(args: BenchTrainArgs) -> Result<()> {
         "--loss-fraction must be in (0, 1]"
     );
     let device = args.compute.apply()?;
-    let text = std::fs::read_to_string(&args.config)
-        .with_context(|| format!("reading {}", args.config.display()))?;
-    let cfg = LlamaConfig::from_json(&text, &args.config)?;
-    ensure!(
-        args.seq as i64 <= cfg.max_position_embeddings,
-        "--seq {} is longer than the model's context ({})",
-        args.seq,
-        cfg.max_position_embeddings
-    );
     tch::manual_seed(args.seed as i64);
-    let vocab = cfg.vocab_size;
-    let model = Llama::random(cfg, device, 0.02)?;
+    let (model, data) = match (&args.config, &args.model, &args.data) {
+        (Some(config), _, _) => random_model_and_tokens(&args, config, device)?,
+        (None, Some(model), Some(data)) => real_model_and_data(&args, model, data, device)?,
+        _ => anyhow::bail!("give --config, or --model with --data"),
+    };
     let lora = Lora::new(
         model.config(),
         LoraConfig {
@@ -85,25 +89,6 @@ pub fn run(args: BenchTrainArgs) -> Result<()> {
         },
         device,
     )?;
-    // Random tokens: the same work per step as text of that length. The first `prompt`
-    // positions carry no loss (bench/peft_baseline.py masks the same ones).
-    let prompt = prompt_len(args.seq, args.loss_fraction);
-    let mut rng = ChaCha8Rng::seed_from_u64(args.seed);
-    let examples = (0..args.batch * (args.warmup + args.steps))
-        .map(|_| {
-            let ids: Vec<i64> = (0..args.seq).map(|_| rng.random_range(0..vocab)).collect();
-            let labels = ids
-                .iter()
-                .enumerate()
-                .map(|(i, &id)| if i < prompt { IGNORE_INDEX } else { id })
-                .collect();
-            Example { ids, labels }
-        })
-        .collect();
-    let data = Dataset {
-        path: PathBuf::from("random tokens"),
-        examples,
-    };
     let train = TrainConfig {
         steps: args.warmup + args.steps,
         batch_size: args.batch,
@@ -126,13 +111,15 @@ pub fn run(args: BenchTrainArgs) -> Result<()> {
         }
     })?;
     let seconds = timed_from.elapsed().as_secs_f64();
+    let real = args.model.is_some();
     println!(
         "{}",
         json!({
             "impl": "herd",
             "device": format!("{device:?}"),
             "threads": tch::get_num_threads(),
-            "seq": args.seq,
+            "data": if real { "real" } else { "random" },
+            "seq": if real { json!(null) } else { json!(args.seq) },
             "batch": args.batch,
             "loss_fraction": args.loss_fraction,
             "steps": args.steps,
@@ -143,6 +130,71 @@ pub fn run(args: BenchTrainArgs) -> Result<()> {
         })
     );
     Ok(())
+}
+
+/// A random model of `config`'s shape and `batch × (warmup + steps)` sequences of random
+/// tokens: the same work per step as text of that length. The first positions of each carry
+/// no loss as `--loss-fraction` says (bench/peft_baseline.py masks the same ones).
+fn random_model_and_tokens(
+    args: &BenchTrainArgs,
+    config: &Path,
+    device: tch::Device,
+) -> Result<(Llama, Dataset)> {
+    let text =
+        std::fs::read_to_string(config).with_context(|| format!("reading {}", config.display()))?;
+    let cfg = LlamaConfig::from_json(&text, config)?;
+    ensure!(
+        args.seq as i64 <= cfg.max_position_embeddings,
+        "--seq {} is longer than the model's context ({})",
+        args.seq,
+        cfg.max_position_embeddings
+    );
+    let vocab = cfg.vocab_size;
+    let model = Llama::random(cfg, device, 0.02)?;
+    let prompt = prompt_len(args.seq, args.loss_fraction);
+    let mut rng = ChaCha8Rng::seed_from_u64(args.seed);
+    let examples = (0..args.batch * (args.warmup + args.steps))
+        .map(|_| {
+            let ids: Vec<i64> = (0..args.seq).map(|_| rng.random_range(0..vocab)).collect();
+            let labels = ids
+                .iter()
+                .enumerate()
+                .map(|(i, &id)| if i < prompt { IGNORE_INDEX } else { id })
+                .collect();
+            Example { ids, labels }
+        })
+        .collect();
+    let data = Dataset {
+        path: PathBuf::from("random tokens"),
+        examples,
+    };
+    Ok((model, data))
+}
+
+/// A real model and the first `batch × (warmup + steps)` examples of an Alpaca file,
+/// tokenized as a node would (prompt masked, EOS appended, cut at `--max-seq-len`).
+fn real_model_and_data(
+    args: &BenchTrainArgs,
+    model: &Path,
+    data: &Path,
+    device: tch::Device,
+) -> Result<(Llama, Dataset)> {
+    let loaded = super::load_model(model, device)?;
+    let mut data = Dataset::for_model(
+        data,
+        &loaded.tokenizer,
+        loaded.model.config(),
+        Some(args.max_seq_len),
+    )?;
+    let needed = args.batch * (args.warmup + args.steps);
+    ensure!(
+        data.len() >= needed,
+        "{} has {} examples; {needed} are needed",
+        data.path.display(),
+        data.len()
+    );
+    data.examples.truncate(needed);
+    Ok((loaded.model, data))
 }
 
 /// Masked prompt positions at the start of a `seq`-token sequence where `loss_fraction` of the

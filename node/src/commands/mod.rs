@@ -1,6 +1,7 @@
 //! One module per `herd-node` subcommand other than `run` (the daemon, in `crate::daemon`),
 //! plus the options they share; `pause` and `resume` share a module.
 
+pub mod bench_generate;
 pub mod bench_train;
 pub mod bench_transfer;
 pub mod eval;

@@ -8,12 +8,15 @@
 //! - transfer: a 64 MiB blob between two nodes over libp2p TCP and QUIC against plain TCP.
 //! - abuse: the open network's defences under attack (hoarder and Sybils, stalled frames, a
 //!   connection flood, identity churn, admission cost), by `herd-abuse`.
+//! - real: SmolLM2-135M-Instruct (`cargo xtask fetch-model`): training against PEFT and
+//!   generation against transformers on the real weights and data.
 //! - gpu: folded in from bench/gpu/run.sh's output (`--gpu-results`); needs a GPU machine.
 
 mod abuse;
 mod codecs;
 mod gpu;
 mod plot;
+mod real;
 mod scale;
 mod train;
 mod transfer;
@@ -42,15 +45,17 @@ enum Bench {
     Scale,
     Transfer,
     Abuse,
+    Real,
     Gpu,
 }
 
-const ALL: [Bench; 6] = [
+const ALL: [Bench; 7] = [
     Bench::Train,
     Bench::Codecs,
     Bench::Scale,
     Bench::Transfer,
     Bench::Abuse,
+    Bench::Real,
     Bench::Gpu,
 ];
 
@@ -62,6 +67,7 @@ impl Bench {
             Bench::Scale => "coordinator_scale",
             Bench::Transfer => "transfer",
             Bench::Abuse => "abuse",
+            Bench::Real => "real_model",
             Bench::Gpu => "gpu",
         }
     }
@@ -73,6 +79,7 @@ impl Bench {
             Bench::Scale => scale::measure(root),
             Bench::Transfer => transfer::measure(root),
             Bench::Abuse => abuse::measure(root),
+            Bench::Real => real::measure(root),
             Bench::Gpu => gpu::measure(args.gpu_results.as_deref()),
         }
     }
@@ -84,6 +91,7 @@ impl Bench {
             Bench::Scale => scale::markdown(results),
             Bench::Transfer => transfer::markdown(results),
             Bench::Abuse => abuse::markdown(results),
+            Bench::Real => real::markdown(results),
             Bench::Gpu => gpu::markdown(results),
         }
     }

@@ -95,60 +95,24 @@ pub fn measure(root: &Path) -> Result<Value> {
     let mut peft_skipped: Option<String> = None;
     let mut shapes = Vec::new();
     for shape in &SHAPES {
-        let mut runs = Vec::new();
-        for rep in 0..REPS {
-            for side in &SIDES {
-                let mut cmd = match side {
-                    Side::Herd => {
-                        let mut c = util::bin(root, "herd-node");
-                        c.arg("bench-train").env("HERD_LOG", "warn");
-                        c
-                    }
-                    _ if peft_skipped.is_some() => continue,
-                    _ => {
-                        let mut c = Command::new(&python);
-                        c.arg(root.join("bench/peft_baseline.py"));
-                        if *side == Side::PeftDefault {
-                            c.arg("--train-a");
-                        }
-                        c
-                    }
-                };
-                cmd.arg("--config")
-                    .arg(root.join(shape.config))
-                    .args(["--seq", &shape.seq.to_string()])
-                    .args(["--batch", &shape.batch.to_string()])
-                    .args(["--steps", &shape.steps.to_string()])
-                    .args(["--loss-fraction", &shape.loss_fraction.to_string()])
-                    .args(["--warmup", "1", "--threads", &threads.to_string()])
-                    .args(["--device", "cpu"]);
-                let out = cmd.output().with_context(|| format!("starting {cmd:?}"))?;
-                let stderr = String::from_utf8_lossy(&out.stderr);
-                match out.status.code() {
-                    Some(0) => {}
-                    Some(PEFT_MISSING) if *side != Side::Herd => {
-                        let why = stderr.trim().to_string();
-                        println!("  PEFT baseline skipped: {why}");
-                        peft_skipped = Some(why);
-                        continue;
-                    }
-                    _ => bail!("{cmd:?} failed ({}):\n{stderr}", out.status),
-                }
-                let mut run: Value =
-                    serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim())
-                        .with_context(|| format!("{cmd:?} printed no JSON"))?;
-                let speed = num(&run["tokens_per_second"]);
-                println!(
-                    "  {}, loss on {:.0}%, run {}: {:<13} {speed:>8.0} tokens/s",
-                    shape.name,
-                    shape.loss_fraction * 100.0,
-                    rep + 1,
-                    side.key()
-                );
-                run["side"] = json!(side.key());
-                runs.push(run);
-            }
-        }
+        let args: Vec<String> = vec![
+            "--config".into(),
+            root.join(shape.config).display().to_string(),
+            "--seq".into(),
+            shape.seq.to_string(),
+            "--batch".into(),
+            shape.batch.to_string(),
+            "--steps".into(),
+            shape.steps.to_string(),
+            "--loss-fraction".into(),
+            shape.loss_fraction.to_string(),
+        ];
+        let label = format!(
+            "{}, loss on {:.0}%",
+            shape.name,
+            shape.loss_fraction * 100.0
+        );
+        let runs = side_by_side(root, &python, &args, &label, REPS, &mut peft_skipped)?;
         let mut figures = shape_figures(
             shape.name,
             json!(shape.seq),
@@ -165,6 +129,68 @@ pub fn measure(root: &Path) -> Result<Value> {
         "peft_skipped": peft_skipped,
         "shapes": shapes,
     }))
+}
+
+/// `reps` rounds of herd-node bench-train and bench/peft_baseline.py with `args` (and the
+/// threads and device of this machine), one run of each side per round; the runs, each with
+/// its `"side"`. The first time PEFT's packages are missing, `peft_skipped` says why and the
+/// PEFT sides are left out from then on.
+pub fn side_by_side(
+    root: &Path,
+    python: &str,
+    args: &[String],
+    label: &str,
+    reps: usize,
+    peft_skipped: &mut Option<String>,
+) -> Result<Vec<Value>> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut runs = Vec::new();
+    for rep in 0..reps {
+        for side in &SIDES {
+            let mut cmd = match side {
+                Side::Herd => {
+                    let mut c = util::bin(root, "herd-node");
+                    c.arg("bench-train").env("HERD_LOG", "warn");
+                    c
+                }
+                _ if peft_skipped.is_some() => continue,
+                _ => {
+                    let mut c = Command::new(python);
+                    c.arg(root.join("bench/peft_baseline.py"));
+                    if *side == Side::PeftDefault {
+                        c.arg("--train-a");
+                    }
+                    c
+                }
+            };
+            cmd.args(args)
+                .args(["--warmup", "1", "--threads", &threads.to_string()])
+                .args(["--device", "cpu"]);
+            let out = cmd.output().with_context(|| format!("starting {cmd:?}"))?;
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            match out.status.code() {
+                Some(0) => {}
+                Some(PEFT_MISSING) if *side != Side::Herd => {
+                    let why = stderr.trim().to_string();
+                    println!("  PEFT baseline skipped: {why}");
+                    *peft_skipped = Some(why);
+                    continue;
+                }
+                _ => bail!("{cmd:?} failed ({}):\n{stderr}", out.status),
+            }
+            let mut run: Value = serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim())
+                .with_context(|| format!("{cmd:?} printed no JSON"))?;
+            let speed = num(&run["tokens_per_second"]);
+            println!(
+                "  {label}, run {}: {:<13} {speed:>8.0} tokens/s",
+                rep + 1,
+                side.key()
+            );
+            run["side"] = json!(side.key());
+            runs.push(run);
+        }
+    }
+    Ok(runs)
 }
 
 pub fn markdown(r: &Value) -> String {
