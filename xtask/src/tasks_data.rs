@@ -294,3 +294,54 @@ pub fn make(root: &Path) -> Result<()> {
     )?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pairs(rows: &[serde_json::Value]) -> Vec<(String, String, String)> {
+        rows.iter()
+            .map(|r| {
+                let f = |k: &str| r[k].as_str().unwrap().to_string();
+                (f("instruction"), f("input"), f("output"))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn held_out_records_share_no_input_with_training_and_every_answer_is_right() {
+        let train = pairs(&records(1, 2000, Split::Train));
+        let heldout = pairs(&records(2, 100, Split::Heldout));
+        assert_eq!((train.len(), heldout.len()), (2000, 100));
+        let train_inputs: std::collections::HashSet<&str> =
+            train.iter().map(|(_, input, _)| input.as_str()).collect();
+        for (instruction, input, output) in train.iter().chain(&heldout) {
+            let numbers: Vec<u32> = input
+                .split([' ', ','])
+                .filter_map(|w| w.parse().ok())
+                .collect();
+            let want = match instruction.as_str() {
+                "Add the two numbers." => (numbers[0] + numbers[1]).to_string(),
+                "Subtract the second number from the first." => {
+                    (numbers[0] - numbers[1]).to_string()
+                }
+                "Count the letters in the word." => input.len().to_string(),
+                "Write the word in capital letters." => input.to_uppercase(),
+                _ => output.clone(),
+            };
+            assert_eq!(output, &want, "{instruction} [{input}]");
+        }
+        for (instruction, input, _) in &heldout {
+            assert!(
+                !train_inputs.contains(input.as_str()),
+                "held-out {instruction} [{input}] is in training"
+            );
+        }
+    }
+
+    #[test]
+    fn the_set_is_the_same_every_time() {
+        assert_eq!(records(1, 50, Split::Train), records(1, 50, Split::Train));
+        assert_ne!(records(1, 50, Split::Train), records(3, 50, Split::Train));
+    }
+}

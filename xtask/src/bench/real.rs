@@ -22,6 +22,9 @@ const DATA: &str = "deploy/data/tasks-train.jsonl";
 const HELDOUT: &str = "deploy/data/tasks-heldout.jsonl";
 /// Rounds of runs side by side (each side once per round).
 const REPS: usize = 3;
+/// Held-out instructions generated for, and new tokens at most for each.
+const GEN_PROMPTS: usize = 4;
+const GEN_TOKENS: usize = 24;
 
 pub fn measure(root: &Path) -> Result<Value> {
     let dir = models::dir(root, MODEL);
@@ -76,14 +79,16 @@ fn training(root: &Path, python: &str, dir: &Path) -> Result<Value> {
     Ok(figures)
 }
 
-/// Greedy generation on the first 8 held-out instructions, 32 new tokens at most.
+/// Greedy generation on the first few held-out instructions, a few dozen new tokens at most:
+/// enough to time the per-token cost, which is what differs between the sides.
 fn generation(root: &Path, python: &str, dir: &Path) -> Result<Value> {
     let common = |c: &mut Command| {
         c.arg("--model")
             .arg(dir)
             .arg("--data")
             .arg(root.join(HELDOUT))
-            .args(["--limit", "8", "--max-new-tokens", "32"]);
+            .args(["--limit", &GEN_PROMPTS.to_string()])
+            .args(["--max-new-tokens", &GEN_TOKENS.to_string()]);
     };
     let mut sides = Vec::new();
     for rep in 0..REPS {
@@ -127,8 +132,8 @@ fn generation(root: &Path, python: &str, dir: &Path) -> Result<Value> {
     };
     let (herd, uncached, hf) = (best("herd"), best("herd_uncached"), best("transformers"));
     Ok(json!({
-        "prompts": 8,
-        "max_new_tokens": 32,
+        "prompts": GEN_PROMPTS,
+        "max_new_tokens": GEN_TOKENS,
         "herd_tokens_per_second": herd,
         "herd_uncached_tokens_per_second": uncached,
         "transformers_tokens_per_second": hf,

@@ -226,7 +226,7 @@ serve_after_finish = {serve}
 
 [lora]
 rank = {rank}
-alpha = {alpha}
+alpha = {alpha:.1}
 
 [round]
 shards = {shards}
