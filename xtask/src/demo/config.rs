@@ -227,6 +227,8 @@ serve_after_finish = {serve}
 [lora]
 rank = {rank}
 alpha = {alpha:.1}
+targets = ["q_proj", "k_proj", "v_proj", "o_proj"]
+train_a = false
 
 [round]
 shards = {shards}

@@ -43,7 +43,8 @@ pub fn run(root: &Path, args: DemoArgs) -> Result<PathBuf> {
         coordinator.spawn().context("starting herd-coordinator")?,
     ]);
     let lines = forward_lines(coordinator.0[0].stdout.take().expect("piped"));
-    let (addr, http) = wait_for_addresses(&lines, &mut coordinator.0[0])?;
+    let (addr, http) = wait_for_addresses(&lines, &mut coordinator.0[0])
+        .with_context(|| format!("see {}", logs.join("coordinator.log").display()))?;
     println!("http: {http}");
     let mut nodes = Children(Vec::new());
     for i in 0..args.nodes {
@@ -193,7 +194,11 @@ fn wait_for_addresses(
         let left = deadline.saturating_duration_since(Instant::now());
         let line = match lines.recv_timeout(left) {
             Ok(line) => line,
-            Err(_) => {
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                let status = child.wait()?;
+                bail!("the coordinator exited ({status}) before it listened");
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {
                 let _ = child.kill();
                 bail!("the coordinator did not start listening within 120 s");
             }
