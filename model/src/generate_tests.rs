@@ -1,6 +1,6 @@
 //! Generation with the KV cache against a full forward pass, the uncached path, and
 //! transformers' greedy output (`tests/fixtures/generate.json`, written by
-//! `tests/fixtures/make_fixtures.py generate-greedy`; SmolLM2's by `cargo xtask fetch-model`).
+//! `tests/fixtures/greedy_reference.py fixtures`; SmolLM2's by `cargo xtask fetch-model`).
 
 use std::path::{Path, PathBuf};
 
@@ -101,10 +101,14 @@ struct Reference {
 fn check_references(file: &Path, model_dir: impl Fn(&str) -> PathBuf) -> usize {
     let text = std::fs::read_to_string(file).unwrap();
     let references: Vec<Reference> = serde_json::from_str(&text).unwrap();
+    // Each model once, however many references it has (SmolLM2 is 540 MB).
+    let mut models = std::collections::HashMap::new();
     for r in &references {
         let dir = model_dir(&r.model);
-        let model = Llama::load(&dir, Device::Cpu).unwrap();
-        let got = generate_greedy(&model, None, &r.prompt_ids, r.max_new_tokens, r.eos).unwrap();
+        let model = models
+            .entry(r.model.clone())
+            .or_insert_with(|| Llama::load(&dir, Device::Cpu).unwrap());
+        let got = generate_greedy(model, None, &r.prompt_ids, r.max_new_tokens, r.eos).unwrap();
         assert_eq!(
             got, r.new_ids,
             "{}: greedy output differs from transformers' for prompt {:?}",
