@@ -47,6 +47,8 @@ pub struct RoundResult {
     pub outer_state: Vec<u8>,
     pub heldout_loss: f64,
     pub robust: RobustReport,
+    /// Seconds this took (averaging, outer step, evaluation, saving).
+    pub seconds: f64,
 }
 
 /// A submission that passed the cheap layers, for the tensor layers.
@@ -143,6 +145,13 @@ impl Engine {
         Ok(robust)
     }
 
+    /// What a node trains from: the base model, the training data and a copy of θ_r (for
+    /// `rehearse`, which plays the nodes in this process).
+    pub fn node_view(&self) -> Result<(&Llama, &Dataset, Lora)> {
+        let theta = self.lora.try_clone(self.model.config())?;
+        Ok((&self.model, &self.data, theta))
+    }
+
     pub fn layout(&self) -> DeltaLayout {
         delta_layout(&self.lora)
     }
@@ -223,6 +232,7 @@ impl Engine {
         deltas: &[(Delta, u64)],
         checkpoint: Option<&Path>,
     ) -> Result<RoundResult> {
+        let started = Instant::now();
         let robust = self.apply_round(deltas)?;
         self.heldout_loss = self.evaluate_heldout(&self.lora)?;
         if let Some(dir) = checkpoint {
@@ -237,6 +247,7 @@ impl Engine {
             outer_state: self.outer.state_bytes()?,
             heldout_loss: self.heldout_loss,
             robust,
+            seconds: started.elapsed().as_secs_f64(),
         })
     }
 }

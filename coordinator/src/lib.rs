@@ -19,7 +19,8 @@
 //! - [`config`]: the `run.toml` of a run.
 //! - [`dashboard`]: `herd-coordinator dashboard`, the operator's terminal view of `/v1/status`.
 //! - Tools: [`simulate`] (simulated peers through the real round logic, for `cargo xtask
-//!   bench`) and [`calibrate`] (how far honest replays differ: the replay tolerance).
+//!   bench`), [`calibrate`] (how far honest replays differ: the replay tolerance) and
+//!   [`rehearse`] (a run's learning in one process: codec, nodes and batch compared).
 
 pub mod aggregate;
 pub mod calibrate;
@@ -31,6 +32,7 @@ pub mod http;
 pub mod lease;
 pub mod ledger;
 pub mod metrics;
+pub mod rehearse;
 pub mod round;
 pub mod shell;
 pub mod simulate;

@@ -43,6 +43,16 @@ enum Command {
         #[arg(long, default_value = "calibration.json")]
         out: PathBuf,
     },
+    /// Rehearse a run in this process: its rounds, with its quorum of nodes played in turn
+    /// by the node's training code, its codec and the coordinator's averaging (no network, no
+    /// verification). Prints the held-out loss per round; writes the figures as JSON.
+    Rehearse {
+        #[arg(long)]
+        config: PathBuf,
+        /// Where the figures go (JSON).
+        #[arg(long, default_value = "rehearsal.json")]
+        out: PathBuf,
+    },
     /// Rebuild a run's adapter from θ_0 and the accepted deltas it recorded, and check that it
     /// equals the adapter the run reached, bit for bit.
     Audit {
@@ -91,6 +101,7 @@ fn main() -> ExitCode {
         Command::Dashboard { url } => herd_coordinator::dashboard::run(&url),
         Command::Simulate { peers, rounds } => simulate(peers, rounds),
         Command::Audit { config } => audit(&config),
+        Command::Rehearse { config, out } => rehearse(&config, &out),
         Command::Calibrate {
             config,
             replays,
@@ -185,6 +196,31 @@ fn calibrate(
     println!(
         "configured tolerance: replay_min_cosine = {}, replay_max_rel_error = {}: {} false rejects of {replays}",
         c.configured_min_cosine, c.configured_max_rel_error, c.false_rejects
+    );
+    println!("figures: {}", out.display());
+    Ok(())
+}
+
+fn rehearse(config: &std::path::Path, out: &std::path::Path) -> Result<()> {
+    let cfg = RunConfig::load(config)?;
+    println!(
+        "rehearsing {} rounds of {} nodes, codec {} ...",
+        cfg.rounds,
+        cfg.quorum(),
+        cfg.round.codec
+    );
+    let r = herd_coordinator::rehearse::rehearse(&cfg, |round, loss| {
+        println!("  round {round}: held-out loss {loss:.4}");
+    })?;
+    std::fs::write(out, serde_json::to_string_pretty(&r)?)?;
+    println!(
+        "held-out loss {:.4} -> {:.4}; {:.0} bytes per delta, {:.1}x smaller than dense fp32; training {:.0} s, aggregation {:.0} s",
+        r.heldout_loss[0],
+        r.heldout_loss.last().copied().unwrap_or(f64::NAN),
+        r.bytes_per_delta,
+        r.ratio,
+        r.training_seconds,
+        r.aggregation_seconds
     );
     println!("figures: {}", out.display());
     Ok(())

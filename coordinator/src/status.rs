@@ -27,6 +27,18 @@ pub struct PeerStatus {
     pub tokens_per_second: f64,
 }
 
+/// Where one round's wall time went, as the coordinator saw it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RoundTime {
+    pub round: u64,
+    /// From the round's opening (or the coordinator's start) to its commit.
+    pub seconds: f64,
+    /// The coordinator's effect checks and replays of the round's submissions.
+    pub verification_seconds: f64,
+    /// Averaging, the outer step, the held-out evaluation and the checkpoint.
+    pub aggregation_seconds: f64,
+}
+
 /// A snapshot of the run.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Status {
@@ -63,6 +75,9 @@ pub struct Status {
     pub leases_granted: u64,
     pub peers: Vec<PeerStatus>,
     pub checkpoints: Vec<Checkpoint>,
+    /// Each round committed since this start: its wall time and where it went.
+    #[serde(default)]
+    pub round_times: Vec<RoundTime>,
 }
 
 /// A peer's credit: what of its work went into the model.

@@ -498,6 +498,30 @@ fn a_node_killed_mid_shard_has_its_shard_reissued() {
     )
     .unwrap();
     assert_eq!(summary["rounds_completed"], 2);
+    let times = summary["round_times"].as_array().expect("round_times");
+    assert_eq!(times.len(), 2, "{summary}");
+    assert!(
+        times.iter().all(|t| t["seconds"].as_f64() > Some(0.0)
+            && t["aggregation_seconds"].as_f64() > Some(0.0)
+            && t["verification_seconds"].as_f64() > Some(0.0)),
+        "each round's time and where it went: {summary}"
+    );
+    // The survivors' journals account for every accepted delta (a verdict reaches its node a
+    // moment after the coordinator counts it, hence the wait).
+    let accepted = summary["compression"]["accepted_deltas"].as_u64().unwrap();
+    wait_until(Duration::from_secs(30), "the nodes' journals", || {
+        let journaled = (0..2)
+            .flat_map(|i| {
+                let path = tmp.path().join(format!("node-{i}/leases.jsonl"));
+                let text = std::fs::read_to_string(path).unwrap_or_default();
+                text.lines()
+                    .map(|l| serde_json::from_str::<Value>(l).unwrap())
+                    .collect::<Vec<_>>()
+            })
+            .filter(|r| r["verdict"] == "accepted" && r["train_seconds"].as_f64() > Some(0.0))
+            .count() as u64;
+        (journaled >= accepted).then_some(())
+    });
 }
 
 /// SIGKILLs of the coordinator `HERD_CRASHES` times (default 5; `cargo xtask soak` runs 20).

@@ -112,6 +112,24 @@ struct Coordinator {
     rate_limits: rate_limit::RateLimits,
     finished_at: Option<tokio::time::Instant>,
     topic: gossipsub::IdentTopic,
+    /// When the round in progress opened, for its line of `round_times`.
+    round_opened: RoundOpened,
+}
+
+/// When a round opened, and the verification seconds spent until then.
+#[derive(Debug, Clone, Copy)]
+struct RoundOpened {
+    at: std::time::Instant,
+    verification_seconds: f64,
+}
+
+impl RoundOpened {
+    fn now(totals: &crate::ledger::Totals) -> Self {
+        RoundOpened {
+            at: std::time::Instant::now(),
+            verification_seconds: totals.verify_seconds + totals.replay_seconds,
+        }
+    }
 }
 
 impl Coordinator {

@@ -13,7 +13,7 @@ use crate::checkpoint::Checkpoint;
 use crate::engine::RoundResult;
 use crate::round::Event;
 use crate::round::PeerKey;
-use crate::status::{PeerStatus, contributions};
+use crate::status::{PeerStatus, RoundTime, contributions};
 use std::sync::Arc;
 
 impl Coordinator {
@@ -49,7 +49,19 @@ impl Coordinator {
             round.0 + 1,
             result.heldout_loss
         );
+        let opened = std::mem::replace(
+            &mut self.round_opened,
+            super::RoundOpened::now(self.ledger.totals()),
+        );
+        let time = RoundTime {
+            round: round.0,
+            seconds: opened.at.elapsed().as_secs_f64(),
+            verification_seconds: self.round_opened.verification_seconds
+                - opened.verification_seconds,
+            aggregation_seconds: result.seconds,
+        };
         self.status_tx.send_modify(|s| {
+            s.round_times.push(time);
             s.heldout_loss.push(result.heldout_loss);
             s.rounds_completed = round.0 + 1;
             s.checkpoints.extend(checkpoint);
@@ -181,6 +193,7 @@ impl Coordinator {
             "peers": s.peers,
             "contributors": contributors.as_slice(),
             "checkpoints": s.checkpoints,
+            "round_times": s.round_times,
         });
         let path = self.cfg.data_dir.join("summary.json");
         std::fs::write(&path, serde_json::to_string_pretty(&summary)?)?;

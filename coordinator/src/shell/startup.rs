@@ -20,7 +20,7 @@ use tokio::task::JoinHandle;
 use super::engine_slot::EngineSlot;
 use super::rate_limit::RateLimits;
 use super::submissions::Verifications;
-use super::{Coordinator, PeerPresence, say};
+use super::{Coordinator, PeerPresence, RoundOpened, say};
 use crate::checkpoint::Publisher;
 use crate::config::RunConfig;
 use crate::engine::Engine;
@@ -115,7 +115,9 @@ impl Coordinator {
             checkpoints: run_state.checkpoints.clone(),
             ..Status::default()
         };
+        let opened = RoundOpened::now(ledger.totals());
         let coordinator = Coordinator {
+            round_opened: opened,
             verdict_log: VerdictLog::open(&cfg.data_dir.join("verdicts.jsonl"))?,
             cfg,
             layout,

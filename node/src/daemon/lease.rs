@@ -1,6 +1,6 @@
 //! One lease's life: ask the coordinator for a shard, fetch what it needs and train it (or hand
 //! it back when the daemon must stop first), submit the delta, count the verdict in the status
-//! file, and keep the error-feedback residual for the next delta.
+//! file and the lease journal, and keep the error-feedback residual for the next delta.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -15,6 +15,7 @@ use libp2p::identity::Keypair;
 use super::MAX_BACKOFF;
 use super::admission::Admission;
 use super::availability::Availability;
+use super::journal::{self, LeaseRecord};
 use super::network::{Client, NetFailure};
 use super::status::NodeStatus;
 use super::worker::{Outcome, Worker};
@@ -128,8 +129,29 @@ impl Contributor {
     async fn hand_in(&mut self, lease: &Lease, outcome: Outcome) {
         let bytes = outcome.submission.payload.len();
         let tokens = outcome.submission.tokens;
+        let sent = std::time::Instant::now();
         let verdict = submit(&self.client, outcome.submission, lease.expires_at_ms).await;
         let accepted = matches!(verdict, Ok(RpcResponse::Verdict(Verdict::Accepted)));
+        journal::append(
+            &self.data_dir,
+            &LeaseRecord {
+                run: lease.run.clone(),
+                round: lease.round.0,
+                shard: lease.shard.0,
+                at_ms: now_ms(),
+                fetch_seconds: outcome.fetch_seconds,
+                train_seconds: outcome.seconds,
+                submit_seconds: sent.elapsed().as_secs_f64(),
+                verdict: match &verdict {
+                    Ok(RpcResponse::Verdict(Verdict::Accepted)) => "accepted".into(),
+                    Ok(RpcResponse::Verdict(Verdict::Rejected(reason))) => reason.to_string(),
+                    Ok(_) => "unexpected answer".into(),
+                    Err(e) => format!("not delivered: {e}"),
+                },
+                bytes: bytes as u64,
+                tokens,
+            },
+        );
         match verdict {
             Ok(RpcResponse::Verdict(Verdict::Accepted)) => {
                 self.status

@@ -38,6 +38,8 @@ pub struct Outcome {
     pub feedback: Feedback,
     pub loss_before: f64,
     pub loss_after: f64,
+    /// Getting the lease's files and loading what changed; then training, encoding, signing.
+    pub fetch_seconds: f64,
     pub seconds: f64,
 }
 
@@ -65,6 +67,7 @@ impl Worker {
         keypair: &Keypair,
         lease: &Lease,
     ) -> Result<Outcome> {
+        let fetch_started = std::time::Instant::now();
         let a = &lease.assets;
         let config = self.cache.fetch(client, &a.config, "config.json").await?;
         let weights = self
@@ -95,6 +98,7 @@ impl Worker {
             self.loaded.take().expect("checked above")
         };
         let lease_owned = lease.clone();
+        let fetch_seconds = fetch_started.elapsed().as_secs_f64();
         let started = std::time::Instant::now();
         // Dropping this future (pause, Ctrl-C) stops the training within a step.
         let stop = StopOnDrop(Arc::new(AtomicBool::new(false)));
@@ -127,6 +131,7 @@ impl Worker {
             feedback,
             loss_before,
             loss_after,
+            fetch_seconds,
             seconds: started.elapsed().as_secs_f64(),
         })
     }

@@ -28,7 +28,7 @@ pub fn measure(root: &Path) -> Result<Value> {
     let mut runs: Vec<Value> = Vec::new();
     for codec in SETTINGS {
         println!("bench codecs: --codec {codec}");
-        let summary_path = demo::run(root, demo::DemoArgs::with_codec(codec)?)?;
+        let summary_path = demo::run(root, demo::DemoArgs::with_codec(codec)?)?.summary;
         let summary: Value = serde_json::from_str(&std::fs::read_to_string(&summary_path)?)
             .with_context(|| format!("reading {}", summary_path.display()))?;
         let c = &summary["compression"];

@@ -1,5 +1,5 @@
-//! bench/codecs.png: held-out loss against bytes uploaded, one curve per codec setting, so the
-//! trade-off is seen at a glance. Text needs a TrueType font; DejaVu Sans (Debian's
+//! bench/codecs.png and bench/codecs-smollm2.png: held-out loss against bytes uploaded, one
+//! curve per codec setting, so the trade-off is seen at a glance. Text needs a TrueType font; DejaVu Sans (Debian's
 //! fonts-dejavu-core) is used when present, else the plot is skipped with a note.
 
 use std::path::Path;
@@ -15,11 +15,12 @@ const FONTS: [&str; 2] = [
     "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
     "/usr/share/fonts/TTF/DejaVuSans.ttf",
 ];
-/// Highest held-out loss shown.
-const Y_TOP: f64 = 1.5;
 const COLORS: [RGBColor; 6] = [BLACK, RED, BLUE, GREEN, MAGENTA, CYAN];
 
-pub fn codecs(results: &Value, path: &Path) -> Result<()> {
+/// Draws `results["runs"]` (each: codec, heldout_loss, bytes_per_delta, accepted_deltas) into
+/// `path`, leaving out points above `y_top` (the first rounds look alike for every codec; the
+/// tail is the story).
+pub fn codecs(results: &Value, path: &Path, caption: &str, y_top: f64) -> Result<()> {
     let font = FONTS
         .iter()
         .find_map(|f| std::fs::read(f).ok())
@@ -39,12 +40,11 @@ pub fn codecs(results: &Value, path: &Path) -> Result<()> {
             let losses = crate::demo::heldout_losses(run);
             let rounds = losses.len().saturating_sub(1).max(1) as f64;
             let per_round = num(&run["bytes_per_delta"]) * num(&run["accepted_deltas"]) / rounds;
-            // The first rounds (loss 7 → 1.5) look alike for every codec; the tail is the story.
             let points = losses
                 .iter()
                 .enumerate()
                 .skip(1)
-                .filter(|(_, loss)| **loss <= Y_TOP)
+                .filter(|(_, loss)| **loss <= y_top)
                 .map(|(r, loss)| (per_round * r as f64, *loss))
                 .collect();
             (run["codec"].as_str().unwrap_or("?").to_string(), points)
@@ -62,10 +62,7 @@ pub fn codecs(results: &Value, path: &Path) -> Result<()> {
     let root = BitMapBackend::new(path, (960, 600)).into_drawing_area();
     root.fill(&WHITE)?;
     let mut chart = ChartBuilder::on(&root)
-        .caption(
-            "Held-out loss vs bytes uploaded (demo: 3 nodes, 80 rounds)",
-            ("sans-serif", 24),
-        )
+        .caption(caption, ("sans-serif", 24))
         .margin(16)
         .x_label_area_size(48)
         .y_label_area_size(64)

@@ -60,9 +60,17 @@ pub struct DemoArgs {
     /// overshoots (held-out 1.05 vs 0.63 with 0.5, measured), so the demo uses 0.5.
     #[arg(long, default_value_t = 0.5)]
     outer_momentum: f64,
-    /// Delta codec: `sign[:KEEP[:BLOCK]]`, `topk[:FRACTION[:BLOCK]]`, `int8[:BLOCK]` or `raw`.
-    #[arg(long, default_value = "sign:0.7:256")]
-    codec: String,
+    /// Delta codec: `sign[:KEEP[:BLOCK]]`, `topk[:FRACTION[:BLOCK]]`, `int8[:BLOCK]` or `raw`
+    /// (default: sign:0.7:256; smollm2-135m sign:0.25:512, ≥ 100× smaller than fp32 on its
+    /// adapter — the sweep in bench/RESULTS.md).
+    #[arg(long)]
+    codec: Option<String>,
+    /// Share of a round's shards nodes not yet trusted may hold at once (the coordinator's
+    /// `[leases] newcomer_share`; default: the coordinator's 0.5 for the embedded default, 1 for
+    /// smollm2-135m — a demo's nodes are the operator's own, and holding SmolLM2's first rounds
+    /// to one shard at a time until each node has passed 3 replays costs minutes).
+    #[arg(long)]
+    newcomer_share: Option<f64>,
     /// Keep the coordinator serving (HTTP, dashboard) after the last round, until Ctrl-C.
     #[arg(long)]
     serve: bool,
@@ -89,6 +97,9 @@ struct Preset {
     lora_rank: u32,
     /// New tokens the exact-answer check generates per held-out instruction.
     answer_tokens: u32,
+    /// `[leases] newcomer_share`, when not the coordinator's default.
+    newcomer_share: Option<f64>,
+    codec: &'static str,
 }
 
 impl Preset {
@@ -107,6 +118,8 @@ impl Preset {
                 lease_secs: 60,
                 lora_rank: 8,
                 answer_tokens: 12,
+                newcomer_share: None,
+                codec: "sign:0.7:256",
             },
             "smollm2-135m" => Preset {
                 title: "SmolLM2-135M-Instruct",
@@ -121,6 +134,8 @@ impl Preset {
                 lease_secs: 900,
                 lora_rank: 16,
                 answer_tokens: 16,
+                newcomer_share: Some(1.0),
+                codec: "sign:0.25:512",
             },
             _ => bail!("no preset {name:?}: default, smollm2-135m"),
         })
@@ -149,6 +164,7 @@ pub struct Demo {
     pub lease_secs: u32,
     pub lora_rank: u32,
     pub answer_tokens: u32,
+    pub newcomer_share: Option<f64>,
     pub serve: bool,
     pub runs: PathBuf,
 }
@@ -195,11 +211,12 @@ impl DemoArgs {
             lr_decay_start: self.lr_decay_start,
             outer_lr: self.outer_lr,
             outer_momentum: self.outer_momentum,
-            codec: self.codec.clone(),
+            codec: self.codec.clone().unwrap_or(preset.codec.to_string()),
             max_seq_len: preset.max_seq_len,
             lease_secs: preset.lease_secs,
             lora_rank: preset.lora_rank,
             answer_tokens: preset.answer_tokens,
+            newcomer_share: self.newcomer_share.or(preset.newcomer_share),
             serve: self.serve,
             runs: abs(&self.runs),
         })
@@ -210,6 +227,10 @@ impl Demo {
     /// Writes the run's `run.toml` into `run_dir` (also what `calibrate` trains).
     pub fn write_run_toml(&self, run_dir: &Path) -> Result<PathBuf> {
         let config = run_dir.join("run.toml");
+        let leases = match self.newcomer_share {
+            Some(share) => format!("\n[leases]\nnewcomer_share = {share:?}\n"),
+            None => String::new(),
+        };
         std::fs::write(
             &config,
             format!(
@@ -244,7 +265,7 @@ outer_lr = {outer_lr}
 outer_momentum = {outer_momentum}
 checkpoint_every = 10
 codec = {codec:?}
-"#,
+{leases}"#,
                 model = self.model,
                 data = self.data,
                 heldout = self.heldout,

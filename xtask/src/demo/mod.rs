@@ -17,8 +17,27 @@ use crate::util;
 mod config;
 pub use config::{Demo, DemoArgs};
 
-/// Runs the demo to its end; returns the coordinator's summary.json.
-pub fn run(root: &Path, args: DemoArgs) -> Result<PathBuf> {
+/// A demo run, ended.
+pub struct Finished {
+    /// The coordinator's summary.json.
+    pub summary: PathBuf,
+    /// The run folder: run.toml, logs, the coordinator's and each node's data dir.
+    pub run_dir: PathBuf,
+    pub demo: Demo,
+    /// The fine-tuned model's answers to the held-out instructions.
+    pub exact: Option<Exact>,
+}
+
+/// Held-out instructions answered exactly, of all of them.
+pub struct Exact {
+    pub right: usize,
+    pub total: usize,
+    /// `herd-node generate --data`'s lines: instruction, input, expected, output.
+    pub answers: Vec<Value>,
+}
+
+/// Runs the demo to its end.
+pub fn run(root: &Path, args: DemoArgs) -> Result<Finished> {
     util::build_bins(root)?;
     let args = args.resolve(root)?;
     let started = Instant::now();
@@ -81,10 +100,15 @@ pub fn run(root: &Path, args: DemoArgs) -> Result<PathBuf> {
     nodes.stop(Duration::from_secs(10));
     let summary_path = summary_path.context("the coordinator printed no summary")?;
     let summary: Value = serde_json::from_str(&std::fs::read_to_string(&summary_path)?)?;
-    report(root, &args, &summary)?;
+    let exact = report(root, &args, &summary)?;
     println!("took {:.0} s", started.elapsed().as_secs_f64());
     println!("summary: {}", summary_path.display());
-    Ok(summary_path)
+    Ok(Finished {
+        summary: summary_path,
+        run_dir,
+        demo: args,
+        exact,
+    })
 }
 
 /// The held-out loss after each round of a summary.json (or a bench record holding it), index 0
@@ -99,7 +123,7 @@ pub fn heldout_losses(summary: &Value) -> Vec<f64> {
 }
 
 /// Prints the before/after figures and the fine-tuned model's answers to held-out instructions.
-fn report(root: &Path, args: &Demo, summary: &Value) -> Result<()> {
+fn report(root: &Path, args: &Demo, summary: &Value) -> Result<Option<Exact>> {
     let losses = heldout_losses(summary);
     if let (Some(first), Some(last)) = (losses.first(), losses.last()) {
         println!(
@@ -127,18 +151,38 @@ fn report(root: &Path, args: &Demo, summary: &Value) -> Result<()> {
         v["rejects_by_reason"]
     );
     let Some(adapter) = summary["final_adapter"].as_str() else {
-        return Ok(());
+        return Ok(None);
     };
+    let exact = exact_answers(root, args, Some(Path::new(adapter)))?;
+    println!(
+        "held-out instructions answered exactly: {}/{}",
+        exact.right, exact.total
+    );
+    for a in exact.answers.iter().take(4) {
+        println!(
+            "  {} [{}] -> {}",
+            a["instruction"].as_str().unwrap_or(""),
+            a["input"].as_str().unwrap_or(""),
+            a["output"].as_str().unwrap_or("")
+        );
+    }
+    Ok(Some(exact))
+}
+
+/// Greedy answers of the base model (with `adapter` when given) to the demo's held-out
+/// instructions, checked against the expected ones.
+pub fn exact_answers(root: &Path, args: &Demo, adapter: Option<&Path>) -> Result<Exact> {
     let mut generate = util::bin(root, "herd-node");
     generate
         .args(["generate", "--max-new-tokens"])
         .arg(args.answer_tokens.to_string())
         .arg("--model")
         .arg(&args.model)
-        .arg("--adapter")
-        .arg(adapter)
         .arg("--data")
         .arg(&args.heldout);
+    if let Some(adapter) = adapter {
+        generate.arg("--adapter").arg(adapter);
+    }
     let answers: Vec<Value> = util::output(&mut generate)?
         .lines()
         .filter_map(|l| serde_json::from_str(l).ok())
@@ -147,19 +191,11 @@ fn report(root: &Path, args: &Demo, summary: &Value) -> Result<()> {
         .iter()
         .filter(|a| a["output"] == a["expected"])
         .count();
-    println!(
-        "held-out instructions answered exactly: {right}/{}",
-        answers.len()
-    );
-    for a in answers.iter().take(4) {
-        println!(
-            "  {} [{}] -> {}",
-            a["instruction"].as_str().unwrap_or(""),
-            a["input"].as_str().unwrap_or(""),
-            a["output"].as_str().unwrap_or("")
-        );
-    }
-    Ok(())
+    Ok(Exact {
+        right,
+        total: answers.len(),
+        answers,
+    })
 }
 
 fn log_file(dir: &Path, name: &str) -> Result<Stdio> {

@@ -4,7 +4,12 @@
 //!
 //! - training: herd-node's trainer against PEFT on the real weights and real batches;
 //! - generation: greedy tokens/s of herd-node (KV cache, and the uncached path it replaced)
-//!   against transformers' `generate`, and whether the tokens are identical.
+//!   against transformers' `generate`, and whether the tokens are identical;
+//! - learning ([`learning`]): the codec sweep and 3 nodes vs 1, rehearsed in one process;
+//! - network ([`network`]): the demo on SmolLM2, its loss, answers and time per round.
+
+mod learning;
+mod network;
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -50,6 +55,8 @@ pub fn measure(root: &Path) -> Result<Value> {
         "threads": threads,
         "training": training(root, &python, &dir)?,
         "generation": generation(root, &python, &dir)?,
+        "learning": learning::measure(root)?,
+        "network": network::measure(root, &python)?,
     }))
 }
 
@@ -209,6 +216,18 @@ pub fn markdown(r: &Value) -> String {
         cell(&g["herd_vs_transformers"]),
         yes_no(&g["identical_to_transformers"]),
     );
+    if r.get("learning").is_some() {
+        md.push_str(
+            "
+
+",
+        );
+        md.push_str(&learning::markdown(&r["learning"]));
+    }
+    if r.get("network").is_some() {
+        md.push('\n');
+        md.push_str(&network::markdown(&r["network"]));
+    }
     md
 }
 
