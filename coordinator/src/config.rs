@@ -387,7 +387,12 @@ mod tests {
     #[test]
     fn the_example_configs_in_deploy_load() {
         let deploy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
-        for file in ["run.toml", "compose/run.toml", "quickstart.toml"] {
+        for file in [
+            "run.toml",
+            "compose/run.toml",
+            "quickstart.toml",
+            "smollm2-tasks.toml",
+        ] {
             let cfg = RunConfig::load(&deploy.join(file))
                 .unwrap_or_else(|e| panic!("deploy/{file}: {e:#}"));
             assert!(cfg.rounds > 0, "deploy/{file}");

@@ -61,8 +61,8 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 0.5)]
     outer_momentum: f64,
     /// Delta codec: `sign[:KEEP[:BLOCK]]`, `topk[:FRACTION[:BLOCK]]`, `int8[:BLOCK]` or `raw`
-    /// (default: sign:0.7:256; smollm2-135m sign:0.25:512, ≥ 100× smaller than fp32 on its
-    /// adapter — the sweep in bench/RESULTS.md).
+    /// (default: sign:0.7:256, ~35× smaller than fp32 on the embedded default's adapter, 39× on
+    /// SmolLM2's; smaller settings cost SmolLM2's 10-round demo more loss: docs/real-model.md).
     #[arg(long)]
     codec: Option<String>,
     /// Share of a round's shards nodes not yet trusted may hold at once (the coordinator's
@@ -135,7 +135,7 @@ impl Preset {
                 lora_rank: 16,
                 answer_tokens: 16,
                 newcomer_share: Some(1.0),
-                codec: "sign:0.25:512",
+                codec: "sign:0.7:256",
             },
             _ => bail!("no preset {name:?}: default, smollm2-135m"),
         })

@@ -132,7 +132,9 @@ pub fn markdown(n: &Value) -> String {
         "**Network run** (`cargo xtask demo --preset smollm2-135m`): a coordinator and {} nodes \
          (1 thread each) as processes on 127.0.0.1 sharing this machine's cores, {} rounds of \
          H = {} steps of {} examples, lr {}, codec `{}`. Held-out loss {first:.4} → {last:.4}; \
-         held-out instructions answered exactly: **{} of {} before, {} after**. The final          checkpoint loaded in PEFT (`tests/fixtures/make_fixtures.py check-adapter`) gives          held-out loss {:.4} ({:+.3}% from herd's). Uploads: {:.0} \
+         held-out instructions answered exactly: **{} of {} before, {} after**. The final \
+         checkpoint loaded in PEFT (`tests/fixtures/make_fixtures.py check-adapter`) gives \
+         held-out loss {:.4} ({:+.3}% from herd's). Uploads: {:.0} \
          bytes per delta, {:.1}× smaller than dense fp32. The coordinator replayed {} \
          submissions (every new node's first ones, then a sample).\n\n\
          Where each round's wall time went. *Nodes* (mean over the round's accepted leases, from \
@@ -150,9 +152,9 @@ pub fn markdown(n: &Value) -> String {
         n["codec"].as_str().unwrap_or("?"),
         n["exact_before"],
         n["heldout_instructions"],
+        n["exact_after"],
         num(&n["peft_heldout_loss"]),
         100.0 * num(&n["peft_vs_herd"]),
-        n["exact_after"],
         num(&n["compression"]["bytes_per_delta"]),
         num(&n["compression"]["ratio"]),
         n["verification"]["replays"],
