@@ -75,7 +75,7 @@ pub struct Status {
     pub leases_granted: u64,
     pub peers: Vec<PeerStatus>,
     pub checkpoints: Vec<Checkpoint>,
-    /// Each round committed since this start: its wall time and where it went.
+    /// The last rounds committed since this start (256 at most): wall time and where it went.
     #[serde(default)]
     pub round_times: Vec<RoundTime>,
 }

@@ -16,6 +16,10 @@ use crate::round::PeerKey;
 use crate::status::{PeerStatus, RoundTime, contributions};
 use std::sync::Arc;
 
+/// Rounds whose times `/v1/status` keeps, the latest: a run of thousands of rounds keeps a
+/// status of bounded size (each is ~120 bytes of JSON).
+const ROUND_TIMES_KEPT: usize = 256;
+
 impl Coordinator {
     /// Commits the aggregated round, then opens the next: a stop from the commit on resumes
     /// at the next round.
@@ -62,6 +66,9 @@ impl Coordinator {
         };
         self.status_tx.send_modify(|s| {
             s.round_times.push(time);
+            if s.round_times.len() > ROUND_TIMES_KEPT {
+                s.round_times.remove(0);
+            }
             s.heldout_loss.push(result.heldout_loss);
             s.rounds_completed = round.0 + 1;
             s.checkpoints.extend(checkpoint);
