@@ -16,14 +16,12 @@ use herd_model::lora::{Lora, LoraConfig};
 use herd_model::shard::train_shard;
 use herd_model::tokenizer::TextTokenizer;
 use herd_protocol::delta::Delta;
-use herd_protocol::messages::RunAssets;
 use herd_protocol::sketch::{Agreement, agreement};
-use herd_protocol::{ContentId, LeaseId, Round, ShardId};
+use herd_protocol::{LeaseId, Round, ShardId};
 use serde::Serialize;
 
 use crate::config::RunConfig;
-use crate::lease::{lease_for, lora_spec};
-use crate::round::Grant;
+use crate::lease::{in_process_lease, lora_spec};
 
 /// The tolerance is this many times wider than the worst honest disagreement seen.
 pub const MARGIN: f64 = 10.0;
@@ -110,13 +108,6 @@ pub fn calibrate(
         Some(cfg.round.max_seq_len as usize),
     )?;
     let machine = cfg.machine_config(cfg.training_examples()?);
-    let id = ContentId::of(b"unused");
-    let assets = RunAssets {
-        config: id,
-        weights: id,
-        tokenizer: id,
-        data: id,
-    };
     let lora_cfg = LoraConfig::try_from(&lora_spec(cfg))?;
     let layout = delta_layout(&Lora::new(
         model.config(),
@@ -129,16 +120,7 @@ pub fn calibrate(
             Round((i / cfg.round.shards as usize) as u64),
             ShardId((i % cfg.round.shards as usize) as u32),
         );
-        let grant = Grant {
-            lease: LeaseId(i as u64),
-            round,
-            shard,
-            ranges: machine.shard_ranges(round, shard),
-            seed: machine.shard_seed(round, shard),
-            expires_at_ms: 0,
-            base_adapter: id,
-        };
-        let lease = lease_for(cfg, &assets, &grant);
+        let lease = in_process_lease(cfg, &machine, LeaseId(i as u64), round, shard);
         let mut deltas = Vec::with_capacity(2);
         for ((side, device), model) in sides.iter().zip(devices).zip(&models) {
             tch::set_num_threads(side.threads);

@@ -2,9 +2,10 @@
 //! settings, assets and adapter shape. Nodes train it; replays and calibration redo it.
 
 use herd_protocol::messages::{Lease, LoraSpec, RunAssets};
+use herd_protocol::{ContentId, LeaseId, Round, ShardId};
 
 use crate::config::RunConfig;
-use crate::round::Grant;
+use crate::round::{Grant, MachineConfig};
 
 /// The lease message for `grant` in the run `cfg` (what nodes train, and replays redo).
 pub fn lease_for(cfg: &RunConfig, assets: &RunAssets, grant: &Grant) -> Lease {
@@ -26,6 +27,34 @@ pub fn lease_for(cfg: &RunConfig, assets: &RunAssets, grant: &Grant) -> Lease {
         codec: r.codec,
         base_adapter: grant.base_adapter,
     }
+}
+
+/// The lease for `shard` of `round` as the round machine would cut it, for training in this
+/// process (`calibrate`, `rehearse`): its assets and base adapter name nothing to fetch.
+pub fn in_process_lease(
+    cfg: &RunConfig,
+    machine: &MachineConfig,
+    id: LeaseId,
+    round: Round,
+    shard: ShardId,
+) -> Lease {
+    let nothing = ContentId::of(b"in process");
+    let assets = RunAssets {
+        config: nothing,
+        weights: nothing,
+        tokenizer: nothing,
+        data: nothing,
+    };
+    let grant = Grant {
+        lease: id,
+        round,
+        shard,
+        ranges: machine.shard_ranges(round, shard),
+        seed: machine.shard_seed(round, shard),
+        expires_at_ms: 0,
+        base_adapter: nothing,
+    };
+    lease_for(cfg, &assets, &grant)
 }
 
 /// The LoRA shape nodes are told to use.

@@ -11,14 +11,12 @@ use std::time::Instant;
 use anyhow::Result;
 use herd_model::shard::train_shard;
 use herd_protocol::delta::Delta;
-use herd_protocol::messages::RunAssets;
-use herd_protocol::{ContentId, LeaseId, Round, ShardId};
+use herd_protocol::{LeaseId, Round, ShardId};
 use serde::Serialize;
 
 use crate::config::RunConfig;
 use crate::engine::Engine;
-use crate::lease::lease_for;
-use crate::round::Grant;
+use crate::lease::in_process_lease;
 
 /// What a rehearsal measured.
 #[derive(Debug, Clone, Serialize)]
@@ -47,14 +45,6 @@ pub fn rehearse(cfg: &RunConfig, mut progress: impl FnMut(u64, f64)) -> Result<R
     let machine = cfg.machine_config(cfg.training_examples()?);
     let layout = engine.layout();
     let dense_bytes = 4 * layout.numel() as u64;
-    // Assets only name files for a node to fetch; here nothing is fetched.
-    let id = ContentId::of(b"rehearsal");
-    let assets = RunAssets {
-        config: id,
-        weights: id,
-        tokenizer: id,
-        data: id,
-    };
     let nodes = cfg.quorum();
     let mut residuals: Vec<Option<Vec<Vec<f32>>>> = vec![None; nodes as usize];
     let mut heldout_loss = vec![engine.heldout_loss()];
@@ -65,17 +55,8 @@ pub fn rehearse(cfg: &RunConfig, mut progress: impl FnMut(u64, f64)) -> Result<R
         let mut deltas = Vec::with_capacity(nodes as usize);
         let started = Instant::now();
         for (node, residual) in residuals.iter_mut().enumerate() {
-            let shard = ShardId(node as u32);
-            let grant = Grant {
-                lease: LeaseId(r * u64::from(nodes) + node as u64),
-                round,
-                shard,
-                ranges: machine.shard_ranges(round, shard),
-                seed: machine.shard_seed(round, shard),
-                expires_at_ms: 0,
-                base_adapter: id,
-            };
-            let lease = lease_for(cfg, &assets, &grant);
+            let id = LeaseId(r * u64::from(nodes) + node as u64);
+            let lease = in_process_lease(cfg, &machine, id, round, ShardId(node as u32));
             let (model, data, theta) = engine.node_view()?;
             let outcome = train_shard(model, &theta, data, &lease, false, |_| {
                 std::ops::ControlFlow::Continue(())
@@ -97,7 +78,7 @@ pub fn rehearse(cfg: &RunConfig, mut progress: impl FnMut(u64, f64)) -> Result<R
         progress(r + 1, result.heldout_loss);
         heldout_loss.push(result.heldout_loss);
     }
-    let per_delta = |bytes: u64| bytes as f64 / deltas_sent.max(1) as f64;
+    let bytes_per_delta = payload_bytes as f64 / deltas_sent.max(1) as f64;
     Ok(Rehearsal {
         codec: cfg.round.codec.to_string(),
         nodes,
@@ -105,9 +86,9 @@ pub fn rehearse(cfg: &RunConfig, mut progress: impl FnMut(u64, f64)) -> Result<R
         rounds: cfg.rounds,
         heldout_loss,
         tokens,
-        bytes_per_delta: per_delta(payload_bytes),
+        bytes_per_delta,
         dense_fp32_bytes_per_delta: dense_bytes as f64,
-        ratio: dense_bytes as f64 * deltas_sent as f64 / payload_bytes.max(1) as f64,
+        ratio: dense_bytes as f64 / bytes_per_delta,
         training_seconds,
         aggregation_seconds,
     })

@@ -40,8 +40,8 @@ pub fn train_config(lease: &Lease, measure_loss: bool) -> TrainConfig {
 }
 
 /// Trains `lora` (holding θ_r) in place on the lease's shard of `data` and returns the delta.
-/// `measure_loss` adds a pass over a sample of the shard before and after (the node reports both losses;
-/// a replay does not need them). `on_step` sees each step and may stop the training
+/// `measure_loss` adds a pass over a sample of the shard before and after (the node reports
+/// both losses; a replay does not need them). `on_step` sees each step and may stop the training
 /// ([`crate::ModelError::Cancelled`]).
 pub fn train_shard(
     model: &Llama,

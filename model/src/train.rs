@@ -158,14 +158,19 @@ fn run(
             data.len()
         )));
     }
-    let examples: Vec<&Example> = BatchOrder::new(indices.to_vec(), cfg.seed ^ LOSS_SAMPLE_SALT)
-        .next_batch(LOSS_SAMPLE)
-        .into_iter()
-        .map(|i| &data.examples[i])
-        .collect();
+    // Drawn only when measured: a replay (no measurement) does none of this.
+    let sample: Vec<&Example> = if cfg.measure_loss {
+        BatchOrder::new(indices.to_vec(), cfg.seed ^ LOSS_SAMPLE_SALT)
+            .next_batch(LOSS_SAMPLE)
+            .into_iter()
+            .map(|i| &data.examples[i])
+            .collect()
+    } else {
+        Vec::new()
+    };
     let eval_batch = cfg.batch_size.max(8);
     let loss_before = if cfg.measure_loss {
-        evaluate(model, lora, &examples, eval_batch)?.loss
+        evaluate(model, lora, &sample, eval_batch)?.loss
     } else {
         f64::NAN
     };
@@ -218,7 +223,7 @@ fn run(
         }
     }
     let loss_after = if cfg.measure_loss {
-        evaluate(model, lora, &examples, eval_batch)?.loss
+        evaluate(model, lora, &sample, eval_batch)?.loss
     } else {
         f64::NAN
     };

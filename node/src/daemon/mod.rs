@@ -6,8 +6,8 @@
 //! Layout: `admission` is the proof of work a new identity pays once per run; `join` links the node to a run (identity, blob cache, network loop); `network` is
 //! that libp2p loop; `lease` is one lease's life and `worker` its training; `fetch` and `cache`
 //! get and keep blobs; `seed` fetches announced checkpoints for other peers; `residual` keeps
-//! error feedback; `availability` says when the machine may be used; `status` is `status.json`; `journal` is
-//! `leases.jsonl`, where each lease's time went.
+//! error feedback; `availability` says when the machine may be used; `status` is
+//! `status.json`; `journal` is `leases.jsonl`, where each lease's time went.
 
 mod admission;
 pub mod availability;

@@ -45,24 +45,26 @@ pub fn measure(root: &Path) -> Result<Value> {
             "summary": summary_path,
         }));
     }
-    let raw = num(&runs[0]["final_heldout_loss"]);
-    for run in &mut runs {
-        let cost = num(&run["final_heldout_loss"]) / raw - 1.0;
-        run["loss_cost_vs_raw"] = json!(cost);
-    }
+    cost_against_first(&mut runs);
     Ok(json!({ "runs": runs }))
 }
 
-pub fn markdown(r: &Value) -> String {
+/// Sets each run's `loss_cost_vs_raw`: its `final_heldout_loss` against the first run's (raw).
+pub fn cost_against_first(runs: &mut [Value]) {
+    let raw = runs
+        .first()
+        .map_or(f64::NAN, |r| num(&r["final_heldout_loss"]));
+    for run in runs {
+        run["loss_cost_vs_raw"] = json!(num(&run["final_heldout_loss"]) / raw - 1.0);
+    }
+}
+
+/// A codec comparison's table: codec, bytes per delta, ratio, final held-out loss, cost.
+pub fn table(runs: &Value) -> String {
     let mut md = String::from(
-        "## Upload size vs learning\n\nThe demo (coordinator and 3 nodes on loopback, the embedded default) \
-         run to the same number of rounds at each codec setting. Bytes per delta as uploaded \
-         (the signed message's delta payload), against dense fp32 of the same adapter; loss cost = \
-         final held-out loss / the raw run's − 1 (negative: lower than raw). Held-out loss against \
-         bytes uploaded: `bench/codecs.png`. Target: ≥ 100× smaller at ≤ 1% loss cost.\n\n\
-         | codec | bytes per delta | vs fp32 | final held-out loss | loss cost |\n|---|---|---|---|---|\n",
+        "| codec | bytes per delta | vs fp32 | final held-out loss | loss cost |\n|---|---|---|---|---|\n",
     );
-    for run in r["runs"].as_array().into_iter().flatten() {
+    for run in runs.as_array().into_iter().flatten() {
         let _ = writeln!(
             md,
             "| `{}` | {:.0} | {:.1}× smaller | {:.4} | {:+.1}% |",
@@ -73,5 +75,17 @@ pub fn markdown(r: &Value) -> String {
             100.0 * num(&run["loss_cost_vs_raw"]),
         );
     }
+    md
+}
+
+pub fn markdown(r: &Value) -> String {
+    let mut md = String::from(
+        "## Upload size vs learning\n\nThe demo (coordinator and 3 nodes on loopback, the embedded default) \
+         run to the same number of rounds at each codec setting. Bytes per delta as uploaded \
+         (the signed message's delta payload), against dense fp32 of the same adapter; loss cost = \
+         final held-out loss / the raw run's − 1 (negative: lower than raw). Held-out loss against \
+         bytes uploaded: `bench/codecs.png`. Target: ≥ 100× smaller at ≤ 1% loss cost.\n\n",
+    );
+    md.push_str(&table(&r["runs"]));
     md
 }

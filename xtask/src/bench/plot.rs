@@ -1,6 +1,7 @@
 //! bench/codecs.png and bench/codecs-smollm2.png: held-out loss against bytes uploaded, one
-//! curve per codec setting, so the trade-off is seen at a glance. Text needs a TrueType font; DejaVu Sans (Debian's
-//! fonts-dejavu-core) is used when present, else the plot is skipped with a note.
+//! curve per codec setting, so the trade-off is seen at a glance. Text needs a TrueType font;
+//! DejaVu Sans (Debian's fonts-dejavu-core) is used when present, else the plot is skipped
+//! with a note.
 
 use std::path::Path;
 

@@ -12,7 +12,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result};
 use serde_json::{Value, json};
 
-use super::super::num;
+use super::super::{codecs, num};
 use super::MODEL;
 use crate::demo::DemoArgs;
 use crate::util;
@@ -27,12 +27,13 @@ pub fn measure(root: &Path) -> Result<Value> {
         println!("bench real: rehearsal, 3 nodes, codec {codec}");
         sweep.push(rehearse(root, &["--codec", codec])?);
     }
-    let raw = final_loss(&sweep[0]);
     for run in &mut sweep {
-        run["loss_cost_vs_raw"] = json!(final_loss(run) / raw - 1.0);
+        run["final_heldout_loss"] = json!(final_loss(run));
         // What the plot's x axis counts.
         run["accepted_deltas"] = json!(num(&run["nodes"]) * num(&run["rounds"]));
     }
+    codecs::cost_against_first(&mut sweep);
+    let raw = final_loss(&sweep[0]);
     println!("bench real: rehearsal, 1 node with 3× the batch, codec raw");
     let alone = rehearse(
         root,
@@ -82,20 +83,9 @@ pub fn markdown(l: &Value) -> String {
          residual, the coordinator's averaging and outer step; no network, no verification). \
          Loss cost = final held-out loss / the raw run's − 1. Held-out loss against bytes \
          uploaded: `bench/codecs-smollm2.png`. Target: the default ≥ 100× smaller at ≤ 1% \
-         loss cost.\n\n\
-         | codec | bytes per delta | vs fp32 | final held-out loss | loss cost |\n|---|---|---|---|---|\n",
+         loss cost.\n\n",
     );
-    for run in l["sweep"]["runs"].as_array().into_iter().flatten() {
-        let _ = writeln!(
-            md,
-            "| `{}` | {:.0} | {:.1}× smaller | {:.4} | {:+.1}% |",
-            run["codec"].as_str().unwrap_or("?"),
-            num(&run["bytes_per_delta"]),
-            num(&run["ratio"]),
-            final_loss(run),
-            100.0 * num(&run["loss_cost_vs_raw"]),
-        );
-    }
+    md.push_str(&codecs::table(&l["sweep"]["runs"]));
     let p = &l["parity"];
     let one = &p["one_node"];
     let _ = writeln!(

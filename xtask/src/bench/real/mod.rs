@@ -217,11 +217,7 @@ pub fn markdown(r: &Value) -> String {
         yes_no(&g["identical_to_transformers"]),
     );
     if r.get("learning").is_some() {
-        md.push_str(
-            "
-
-",
-        );
+        md.push_str("\n\n");
         md.push_str(&learning::markdown(&r["learning"]));
     }
     if r.get("network").is_some() {
