@@ -6,7 +6,9 @@ use anyhow::{Context, Result, bail};
 use herd_protocol::codec::CodecSpec;
 use serde::Deserialize;
 
+mod checks;
 mod open_network;
+pub use checks::ChecksSection;
 pub use open_network::{LeasesSection, NetworkSection};
 
 /// A whole run.
@@ -52,6 +54,8 @@ pub struct RunConfig {
     pub network: NetworkSection,
     #[serde(default)]
     pub leases: LeasesSection,
+    #[serde(default)]
+    pub checks: ChecksSection,
 }
 
 /// The adapter every node trains.
@@ -311,7 +315,22 @@ impl RunConfig {
             bail!("run name must be 1..=256 bytes");
         }
         self.network.check()?;
-        self.leases.check()
+        self.leases.check()?;
+        self.checks.check()
+    }
+
+    /// The replay tolerance of `[verify]`: the coordinator's replays and peers' checks alike.
+    pub fn replay_tolerance(&self) -> crate::verify::replay::ReplayTolerance {
+        crate::verify::replay::ReplayTolerance {
+            min_cosine: self.verify.replay_min_cosine,
+            max_rel_error: self.verify.replay_max_rel_error,
+        }
+    }
+
+    /// The check book's rules for this run.
+    pub fn check_policy(&self) -> crate::checks::CheckPolicy {
+        self.checks
+            .policy(self.round.lease_secs, self.replay_tolerance())
     }
 
     /// Records in the training data file (what shards are cut from).

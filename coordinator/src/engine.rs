@@ -79,6 +79,8 @@ pub struct VerifyDetail {
     pub replay: Option<Agreement>,
     pub effect_seconds: f64,
     pub replay_seconds: f64,
+    /// The sketch of the coordinator's own replay (a check whose answer it knows: a canary).
+    pub replayed_sketch: Option<Vec<f32>>,
 }
 
 impl Engine {
@@ -194,9 +196,10 @@ impl Engine {
         let started = Instant::now();
         match replay::replay(&self.model, &self.lora, &self.data, &job.lease) {
             Ok(replayed) => {
-                let (agreement, result) =
-                    replay::judge(&job.sketch, &replayed, job.lease.seed, &job.tolerance);
+                let replayed = replayed.sketch(job.lease.seed);
+                let (agreement, result) = replay::judge(&job.sketch, &replayed, &job.tolerance);
                 out.detail.replay = Some(agreement);
+                out.detail.replayed_sketch = Some(replayed);
                 out.result = result;
             }
             Err(e) => {
@@ -206,6 +209,12 @@ impl Engine {
         }
         out.detail.replay_seconds = started.elapsed().as_secs_f64();
         out
+    }
+
+    /// The sketch of `lease` trained from θ_r here: the truth a check is judged by.
+    pub fn replay_sketch(&self, lease: &Lease) -> Result<Vec<f32>> {
+        let replayed = replay::replay(&self.model, &self.lora, &self.data, lease)?;
+        Ok(replayed.sketch(lease.seed))
     }
 
     fn measure_effect(&self, job: &VerifyJob) -> Result<EffectReport> {

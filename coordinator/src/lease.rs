@@ -1,7 +1,7 @@
 //! The lease a node is sent: the round machine's grant, dressed with the run's training
 //! settings, assets and adapter shape. Nodes train it; replays and calibration redo it.
 
-use herd_protocol::messages::{Lease, LoraSpec, RunAssets};
+use herd_protocol::messages::{Lease, LeaseTask, LoraSpec, RunAssets};
 use herd_protocol::{ContentId, LeaseId, Round, ShardId};
 
 use crate::config::RunConfig;
@@ -26,6 +26,7 @@ pub fn lease_for(cfg: &RunConfig, assets: &RunAssets, grant: &Grant) -> Lease {
         lora: lora_spec(cfg),
         codec: r.codec,
         base_adapter: grant.base_adapter,
+        task: LeaseTask::Train,
     }
 }
 

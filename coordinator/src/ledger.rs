@@ -29,10 +29,13 @@ pub struct Totals {
     pub accepted_deltas: u64,
     /// Rejections so far, by reason label.
     pub rejects_by_reason: BTreeMap<String, u64>,
-    /// Seconds spent on effect checks and on replays, and replays done.
+    /// Seconds spent on effect checks and on the coordinator's own replays, and replays done.
     pub verify_seconds: f64,
     pub replay_seconds: f64,
     pub replays: u64,
+    /// Submissions whose replay peers did (check leases), and check reports credited.
+    pub peer_checked: u64,
+    pub checks: u64,
     pub recent_rejects: Vec<RejectRecord>,
 }
 
@@ -50,6 +53,9 @@ pub struct Credit {
     pub accepted: u64,
     pub rejected: u64,
     pub tokens: u64,
+    /// Check leases done and found right (credited work, no tokens of its own).
+    #[serde(default)]
+    pub checks: u64,
 }
 
 /// A decided submission: what it was and what it got.
@@ -128,6 +134,17 @@ impl Ledger {
         let accepted = v.outcome == Verdict::Accepted;
         let t = &mut self.totals;
         let credit = self.credit.entry(peer).or_default();
+        if crate::checks::CheckBook::is_check(LeaseId(v.lease)) {
+            // A checker's report: credit or a ban, nothing of a submission's.
+            if accepted {
+                t.checks += 1;
+                credit.checks += 1;
+            } else {
+                *t.rejects_by_reason.entry(v.verdict.clone()).or_default() += 1;
+                credit.rejected += 1;
+            }
+            return self.reputation.record(peer, &v.outcome, false);
+        }
         if accepted {
             t.bytes_uploaded += v.payload_bytes;
             t.bytes_dense_fp32 += self.dense_fp32_bytes;
@@ -148,7 +165,10 @@ impl Ledger {
         }
         t.verify_seconds += v.verify_seconds;
         t.replay_seconds += v.replay_seconds;
-        t.replays += v.replay.is_some() as u64;
+        // A replay with no seconds of the coordinator's was done by peers.
+        let own_replay = v.replay_seconds > 0.0;
+        t.replays += (v.replay.is_some() && own_replay) as u64;
+        t.peer_checked += (v.replay.is_some() && !own_replay) as u64;
         if accepted && let Some(norm) = v.norm {
             self.structure.accepted(norm);
         }
@@ -182,6 +202,19 @@ impl Ledger {
     /// Every peer with a verdict.
     pub fn peers(&self) -> impl Iterator<Item = &PeerKey> {
         self.credit.keys()
+    }
+
+    /// A replay of the coordinator's own that no verdict records (a reopened submission, decided
+    /// before). Live only: a restart forgets its seconds.
+    pub fn count_own_replay(&mut self, seconds: f64) {
+        self.totals.replay_seconds += seconds;
+        self.totals.replays += 1;
+    }
+
+    /// A banned checker vouched for `peer`: the trust its checks earned is void, so `peer` is
+    /// checked like a new peer again. Live only: a restart keeps the trust.
+    pub fn distrust(&mut self, peer: &PeerKey) {
+        self.reputation.distrust(peer);
     }
 
     /// Bans `peer` for what it did outside a verdict (its leases expired unused). Held for

@@ -11,6 +11,8 @@
 //! - [`engine`]: model, global adapter, outer optimizer, evaluation (tch, off the runtime).
 //! - [`verify`]: the layers a submission passes (envelope, structure, effect, replay,
 //!   reputation) and the verdict log for people to read.
+//! - [`checks`]: check leases: replays by peers, canaries, spot checks and arbitration
+//!   (pure, like the round machine).
 //! - [`aggregate`]: robust token-weighted mean and DiLoCo's outer Nesterov step.
 //! - [`checkpoint`]: checkpoints, their signed manifests, and what is published.
 //! - [`store`]: the durable state (redb): run, leases, verdicts, accepted deltas; resuming a
@@ -25,6 +27,7 @@
 pub mod aggregate;
 pub mod calibrate;
 pub mod checkpoint;
+pub mod checks;
 pub mod config;
 pub mod dashboard;
 pub mod engine;

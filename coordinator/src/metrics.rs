@@ -110,6 +110,24 @@ pub fn render_openmetrics(s: &Status) -> String {
         s.active_leases as i64,
     );
     counter(&mut r, "leases_granted", "Leases granted", s.leases_granted);
+    counter(
+        &mut r,
+        "checks_granted",
+        "Check leases granted (replays by peers, canaries included)",
+        s.checks_granted,
+    );
+    counter(
+        &mut r,
+        "peer_checked",
+        "Submissions whose replay peers did",
+        s.totals.peer_checked,
+    );
+    counter(
+        &mut r,
+        "checks_credited",
+        "Check reports that agreed with the truth",
+        s.totals.checks,
+    );
     gauge(
         &mut r,
         "accepted_this_round",

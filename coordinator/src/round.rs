@@ -206,6 +206,11 @@ impl RoundMachine {
         self.phase == Phase::Finished
     }
 
+    /// Whether the current round takes submissions (not aggregating, not finished).
+    pub fn is_open(&self) -> bool {
+        self.phase == Phase::Open
+    }
+
     /// Shards of the current round accepted so far.
     pub fn accepted_count(&self) -> usize {
         self.accepted.len()

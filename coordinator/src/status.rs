@@ -73,6 +73,9 @@ pub struct Status {
     /// Leases granted (since this start).
     #[serde(default)]
     pub leases_granted: u64,
+    /// Check leases granted (since this start); real checks and canaries alike.
+    #[serde(default)]
+    pub checks_granted: u64,
     pub peers: Vec<PeerStatus>,
     pub checkpoints: Vec<Checkpoint>,
     /// The last rounds committed since this start (256 at most): wall time and where it went.

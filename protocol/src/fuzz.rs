@@ -148,6 +148,7 @@ fn sample_lease() -> Lease {
         },
         codec: CodecSpec::default(),
         base_adapter: id,
+        task: LeaseTask::Train,
     }
 }
 
@@ -198,6 +199,14 @@ fn seeds(target: &str, layout: &DeltaLayout) -> Vec<Vec<u8>> {
                 enc(&RpcRequest::Published {
                     checkpoint: Some("round-00004".into()),
                 }),
+                enc(&RpcRequest::Report(Box::new(CheckReport {
+                    lease: LeaseId(1 << 62),
+                    run: "run".into(),
+                    round: Round(2),
+                    shard: ShardId(1),
+                    base_adapter: ContentId::of(b"x"),
+                    sketch: vec![0.5; 64],
+                }))),
             ]
         }
         "rpc_response" => vec![

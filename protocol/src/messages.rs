@@ -1,4 +1,4 @@
-//! Versioned messages of the `/herd/rpc/2` and `/herd/blob/2` protocols and the round
+//! Versioned messages of the `/herd/rpc/3` and `/herd/blob/2` protocols and the round
 //! announcement, with the size cap of each.
 
 use serde::{Deserialize, Serialize};
@@ -7,9 +7,9 @@ use crate::codec::CodecSpec;
 use crate::ids::{ContentId, LeaseId, Round, SampleRange, ShardId};
 
 /// Bumped on any incompatible change of the messages below (and of the protocol names).
-pub const PROTOCOL_VERSION: u32 = 2;
-/// Control: leases, submissions, returns.
-pub const RPC_PROTOCOL: &str = "/herd/rpc/2";
+pub const PROTOCOL_VERSION: u32 = 3;
+/// Control: leases, submissions, check reports, returns.
+pub const RPC_PROTOCOL: &str = "/herd/rpc/3";
 /// Blobs by content id, in hash-verified groups (see [`crate::outline`]).
 pub const BLOB_PROTOCOL: &str = "/herd/blob/2";
 /// Gossipsub topic of round announcements.
@@ -36,6 +36,11 @@ pub const MAX_TEXT_BYTES: usize = 256;
 /// The first byte of an encoded [`RpcRequest::Submit`] (bincode's variant index): the one
 /// request that may be large.
 pub const SUBMIT_TAG: u8 = 1;
+/// The first byte of an encoded [`RpcRequest::Report`]: a sketch of up to 4,096 floats, more
+/// than a small request holds.
+pub const REPORT_TAG: u8 = 4;
+/// A check report: the largest sketch as fp32 and the report's other fields.
+pub const MAX_REPORT_REQUEST_BYTES: usize = 20 << 10;
 
 /// What a node asks the coordinator.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -49,6 +54,8 @@ pub enum RpcRequest {
     /// What the run is built on and one of its checkpoints (`None`: the latest), to download
     /// them from peers.
     Published { checkpoint: Option<String> },
+    /// Deliver the result of a check lease.
+    Report(Box<CheckReport>),
 }
 
 /// What the coordinator answers.
@@ -135,6 +142,41 @@ pub struct Lease {
     pub codec: CodecSpec,
     /// The adapter θ_r to start from (a safetensors blob).
     pub base_adapter: ContentId,
+    /// Train and submit, or train and report the sketch (a check).
+    pub task: LeaseTask,
+}
+
+/// What a lease asks for.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LeaseTask {
+    /// Train the shard and submit the delta.
+    #[default]
+    Train,
+    /// Train the shard exactly as the lease says and report the sketch of the result: a check
+    /// of a submission, whose submitter and results are not given (docs/checking.md). The
+    /// node's error-feedback residual is not touched.
+    Check,
+}
+
+/// The result of a check lease, over the connection that authenticates its sender.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CheckReport {
+    pub lease: LeaseId,
+    pub run: String,
+    pub round: Round,
+    pub shard: ShardId,
+    pub base_adapter: ContentId,
+    /// The CountSketch of the trained Δ under the lease's seed (`Delta::sketch`).
+    pub sketch: Vec<f32>,
+}
+
+impl CheckReport {
+    /// Whether every field is within its cap (a sketch has at most 4,096 values).
+    pub fn is_well_formed(&self) -> bool {
+        self.run.len() <= MAX_TEXT_BYTES
+            && self.sketch.len() <= 4096
+            && self.sketch.iter().all(|v| v.is_finite())
+    }
 }
 
 /// Unix time in milliseconds: the clock lease expiries are stated in.
@@ -231,6 +273,9 @@ pub enum RejectReason {
     Banned(String),
     /// Another peer's delta for the same shard (a backup lease) was accepted first.
     ShardTaken,
+    /// A check report differs from the truth (the coordinator's own replay); the text says
+    /// by how much.
+    CheckMismatch(String),
 }
 
 impl std::fmt::Display for RejectReason {
@@ -272,6 +317,7 @@ impl std::fmt::Display for RejectReason {
             RejectReason::ShardTaken => {
                 f.write_str("another delta for this shard was accepted first")
             }
+            RejectReason::CheckMismatch(why) => write!(f, "wrong check: {why}"),
         }
     }
 }
@@ -300,6 +346,7 @@ impl RejectReason {
             RejectReason::ReplayMismatch { .. } => "replay_mismatch",
             RejectReason::Banned(_) => "banned",
             RejectReason::ShardTaken => "shard_taken",
+            RejectReason::CheckMismatch(_) => "check_mismatch",
         }
     }
 
@@ -425,6 +472,17 @@ mod tests {
             RpcRequest::Return { lease: LeaseId(1) },
             RpcRequest::Published { checkpoint: None },
         ];
+        let report = RpcRequest::Report(Box::new(CheckReport {
+            lease: LeaseId(u64::MAX),
+            run: "r".repeat(MAX_TEXT_BYTES),
+            round: Round(u64::MAX),
+            shard: ShardId(u32::MAX),
+            base_adapter: ContentId::of(b"a"),
+            sketch: vec![1.0; 4096],
+        }));
+        let bytes = encode(&report).unwrap();
+        assert_eq!(bytes[0], REPORT_TAG);
+        assert!(bytes.len() <= MAX_REPORT_REQUEST_BYTES, "{}", bytes.len());
         for request in small {
             let bytes = encode(&request).unwrap();
             assert_ne!(bytes[0], SUBMIT_TAG, "{request:?}");

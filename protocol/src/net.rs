@@ -1,5 +1,5 @@
 //! The libp2p side both node and coordinator run: TCP and QUIC with noise and yamux, identify,
-//! ping, request-response for `/herd/rpc/2` and `/herd/blob/2` (length-prefixed bincode with
+//! ping, request-response for `/herd/rpc/3` and `/herd/blob/2` (length-prefixed bincode with
 //! per-message caps), gossipsub for round announcements, a kademlia DHT of its own
 //! (`/herd/kad/1`) where peers say which blobs they hold, and what lets peers behind NAT take
 //! part: AutoNAT (am I reachable?), a circuit relay served by the coordinator, and DCUtR (hole
@@ -60,21 +60,23 @@ pub fn listen_on_all(swarm: &mut Swarm<Behaviour>, addrs: &[String]) -> Result<(
 }
 
 /// What an inbound request may be: `small` bytes, or `large` for the one kind whose bincode
-/// tag is `large_tag` (a submission); bodies being read hold at most `budget` together.
+/// tag is `large_tag` (a submission), or the cap of `medium` for its kind (a check report);
+/// bodies being read hold at most `budget` together.
 #[derive(Debug, Clone)]
 pub struct RequestCaps {
     pub small: usize,
     pub large_tag: Option<u8>,
     pub large: usize,
+    pub medium: Option<(u8, usize)>,
     pub budget: Option<Arc<ByteBudget>>,
 }
 
 impl RequestCaps {
     fn cap_for_tag(&self, tag: u8) -> usize {
-        if self.large_tag == Some(tag) {
-            self.large
-        } else {
-            self.small
+        match self.medium {
+            _ if self.large_tag == Some(tag) => self.large,
+            Some((medium_tag, cap)) if medium_tag == tag => cap,
+            _ => self.small,
         }
     }
 }
@@ -102,6 +104,7 @@ impl<Req, Resp, const REQ: usize, const RESP: usize> Default for FramedCodec<Req
             small: REQ,
             large_tag: None,
             large: REQ,
+            medium: None,
             budget: None,
         })
     }
@@ -137,7 +140,11 @@ where
     {
         let caps = &self.caps;
         let limits = ReadLimits {
-            max: caps.small.max(caps.large).min(REQ),
+            max: caps
+                .small
+                .max(caps.large)
+                .max(caps.medium.map_or(0, |(_, cap)| cap))
+                .min(REQ),
             cap_for_tag: &|tag| caps.cap_for_tag(tag),
             budget: caps.budget.as_deref(),
             prompt_start: true,
@@ -211,7 +218,7 @@ pub struct Behaviour {
 /// Herd's own DHT: it must not mix with the public IPFS one.
 pub const KAD_PROTOCOL: &str = "/herd/kad/1";
 
-/// Which side of `/herd/rpc/2` this peer is. Blobs are served by everyone.
+/// Which side of `/herd/rpc/3` this peer is. Blobs are served by everyone.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
     Coordinator,
@@ -267,6 +274,7 @@ impl Limits {
         RequestCaps {
             small: MAX_SMALL_REQUEST_BYTES,
             large_tag: Some(SUBMIT_TAG),
+            medium: Some((REPORT_TAG, MAX_REPORT_REQUEST_BYTES)),
             large: self
                 .submission_bytes
                 .clamp(MAX_SMALL_REQUEST_BYTES, MAX_RPC_REQUEST_BYTES),

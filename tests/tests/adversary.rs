@@ -73,7 +73,7 @@ mod under_attack {
         garbage: Result<RpcResponse, OutboundFailure>,
         /// A lease request for protocol version 99.
         version_99: RpcResponse,
-        /// A request on `/herd/rpc/2`.
+        /// A request on `/herd/rpc/4` (a version nobody speaks yet).
         unsupported: Result<RpcResponse, OutboundFailure>,
         /// One peer's three zero deltas.
         zeros: Vec<Verdict>,
@@ -304,7 +304,7 @@ mod under_attack {
                 admission: None,
             }))
             .await;
-        let mut future = Adversary::new(&addr, "/herd/rpc/3");
+        let mut future = Adversary::new(&addr, "/herd/rpc/4");
         let unsupported = future.send_raw(vec![0, 0, 0, 0]).await;
 
         // A peer that keeps failing: three zero deltas, then another lease request.
@@ -441,7 +441,7 @@ mod under_attack {
                 suite.unsupported,
                 Err(OutboundFailure::UnsupportedProtocols)
             ),
-            "/herd/rpc/3: {:?}",
+            "/herd/rpc/4: {:?}",
             suite.unsupported
         );
     }
@@ -511,6 +511,158 @@ mod under_attack {
             log.lines().count() >= decided,
             "verdicts.jsonl should hold at least {decided} verdicts: {log}"
         );
+    }
+}
+
+/// Check leases with liars among the checkers (docs/checking.md). A round that never closes;
+/// trust after one passed replay; one checker per submission; no spot checks or canaries, so
+/// only the checks themselves and the coordinator's arbitration are at work.
+mod lying_checkers {
+    use super::*;
+
+    const CHECKED: &str = "rounds = 1\n[round]\nshards = 32\nsamples_per_shard = 16\ninner_steps = 8\n\
+                           lr = 3e-3\nbatch_size = 4\nmax_seq_len = 128\nlease_secs = 60\nouter_lr = 1.0\n\
+                           outer_momentum = 0.0\ncheckpoint_every = 1\n[verify]\ntrusted_after = 1\n\
+                           [checks]\ncheckers_new = 1\nspot_rate = 0.0\ncanary_rate = 0.0\ntake_secs = 60\n";
+
+    /// Asks for work until a check comes (a minute at most); training leases that come first,
+    /// while the check is not ready, are left to lie.
+    async fn take_check(peer: &mut Adversary) -> Lease {
+        for _ in 0..240 {
+            if let Ok(Ok(lease)) = peer.ask_for_lease().await
+                && lease.task == LeaseTask::Check
+            {
+                return lease;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        panic!("no check lease within a minute");
+    }
+
+    /// `peer`'s report of `sketch` for the check `lease`: the coordinator's answer.
+    async fn report(peer: &mut Adversary, lease: &Lease, sketch: Vec<f32>) -> Verdict {
+        let request = RpcRequest::Report(Box::new(CheckReport {
+            lease: lease.id,
+            run: lease.run.clone(),
+            round: lease.round,
+            shard: lease.shard,
+            base_adapter: lease.base_adapter,
+            sketch,
+        }));
+        match peer.send(&request).await {
+            RpcResponse::Verdict(v) => v,
+            other => panic!("expected a verdict on a report, got {other:?}"),
+        }
+    }
+
+    /// An honest shard: leased, trained, submitted; its verdict.
+    async fn honest(peer: &mut Adversary, world: &World) -> Verdict {
+        let lease = peer.lease().await;
+        let out = world.train(&lease);
+        let sub = peer.sign(&lease, encode_for(&lease, &out.delta), &(&out).into());
+        peer.submit(sub).await
+    }
+
+    fn is_check_mismatch(v: &Verdict) -> bool {
+        matches!(v, Verdict::Rejected(RejectReason::CheckMismatch(_)))
+    }
+
+    /// A checker that approves its accomplice's forgery (and does no work for anyone else)
+    /// and a checker that rejects everything are both caught by the coordinator's arbitration
+    /// and banned; the forgery the first approved is reopened, found, and its forger banned.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_approving_and_a_rejecting_checker_are_banned_and_their_approvals_reopened() {
+        let tmp = tempfile::tempdir().unwrap();
+        let coordinator = Coordinator::start(tmp.path(), CHECKED);
+        let world = World::load(128);
+        let fresh = || Adversary::new(&coordinator.addr, RPC_PROTOCOL);
+        let (mut approver, mut forger, mut rejecter, mut honest_peer) =
+            (fresh(), fresh(), fresh(), fresh());
+
+        // No one is trusted yet: the coordinator replays the approver's first shard itself,
+        // and trusts it after.
+        assert_eq!(honest(&mut approver, &world).await, Verdict::Accepted);
+
+        // The forger trains other data than its lease says; its accomplice, drawn as its
+        // checker, reports the forgery's own sketch.
+        let lease = forger.lease().await;
+        let mut other_data = lease.clone();
+        for r in &mut other_data.ranges {
+            (r.start, r.end) = ((r.start + 64) % 126, (r.end + 64 - 1) % 126 + 1);
+        }
+        let forged = world.train(&other_data);
+        let sub = forger.sign(&lease, encode_for(&lease, &forged.delta), &(&forged).into());
+        let sketch_len = forged.delta.sketch(lease.seed).len();
+        let (forger_verdict, approval) = tokio::join!(forger.submit(sub), async {
+            let check = take_check(&mut approver).await;
+            assert_eq!(
+                (check.round, check.shard, check.seed),
+                (lease.round, lease.shard, lease.seed)
+            );
+            report(&mut approver, &check, forged.delta.sketch(check.seed)).await
+        });
+        assert_eq!(
+            forger_verdict,
+            Verdict::Accepted,
+            "its only checker vouched for it"
+        );
+        assert_eq!(approval, Verdict::Accepted);
+
+        // The accomplice does no work for others: its zeros on an honest shard disagree, the
+        // coordinator's replay decides for the submitter, and the accomplice is banned.
+        let (rejecter_verdict, lazy) = tokio::join!(honest(&mut rejecter, &world), async {
+            let check = take_check(&mut approver).await;
+            report(&mut approver, &check, vec![0.0; sketch_len]).await
+        });
+        assert_eq!(rejecter_verdict, Verdict::Accepted);
+        assert!(is_check_mismatch(&lazy), "{lazy:?}");
+        // What it vouched for is reopened: the coordinator replays the forgery and bans its
+        // forger.
+        let banned = |peer: &Adversary| {
+            let id = peer.key.public().to_peer_id().to_string();
+            move |status: &Value| {
+                status["peers"]
+                    .as_array()?
+                    .iter()
+                    .find(|p| p["peer"] == id.as_str() && p["standing"] == "banned")
+                    .cloned()
+            }
+        };
+        let is_banned = banned(&forger);
+        wait_until(Duration::from_secs(60), "the forger banned", || {
+            is_banned(&coordinator.status()?)
+        });
+        match forger.try_lease().await {
+            Err(RpcResponse::Refused { reason }) => assert!(
+                reason.contains("banned checker"),
+                "the forger's ban says why: {reason}"
+            ),
+            other => panic!("the forger should be refused, got {other:?}"),
+        }
+
+        // The rejecter, trusted now, rejects everything: its first check is arbitrated and it
+        // is banned; the honest submission stands.
+        let (honest_verdict, rejection) = tokio::join!(honest(&mut honest_peer, &world), async {
+            let check = take_check(&mut rejecter).await;
+            report(&mut rejecter, &check, vec![1.0; sketch_len]).await
+        });
+        assert_eq!(honest_verdict, Verdict::Accepted);
+        assert!(is_check_mismatch(&rejection), "{rejection:?}");
+
+        let status = coordinator.status().expect("status");
+        for (who, peer) in [("approver", &approver), ("rejecter", &rejecter)] {
+            assert!(
+                banned(peer)(&status).is_some(),
+                "the {who} is banned: {status}"
+            );
+        }
+        assert_eq!(status["rejects_by_reason"]["check_mismatch"], 2, "{status}");
+        assert!(
+            status["checks"].as_u64() >= Some(1),
+            "the approval was credited: {status}"
+        );
+        let log = std::fs::read_to_string(tmp.path().join("coordinator/verdicts.jsonl")).unwrap();
+        assert_eq!(log.matches("\"check_mismatch\"").count(), 2, "{log}");
     }
 }
 

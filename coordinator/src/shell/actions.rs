@@ -3,7 +3,7 @@
 //! and announcing rounds to subscribed nodes.
 
 use herd_protocol::delta::Delta;
-use herd_protocol::messages::{RoundAnnouncement, now_ms};
+use herd_protocol::messages::RoundAnnouncement;
 use herd_protocol::net::Behaviour;
 use herd_protocol::{ContentId, LeaseId, Round};
 use libp2p::Swarm;
@@ -11,7 +11,7 @@ use libp2p::Swarm;
 use super::engine_slot::EngineDone;
 use super::{Coordinator, say};
 use crate::checkpoint::Checkpoint;
-use crate::round::{Action, Event};
+use crate::round::Action;
 
 impl Coordinator {
     /// Side effects of actions that answer no request.
@@ -29,10 +29,7 @@ impl Coordinator {
                     tracing::warn!(%peer, reason = %reason, "peer banned");
                     self.ledger.ban(peer, &reason);
                     self.publish_peer(&peer);
-                    let actions = self
-                        .machine
-                        .handle(Event::Banned { peer, reason }, now_ms());
-                    self.carry_out(swarm, actions);
+                    self.after_ban(swarm, peer, reason);
                 }
                 Action::DeadlinePassed {
                     round,
@@ -79,6 +76,7 @@ impl Coordinator {
                     let v = &self.verifications;
                     self.leases
                         .retain(|id, l| l.round == round || v.is_pending(id));
+                    self.close_checks(swarm, Round(round.0 - 1));
                     self.announce(swarm, round, adapter);
                 }
                 Action::Finished { rounds } => {

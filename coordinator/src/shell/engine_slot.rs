@@ -11,6 +11,9 @@ use crate::engine::{Engine, RoundResult, VerifyOutcome};
 /// What a job of the engine's produced.
 pub enum EngineDone {
     Verified(LeaseId, Box<VerifyOutcome>),
+    /// The coordinator's own replay of a checked submission: its sketch, and the seconds it
+    /// took.
+    Replayed(LeaseId, Result<Vec<f32>>, f64),
     /// A round aggregated, and the checkpoint saved with it on a checkpoint round.
     Aggregated(Round, Result<(RoundResult, Option<Checkpoint>)>),
 }

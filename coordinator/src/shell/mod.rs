@@ -7,6 +7,8 @@
 //! - [`rpc`]: lease requests (admission first), returns and "what is published?" queries;
 //!   [`rate_limit`]: how many a peer may send.
 //! - [`submissions`]: a submission's cheap checks, the verification queue and verdicts.
+//! - [`checking`]: check leases: handing them to trusted peers, their reports, and the
+//!   replays the check book asks of the coordinator.
 //! - [`engine_slot`]: the engine, free or away on a blocking thread with one job.
 //! - [`actions`]: the side effects of the machine's actions (aggregation, announcements).
 //! - [`publish`]: a closed round committed, checkpoints, `/v1/status` and `summary.json`.
@@ -15,6 +17,7 @@
 //! to stop and awaited, then `summary.json` is written.
 
 mod actions;
+mod checking;
 mod engine_slot;
 mod publish;
 mod rate_limit;
@@ -88,6 +91,8 @@ struct Coordinator {
     engine: EngineSlot,
     /// Submissions waiting for the engine's checks, with their reply channels.
     verifications: Verifications,
+    /// Check leases: which peers replay which submissions, and what waits on them.
+    checking: checking::Checking,
     /// A closed round's deltas, waiting for the engine to come back from a verification.
     waiting_aggregation: Option<(herd_protocol::Round, Vec<(Delta, u64)>)>,
     /// Accepted deltas of the current round, with their token weights.
@@ -148,6 +153,7 @@ impl Coordinator {
                     let now = now_ms();
                     let actions = self.machine.handle(Event::Tick, now);
                     self.carry_out(swarm, actions);
+                    self.expire_checks(swarm, now);
                     if now >= self.next_forget_ms {
                         self.forget_gone_peers(now);
                         self.next_forget_ms = now + FORGET_EVERY_MS;
@@ -162,6 +168,9 @@ impl Coordinator {
                 done = self.engine.done(), if self.engine.is_working() => {
                     match done? {
                         EngineDone::Verified(lease, outcome) => self.on_verified(swarm, lease, *outcome),
+                        EngineDone::Replayed(lease, sketch, seconds) => {
+                            self.on_replayed(swarm, lease, sketch, seconds)
+                        }
                         EngineDone::Aggregated(round, result) => {
                             let (result, checkpoint) = result?;
                             self.on_round_result(swarm, round, result, checkpoint)?;

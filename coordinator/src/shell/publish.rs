@@ -195,6 +195,11 @@ impl Coordinator {
                 } else {
                     f64::NAN
                 },
+                // A check is the shard's training done again by a peer.
+                "peer_checked": t.peer_checked,
+                "checks": t.checks,
+                "checks_granted": s.checks_granted,
+                "checkers_cost_vs_training": t.checks as f64 / t.accepted_deltas.max(1) as f64,
                 "rejects_by_reason": t.rejects_by_reason,
             },
             "peers": s.peers,

@@ -1,5 +1,5 @@
-//! Requests on `/herd/rpc/2`: leases asked for and returned, and what is published. A
-//! submission is handed to [`super::submissions`].
+//! Requests on `/herd/rpc/3`: leases asked for and returned, and what is published. A
+//! submission is handed to [`super::submissions`], a check report to [`super::checking`].
 
 use herd_protocol::messages::{
     LeaseRequest, MAX_TEXT_BYTES, PROTOCOL_VERSION, RpcRequest, RpcResponse, now_ms,
@@ -66,7 +66,15 @@ impl Coordinator {
         }
         let event = match request {
             RpcRequest::Lease(req) => match self.admit(swarm.local_peer_id(), &peer, &req) {
-                Ok(trusted) => Event::LeaseRequested { peer, trusted },
+                Ok(trusted) => {
+                    // A waiting check goes first: a round waits on it.
+                    if trusted && let Some(lease) = self.check_lease_for(peer, now) {
+                        let answer = RpcResponse::Lease(Box::new(lease));
+                        let _ = swarm.behaviour_mut().rpc.send_response(channel, answer);
+                        return;
+                    }
+                    Event::LeaseRequested { peer, trusted }
+                }
                 Err(response) => {
                     let _ = swarm.behaviour_mut().rpc.send_response(channel, response);
                     return;
@@ -79,6 +87,7 @@ impl Coordinator {
                 let _ = swarm.behaviour_mut().rpc.send_response(channel, response);
                 return;
             }
+            RpcRequest::Report(report) => return self.on_report(swarm, peer, *report, channel),
         };
         let actions = self.machine.handle(event, now_ms());
         let (answer, rest) = split_answer(actions, |a| {

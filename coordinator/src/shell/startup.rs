@@ -116,6 +116,7 @@ impl Coordinator {
             ..Status::default()
         };
         let opened = RoundOpened::now(ledger.totals());
+        let book = crate::checks::CheckBook::new(cfg.check_policy(), cfg.seed);
         let coordinator = Coordinator {
             round_opened: opened,
             verdict_log: VerdictLog::open(&cfg.data_dir.join("verdicts.jsonl"))?,
@@ -125,6 +126,7 @@ impl Coordinator {
             ledger,
             engine: EngineSlot::new(engine),
             verifications: Verifications::default(),
+            checking: super::checking::Checking::new(book),
             waiting_aggregation: None,
             round_deltas: open_round.deltas,
             leases,

@@ -19,7 +19,6 @@ use crate::store::AcceptedRecord;
 use crate::verify::effect::EffectConfig;
 use crate::verify::envelope;
 use crate::verify::log::VerdictRecord;
-use crate::verify::replay::ReplayTolerance;
 use crate::verify::structure::Checked;
 
 /// Submissions that passed the cheap layers, waiting for the engine, in arrival order.
@@ -33,10 +32,16 @@ impl Verifications {
     pub(super) fn is_pending(&self, lease: &LeaseId) -> bool {
         self.pending.contains_key(lease)
     }
+
+    pub(super) fn pending_mut(&mut self, lease: &LeaseId) -> Option<&mut Pending> {
+        self.pending.get_mut(lease)
+    }
 }
 
-/// A submission waiting for the tensor layers, with the channel its verdict goes back on.
-struct Pending {
+/// A submission waiting for the tensor layers (and the checks peers do), with the channel its
+/// verdict goes back on.
+pub(super) struct Pending {
+    peer: PeerKey,
     channel: ResponseChannel<RpcResponse>,
     /// The payload as it arrived: what is stored if it is accepted.
     payload: Vec<u8>,
@@ -44,7 +49,9 @@ struct Pending {
     facts: SubmissionFacts,
     claimed_drop: f64,
     replay: bool,
-    detail: VerifyDetail,
+    /// Peers that replay it instead of the coordinator (0: the coordinator does, if drawn).
+    checkers: u32,
+    pub(super) detail: VerifyDetail,
 }
 
 /// What the verdict log records of a submission.
@@ -85,6 +92,15 @@ impl Coordinator {
             let _ = swarm.behaviour_mut().rpc.send_response(channel, answer);
             return;
         }
+        // The same submission while it is still being checked (its request timed out): the
+        // verdict goes back on the new request when it is given.
+        if let Some(p) = self.verifications.pending.get_mut(&sub.lease)
+            && p.peer == peer
+            && p.facts.payload_hash.as_deref() == Some(sub.payload_hash.to_hex().as_str())
+        {
+            p.channel = channel;
+            return;
+        }
         if let Some(why) = self.ledger.reputation().banned(&peer) {
             let verdict = Verdict::Rejected(RejectReason::Banned(why.to_string()));
             self.give_verdict(swarm, peer, sub.lease, verdict, Some((channel, facts)));
@@ -107,13 +123,16 @@ impl Coordinator {
         match (answer, checked) {
             (Some(Action::Verify { lease, .. }), Ok(checked)) => {
                 facts.norm = Some(checked.norm);
+                let replay = self.ledger.reputation().should_replay(&peer, lease);
                 let pending = Pending {
+                    peer,
                     channel,
                     payload: sub.payload,
                     checked,
                     facts,
                     claimed_drop: sub.loss_before - sub.loss_after,
-                    replay: self.ledger.reputation().should_replay(&peer, lease),
+                    replay,
+                    checkers: if replay { self.checkers_for(&peer) } else { 0 },
                     detail: VerifyDetail::default(),
                 };
                 self.verifications.pending.insert(lease, pending);
@@ -175,10 +194,14 @@ impl Coordinator {
         r.inner_steps as u64 * r.batch_size as u64 * r.max_seq_len as u64
     }
 
-    /// Hands the next queued verification to the engine, if it is free. Submissions whose
-    /// round closed while they waited are answered without tensor work.
+    /// Hands the engine its next job if it is free: a replay the check book asked for first
+    /// (a round waits on it), else the next queued verification. Submissions whose round
+    /// closed while they waited are answered without tensor work.
     pub(super) fn start_verification(&mut self, swarm: &mut Swarm<Behaviour>) {
         while !self.engine.is_working() {
+            if self.checking.has_own_replay() && self.start_own_replay() {
+                return;
+            }
             let Some(lease) = self.verifications.queue.pop_front() else {
                 return;
             };
@@ -212,7 +235,8 @@ impl Coordinator {
             delta: p.checked.decoded.delta.clone(),
             sketch: p.checked.decoded.sketch.clone(),
             claimed_drop: p.claimed_drop,
-            replay: p.replay,
+            // Checkers replay it; the coordinator only if none are at hand.
+            replay: p.replay && p.checkers == 0,
             effect_samples: v.effect_samples,
             effect: EffectConfig {
                 scale: self.cfg.round.outer_lr / self.cfg.quorum() as f64,
@@ -220,10 +244,7 @@ impl Coordinator {
                 shard_max_rise: v.shard_max_rise,
                 heldout_max_rise: v.heldout_max_rise,
             },
-            tolerance: ReplayTolerance {
-                min_cosine: v.replay_min_cosine,
-                max_rel_error: v.replay_max_rel_error,
-            },
+            tolerance: self.cfg.replay_tolerance(),
         }
     }
 
@@ -233,14 +254,38 @@ impl Coordinator {
         lease: LeaseId,
         outcome: VerifyOutcome,
     ) {
-        if let Some(p) = self.verifications.pending.get_mut(&lease) {
-            p.detail = outcome.detail;
-        }
-        let event = Event::Verified {
-            lease,
-            result: outcome.result,
+        let Some(p) = self.verifications.pending.get_mut(&lease) else {
+            return self.verified(swarm, lease, outcome.result);
         };
-        let actions = self.machine.handle(event, now_ms());
+        p.detail = outcome.detail;
+        let (peer, checkers) = (p.peer, p.checkers);
+        let round_open = self.machine.is_open()
+            && self
+                .leases
+                .get(&lease)
+                .is_some_and(|l| l.round == self.machine.round());
+        if outcome.result.is_ok() && p.replay && checkers > 0 && round_open {
+            let sketch = p.checked.decoded.sketch.clone();
+            return self.send_to_checkers(lease, peer, sketch, checkers);
+        }
+        if outcome.result.is_ok()
+            && let Some(sketch) = p.detail.replayed_sketch.take()
+        {
+            self.known_answer(lease, peer, sketch);
+        }
+        self.verified(swarm, lease, outcome.result);
+    }
+
+    /// Tells the round machine how `lease`'s verification ended.
+    pub(super) fn verified(
+        &mut self,
+        swarm: &mut Swarm<Behaviour>,
+        lease: LeaseId,
+        result: Result<(), RejectReason>,
+    ) {
+        let actions = self
+            .machine
+            .handle(Event::Verified { lease, result }, now_ms());
         self.carry_out(swarm, actions);
     }
 
@@ -284,6 +329,10 @@ impl Coordinator {
             tracing::warn!(error = %e, "cannot append to verdicts.jsonl (the store has the verdict)");
         }
         let banned = self.ledger.apply(peer, &record);
+        if self.checking.book.target(lease).is_some() && !matches!(verdict, Verdict::Accepted) {
+            // Rejected while checkers were on it (its round closed, its peer was banned).
+            self.checking.book.forget(lease);
+        }
         self.publish_totals();
         let replayed = detail.replay.is_some();
         let round = self.machine.round().0;
@@ -305,13 +354,33 @@ impl Coordinator {
         let _ = swarm.behaviour_mut().rpc.send_response(channel, response);
         if let Some(reason) = banned {
             tracing::warn!(%peer, reason = %reason, "peer banned");
-            let actions = self
-                .machine
-                .handle(Event::Banned { peer, reason }, now_ms());
-            self.carry_out(swarm, actions);
+            self.after_ban(swarm, peer, reason);
         }
         self.publish_status();
         self.publish_peer(&peer);
+    }
+
+    /// Bans `peer` for something no verdict of its own says (a verdict overturned), then
+    /// does what follows a ban.
+    pub(super) fn ban(&mut self, swarm: &mut Swarm<Behaviour>, peer: PeerKey, reason: String) {
+        self.ledger.ban(peer, &reason);
+        self.publish_peer(&peer);
+        self.after_ban(swarm, peer, reason);
+    }
+
+    /// What follows a ban: the machine drops the peer's leases and its accepted shards of the
+    /// open round, and the check book its checks (reopening what it vouched for).
+    pub(super) fn after_ban(
+        &mut self,
+        swarm: &mut Swarm<Behaviour>,
+        peer: PeerKey,
+        reason: String,
+    ) {
+        let actions = self
+            .machine
+            .handle(Event::Banned { peer, reason }, now_ms());
+        self.carry_out(swarm, actions);
+        self.checker_banned(swarm, peer);
     }
 
     /// Commits `record` (and an accepted delta: its norm and payload) to the store.

@@ -32,14 +32,13 @@ pub fn replay(
     .delta)
 }
 
-/// Compares the node's sketch with the replay's under the lease's seed.
+/// Compares the node's sketch with the replay's (both under the lease's seed).
 pub fn judge(
     submitted_sketch: &[f32],
-    replayed: &Delta,
-    seed: u64,
+    replayed_sketch: &[f32],
     tol: &ReplayTolerance,
 ) -> (Agreement, Result<(), RejectReason>) {
-    let a = agreement(submitted_sketch, &replayed.sketch(seed));
+    let a = agreement(submitted_sketch, replayed_sketch);
     let ok = a.cosine >= tol.min_cosine && a.rel_error <= tol.max_rel_error;
     let result = if ok {
         Ok(())

@@ -1,7 +1,7 @@
 //! Layer 5: what the coordinator knows of each peer. New and suspect peers are replayed
 //! often, trusted ones rarely; strikes (rejections that speak to honesty or health, see
-//! [`RejectReason::is_strike`]) within a window ban a peer, and a failed replay or a copied
-//! delta bans at once. Pure: the replay draw is a hash of the run seed and the lease, so it is
+//! [`RejectReason::is_strike`]) within a window ban a peer, and a failed replay, a copied
+//! delta or a wrong check bans at once. Pure: the replay draw is a hash of the run seed and the lease, so it is
 //! reproducible for tests and unpredictable for peers, who never see the seed.
 
 use std::collections::{HashMap, VecDeque};
@@ -102,6 +102,14 @@ impl Reputation {
         (x as f64 / u64::MAX as f64) < self.replay_rate(peer)
     }
 
+    /// Forgets the replays `peer` passed: it is replayed like a new peer until it earns
+    /// trust again.
+    pub fn distrust(&mut self, peer: &PeerKey) {
+        if let Some(r) = self.peers.get_mut(peer) {
+            r.replays_passed = 0;
+        }
+    }
+
     /// Bans `peer` (unless it already is) for `reason`.
     pub fn ban(&mut self, peer: PeerKey, reason: &str) {
         let r = self.peers.entry(peer).or_default();
@@ -127,7 +135,9 @@ impl Reputation {
         }
         let ban = match verdict {
             Verdict::Rejected(
-                reason @ (RejectReason::ReplayMismatch { .. } | RejectReason::CopiedDelta),
+                reason @ (RejectReason::ReplayMismatch { .. }
+                | RejectReason::CopiedDelta
+                | RejectReason::CheckMismatch(_)),
             ) => Some(format!("{reason}")),
             _ if r.recent.iter().filter(|s| **s).count() >= ban_after => Some(format!(
                 "{ban_after} rejected submissions within the last {STRIKE_WINDOW}"

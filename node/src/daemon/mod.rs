@@ -110,10 +110,13 @@ async fn run_async(args: RunArgs) -> Result<()> {
         data_dir,
         device,
         admission,
+        pending: None,
     };
     node.report("connecting to the coordinator");
     let availability = Availability::new(args.active_hours.clone(), &node.data_dir);
     let result = contribute(&args, &mut node, &availability, &addr).await;
+    // The last submission's verdict, so its residual and journal line are kept.
+    node.settle().await;
     node.report(match &result {
         Ok(()) => "stopped".to_string(),
         Err(e) => format!("stopped: {e:#}"),
@@ -157,6 +160,7 @@ async fn contribute(
                 _ = tokio::signal::ctrl_c() => return Ok(()),
             }
         }
+        node.settle_if_answered().await;
         let offer = tokio::select! {
             offer = node.ask() => offer?,
             _ = tokio::signal::ctrl_c() => return Ok(()),
@@ -195,7 +199,7 @@ async fn contribute(
         };
         match node.work(&lease, availability).await? {
             Ended::Submitted => shards += 1,
-            Ended::HandedBack => {}
+            Ended::Checked | Ended::HandedBack => {}
             Ended::Interrupted => return Ok(()),
         }
     }

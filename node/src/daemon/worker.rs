@@ -1,5 +1,6 @@
-//! Doing one lease: fetch what is missing, train H steps from θ_r off the async runtime,
-//! compress `Δ + residual` with the run's codec and build the signed submission.
+//! Doing one lease: fetch what is missing, train H steps from θ_r off the async runtime, then
+//! for a training lease compress `Δ + residual` with the run's codec and build the signed
+//! submission; for a check, report the sketch of Δ (the residual is not touched).
 
 use std::ops::ControlFlow;
 use std::path::PathBuf;
@@ -14,7 +15,7 @@ use herd_model::peft::load_adapter_weights;
 use herd_model::shard::{ShardOutcome, train_shard};
 use herd_model::tokenizer::TextTokenizer;
 use herd_protocol::delta::Feedback;
-use herd_protocol::messages::{Lease, RunAssets, Submission};
+use herd_protocol::messages::{CheckReport, Lease, LeaseTask, RunAssets, Submission};
 use libp2p::identity::Keypair;
 
 use crate::progress::StepProgress;
@@ -43,6 +44,21 @@ pub struct Outcome {
     pub seconds: f64,
 }
 
+/// What a check lease produced.
+pub struct CheckOutcome {
+    pub report: CheckReport,
+    pub tokens: u64,
+    pub fetch_seconds: f64,
+    pub seconds: f64,
+}
+
+/// A lease's shard, trained.
+struct Trained {
+    shard: ShardOutcome,
+    fetch_seconds: f64,
+    started: std::time::Instant,
+}
+
 pub struct Worker {
     pub cache: BlobCache,
     pub residuals: ResidualStore,
@@ -67,6 +83,58 @@ impl Worker {
         keypair: &Keypair,
         lease: &Lease,
     ) -> Result<Outcome> {
+        let Trained {
+            shard,
+            fetch_seconds,
+            started,
+        } = self.train_lease(client, lease).await?;
+        let residual = self.residuals.load(&lease.run);
+        let mut feedback = shard
+            .delta
+            .encode(lease.codec, residual.as_deref(), lease.seed)
+            .context("encoding the delta")?;
+        let submission = Submission::signed(
+            lease,
+            std::mem::take(&mut feedback.payload),
+            shard.loss_before,
+            shard.loss_after,
+            shard.tokens,
+            keypair,
+        )
+        .context("signing the submission")?;
+        let (loss_before, loss_after) = (shard.loss_before, shard.loss_after);
+        Ok(Outcome {
+            submission,
+            feedback,
+            loss_before,
+            loss_after,
+            fetch_seconds,
+            seconds: started.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// Replays `lease` (a check) and returns the report of what it trained.
+    pub async fn check(&mut self, client: &Client, lease: &Lease) -> Result<CheckOutcome> {
+        let trained = self.train_lease(client, lease).await?;
+        let report = CheckReport {
+            lease: lease.id,
+            run: lease.run.clone(),
+            round: lease.round,
+            shard: lease.shard,
+            base_adapter: lease.base_adapter,
+            sketch: trained.shard.delta.sketch(lease.seed),
+        };
+        Ok(CheckOutcome {
+            report,
+            tokens: trained.shard.tokens,
+            fetch_seconds: trained.fetch_seconds,
+            seconds: trained.started.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// Fetches what `lease` needs and the cache lacks, loads what changed, and trains the
+    /// shard (off the runtime).
+    async fn train_lease(&mut self, client: &Client, lease: &Lease) -> Result<Trained> {
         let fetch_started = std::time::Instant::now();
         let a = &lease.assets;
         let config = self.cache.fetch(client, &a.config, "config.json").await?;
@@ -110,29 +178,10 @@ impl Worker {
         .await?;
         drop(stop);
         self.loaded = Some(loaded);
-        let shard = result?;
-        let residual = self.residuals.load(&lease.run);
-        let mut feedback = shard
-            .delta
-            .encode(lease.codec, residual.as_deref(), lease.seed)
-            .context("encoding the delta")?;
-        let submission = Submission::signed(
-            lease,
-            std::mem::take(&mut feedback.payload),
-            shard.loss_before,
-            shard.loss_after,
-            shard.tokens,
-            keypair,
-        )
-        .context("signing the submission")?;
-        let (loss_before, loss_after) = (shard.loss_before, shard.loss_after);
-        Ok(Outcome {
-            submission,
-            feedback,
-            loss_before,
-            loss_after,
+        Ok(Trained {
+            shard: result?,
             fetch_seconds,
-            seconds: started.elapsed().as_secs_f64(),
+            started,
         })
     }
 }
@@ -180,18 +229,31 @@ fn train(
         loaded.model.device(),
     )?;
     load_adapter_weights(&mut lora, adapter, model_cfg.num_hidden_layers)?;
+    let what = match lease.task {
+        LeaseTask::Train => "",
+        LeaseTask::Check => " (check)",
+    };
     let mut progress = StepProgress::new(
         lease.inner_steps as usize,
-        &format!("round {} shard {}", lease.round, lease.shard),
+        &format!("round {} shard {}{what}", lease.round, lease.shard),
     );
-    let outcome = train_shard(&loaded.model, &lora, &loaded.data, lease, true, |s| {
-        progress.step(s.step, s.loss, s.tokens);
-        if stop.load(Ordering::Relaxed) {
-            ControlFlow::Break(())
-        } else {
-            ControlFlow::Continue(())
-        }
-    });
+    // A check reports its sketch only: the before/after loss is a training lease's.
+    let measure_loss = lease.task == LeaseTask::Train;
+    let outcome = train_shard(
+        &loaded.model,
+        &lora,
+        &loaded.data,
+        lease,
+        measure_loss,
+        |s| {
+            progress.step(s.step, s.loss, s.tokens);
+            if stop.load(Ordering::Relaxed) {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
+        },
+    );
     progress.finish();
     Ok(outcome?)
 }

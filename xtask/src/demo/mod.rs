@@ -153,6 +153,7 @@ fn report(root: &Path, args: &Demo, summary: &Value) -> Result<Option<Exact>> {
     let Some(adapter) = summary["final_adapter"].as_str() else {
         return Ok(None);
     };
+    println!("final adapter: {adapter}");
     let exact = exact_answers(root, args, Some(Path::new(adapter)))?;
     println!(
         "held-out instructions answered exactly: {}/{}",
