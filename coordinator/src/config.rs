@@ -159,6 +159,11 @@ pub struct VerifySection {
     /// Replay probability for new and suspect peers, and for trusted ones.
     pub replay_new: f64,
     pub replay_trusted: f64,
+    /// Effect-check probability for trusted peers' deltas not drawn for a replay (new and
+    /// suspect peers' deltas, and every replayed one, always get it). The effect check is the
+    /// coordinator's own forward passes; for trusted peers the robust mean, the norm bound and
+    /// the replay draw stand beside it (docs/checking.md, "Effect checks").
+    pub effect_trusted: f64,
     /// Passed replays after which a peer with no recent strike is trusted.
     pub trusted_after: u32,
     /// Honest replays agree at least this well (sketch cosine, relative error). Measured with
@@ -182,6 +187,7 @@ impl Default for VerifySection {
             heldout_max_rise: 0.05,
             replay_new: 1.0,
             replay_trusted: 0.1,
+            effect_trusted: 0.1,
             trusted_after: 3,
             replay_min_cosine: 0.99,
             replay_max_rel_error: 0.2,
@@ -295,6 +301,7 @@ impl RunConfig {
         if !(v.norm_multiple > 1.0
             && (0.0..=1.0).contains(&v.replay_new)
             && (0.0..=1.0).contains(&v.replay_trusted)
+            && (0.0..=1.0).contains(&v.effect_trusted)
             && (-1.0..=1.0).contains(&v.replay_min_cosine)
             && v.replay_max_rel_error > 0.0
             && v.effect_min_fraction >= 0.0
@@ -304,7 +311,7 @@ impl RunConfig {
             && v.ban_after > 0)
         {
             bail!(
-                "verify: norm_multiple > 1, replay rates in [0, 1], replay_min_cosine in [-1, 1], positive replay_max_rel_error, effect_samples and ban_after, non-negative effect_min_fraction, shard_max_rise and heldout_max_rise"
+                "verify: norm_multiple > 1, replay rates and effect_trusted in [0, 1], replay_min_cosine in [-1, 1], positive replay_max_rel_error, effect_samples and ban_after, non-negative effect_min_fraction, shard_max_rise and heldout_max_rise"
             );
         }
         let a = &self.aggregate;

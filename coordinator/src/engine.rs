@@ -59,6 +59,8 @@ pub struct VerifyJob {
     pub sketch: Vec<f32>,
     pub claimed_drop: f64,
     pub replay: bool,
+    /// Whether the effect check runs (a trusted peer's unreplayed delta may skip it).
+    pub check_effect: bool,
     pub effect_samples: usize,
     pub effect: EffectConfig,
     pub tolerance: ReplayTolerance,
@@ -172,22 +174,25 @@ impl Engine {
         Ok(evaluate(&self.model, Some(lora), &ex, 32)?.loss)
     }
 
-    /// Effect check, then (if drawn) replay; cheap first, stops at the first failure.
+    /// Effect check (if drawn), then replay (if drawn); cheap first, stops at the first
+    /// failure.
     pub fn verify(&self, job: &VerifyJob) -> VerifyOutcome {
         let mut out = VerifyOutcome {
             result: Ok(()),
             detail: VerifyDetail::default(),
         };
-        let started = Instant::now();
-        let effect = self.measure_effect(job);
-        out.detail.effect_seconds = started.elapsed().as_secs_f64();
-        match effect {
-            Ok(report) => {
-                out.result = effect::judge(&report, &job.effect);
-                out.detail.effect = Some(report);
-            }
-            Err(e) => {
-                out.result = Err(RejectReason::Malformed(format!("cannot evaluate: {e:#}")));
+        if job.check_effect {
+            let started = Instant::now();
+            let effect = self.measure_effect(job);
+            out.detail.effect_seconds = started.elapsed().as_secs_f64();
+            match effect {
+                Ok(report) => {
+                    out.result = effect::judge(&report, &job.effect);
+                    out.detail.effect = Some(report);
+                }
+                Err(e) => {
+                    out.result = Err(RejectReason::Malformed(format!("cannot evaluate: {e:#}")));
+                }
             }
         }
         if out.result.is_err() || !job.replay {

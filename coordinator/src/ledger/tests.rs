@@ -14,6 +14,7 @@ fn reputation() -> Reputation {
         ReputationConfig {
             replay_new: 1.0,
             replay_trusted: 0.1,
+            effect_trusted: 0.1,
             trusted_after: 2,
             ban_after: 3,
         },

@@ -288,6 +288,7 @@ fn reputation(cfg: &RunConfig) -> Reputation {
         ReputationConfig {
             replay_new: v.replay_new,
             replay_trusted: v.replay_trusted,
+            effect_trusted: v.effect_trusted,
             trusted_after: v.trusted_after,
             ban_after: v.ban_after,
         },

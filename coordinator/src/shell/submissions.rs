@@ -49,6 +49,8 @@ pub(super) struct Pending {
     facts: SubmissionFacts,
     claimed_drop: f64,
     replay: bool,
+    /// Drawn for the effect check (always, unless its peer is trusted and it is not replayed).
+    effect: bool,
     /// Peers that replay it instead of the coordinator (0: the coordinator does, if drawn).
     checkers: u32,
     pub(super) detail: VerifyDetail,
@@ -123,7 +125,11 @@ impl Coordinator {
         match (answer, checked) {
             (Some(Action::Verify { lease, .. }), Ok(checked)) => {
                 facts.norm = Some(checked.norm);
-                let replay = self.ledger.reputation().should_replay(&peer, lease);
+                let reputation = self.ledger.reputation();
+                let replay = reputation.should_replay(&peer, lease);
+                // A replayed delta always gets the effect check: the replay vouches for the
+                // trained Δ (the sketch), the effect check for the payload that carries it.
+                let effect = replay || reputation.should_check_effect(&peer, lease);
                 let pending = Pending {
                     peer,
                     channel,
@@ -132,6 +138,7 @@ impl Coordinator {
                     facts,
                     claimed_drop: sub.loss_before - sub.loss_after,
                     replay,
+                    effect,
                     checkers: if replay { self.checkers_for(&peer) } else { 0 },
                     detail: VerifyDetail::default(),
                 };
@@ -237,6 +244,7 @@ impl Coordinator {
             claimed_drop: p.claimed_drop,
             // Checkers replay it; the coordinator only if none are at hand.
             replay: p.replay && p.checkers == 0,
+            check_effect: p.effect,
             effect_samples: v.effect_samples,
             effect: EffectConfig {
                 scale: self.cfg.round.outer_lr / self.cfg.quorum() as f64,

@@ -19,6 +19,8 @@ const STRIKE_WINDOW: usize = 20;
 pub struct ReputationConfig {
     pub replay_new: f64,
     pub replay_trusted: f64,
+    /// Effect-check probability for trusted peers (new and suspect ones: always).
+    pub effect_trusted: f64,
     pub trusted_after: u32,
     pub ban_after: u32,
 }
@@ -94,12 +96,26 @@ impl Reputation {
 
     /// Whether `lease` of `peer` is replayed: a draw at the peer's rate, fixed per lease.
     pub fn should_replay(&self, peer: &PeerKey, lease: LeaseId) -> bool {
+        self.draw(b"herd/replay-draw", lease) < self.replay_rate(peer)
+    }
+
+    /// Whether `lease` of `peer` gets the effect check: always unless `peer` is trusted, then
+    /// a draw at `effect_trusted`, fixed per lease and independent of the replay draw.
+    pub fn should_check_effect(&self, peer: &PeerKey, lease: LeaseId) -> bool {
+        match self.standing(peer) {
+            Standing::Trusted => self.draw(b"herd/effect-draw", lease) < self.cfg.effect_trusted,
+            _ => true,
+        }
+    }
+
+    /// A draw in [0, 1] fixed by the run seed, a label and the lease (unknown to peers).
+    fn draw(&self, label: &[u8], lease: LeaseId) -> f64 {
         let mut h = blake3::Hasher::new();
-        h.update(b"herd/replay-draw");
+        h.update(label);
         h.update(&self.seed.to_le_bytes());
         h.update(&lease.0.to_le_bytes());
         let x = u64::from_le_bytes(h.finalize().as_bytes()[..8].try_into().expect("8 bytes"));
-        (x as f64 / u64::MAX as f64) < self.replay_rate(peer)
+        x as f64 / u64::MAX as f64
     }
 
     /// Forgets the replays `peer` passed: it is replayed like a new peer until it earns
@@ -157,6 +173,7 @@ mod tests {
         ReputationConfig {
             replay_new: 1.0,
             replay_trusted: 0.1,
+            effect_trusted: 0.25,
             trusted_after: 2,
             ban_after: 3,
         }
@@ -168,6 +185,7 @@ mod tests {
         let a = PeerKey::random();
         assert_eq!(r.standing(&a), Standing::New);
         assert!(r.should_replay(&a, LeaseId(1)));
+        assert!((0..100).all(|l| r.should_check_effect(&a, LeaseId(l))));
         r.record(a, &Verdict::Accepted, true);
         r.record(a, &Verdict::Accepted, false); // not replayed: no trust earned
         assert_eq!(r.standing(&a), Standing::New);
@@ -178,6 +196,19 @@ mod tests {
             .filter(|&l| r.should_replay(&a, LeaseId(l)))
             .count();
         assert!((700..1300).contains(&drawn), "{drawn}");
+        // ... and effect-checked at ~25%, by a draw of its own.
+        let effect: Vec<bool> = (0..10_000)
+            .map(|l| r.should_check_effect(&a, LeaseId(l)))
+            .collect();
+        let checked = effect.iter().filter(|&&e| e).count();
+        assert!((2200..2800).contains(&checked), "{checked}");
+        let both = (0..10_000)
+            .filter(|&l| effect[l as usize] && r.should_replay(&a, LeaseId(l)))
+            .count();
+        assert!(
+            (150..350).contains(&both),
+            "independent draws: {both} of 10,000 both"
+        );
         // Timing rejections are no strike; a failed effect check is.
         r.record(a, &Verdict::Rejected(RejectReason::StaleRound), false);
         assert_eq!(r.standing(&a), Standing::Trusted);
@@ -191,6 +222,7 @@ mod tests {
         );
         assert_eq!(r.standing(&a), Standing::Suspect);
         assert_eq!(r.replay_rate(&a), 1.0);
+        assert!((0..100).all(|l| r.should_check_effect(&a, LeaseId(l))));
     }
 
     #[test]
