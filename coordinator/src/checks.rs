@@ -79,11 +79,13 @@ pub enum CheckAction {
         shard: ShardId,
         reason: String,
     },
-    /// A checker's report on `check` agreed: credit it.
+    /// A checker's report on `check` agreed: credit it. `agreement`: of its sketch with the
+    /// submitter's (or the coordinator's replay, when that judged it).
     Credit {
         peer: PeerKey,
         check: LeaseId,
         shard: ShardId,
+        agreement: Agreement,
     },
     /// A checker was banned after vouching for `submitter`: the trust those checks earned is
     /// void.
@@ -164,6 +166,8 @@ pub struct CheckBook {
     policy: CheckPolicy,
     seed: u64,
     next_id: u64,
+    /// Requests for a check so far: each canary draw is a fresh one.
+    asks: u64,
     /// Submissions being checked, and decided ones of the open round (canary material).
     targets: BTreeMap<LeaseId, Target>,
     out: HashMap<LeaseId, Out>,
@@ -177,6 +181,7 @@ impl CheckBook {
             policy,
             seed,
             next_id: FIRST_CHECK_ID,
+            asks: 0,
             targets: BTreeMap::new(),
             out: HashMap::new(),
             vouched: HashMap::new(),
@@ -234,6 +239,7 @@ impl CheckBook {
         if self.out.values().any(|o| o.checker == peer) {
             return None; // one check at a time
         }
+        self.asks += 1;
         let may_check = |t: &Target| {
             t.round == round && t.submitter != peer && !t.checkers.contains(&peer) && !t.decided
         };
@@ -245,7 +251,7 @@ impl CheckBook {
         let target = match real {
             Some(lease) => lease,
             None => {
-                let id = self.next_id;
+                let ask = self.asks;
                 let canary = self
                     .targets
                     .iter()
@@ -257,7 +263,9 @@ impl CheckBook {
                     })
                     .map(|(lease, _)| *lease);
                 match canary {
-                    Some(lease) if self.draw(b"herd/canary", id) < self.policy.canary_rate => lease,
+                    Some(lease) if self.draw(b"herd/canary", ask) < self.policy.canary_rate => {
+                        lease
+                    }
                     _ => return None,
                 }
             }
@@ -352,7 +360,12 @@ impl CheckBook {
             }
             return Ok(actions);
         }
-        actions.push(CheckAction::Credit { peer, check, shard });
+        actions.push(CheckAction::Credit {
+            peer,
+            check,
+            shard,
+            agreement: with_submitter,
+        });
         if t.needed == 0 && t.out == 0 && !t.replaying && !t.decided {
             if self.draw(b"herd/spot", target.0) < self.policy.spot_rate {
                 let t = self.targets.get_mut(&target).expect("checked above");
@@ -606,7 +619,12 @@ fn judge_checker(
 ) -> CheckAction {
     let a = agreement(sketch, truth);
     if agrees(&a, tol) {
-        CheckAction::Credit { peer, check, shard }
+        CheckAction::Credit {
+            peer,
+            check,
+            shard,
+            agreement: a,
+        }
     } else {
         CheckAction::BanChecker {
             peer,

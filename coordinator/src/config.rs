@@ -177,6 +177,27 @@ pub struct VerifySection {
     pub ban_after: u32,
 }
 
+impl VerifySection {
+    /// How far apart honest replays may land.
+    pub fn tolerance(&self) -> crate::verify::replay::ReplayTolerance {
+        crate::verify::replay::ReplayTolerance {
+            min_cosine: self.replay_min_cosine,
+            max_rel_error: self.replay_max_rel_error,
+        }
+    }
+
+    /// The standing rules: replay and effect draws, trust, bans.
+    pub fn reputation(&self) -> crate::verify::reputation::ReputationConfig {
+        crate::verify::reputation::ReputationConfig {
+            replay_new: self.replay_new,
+            replay_trusted: self.replay_trusted,
+            effect_trusted: self.effect_trusted,
+            trusted_after: self.trusted_after,
+            ban_after: self.ban_after,
+        }
+    }
+}
+
 impl Default for VerifySection {
     fn default() -> Self {
         VerifySection {
@@ -328,10 +349,7 @@ impl RunConfig {
 
     /// The replay tolerance of `[verify]`: the coordinator's replays and peers' checks alike.
     pub fn replay_tolerance(&self) -> crate::verify::replay::ReplayTolerance {
-        crate::verify::replay::ReplayTolerance {
-            min_cosine: self.verify.replay_min_cosine,
-            max_rel_error: self.verify.replay_max_rel_error,
-        }
+        self.verify.tolerance()
     }
 
     /// The check book's rules for this run.

@@ -75,6 +75,31 @@ enum Command {
         #[arg(long, default_value_t = 5)]
         rounds: u64,
     },
+    /// Simulated forgers, lying checkers and colluding pairs against the real check book and
+    /// reputation, with the default `[verify]` and `[checks]` rules; prints one JSON line.
+    SimulateChecks {
+        #[arg(long)]
+        peers: u32,
+        #[arg(long, default_value_t = 20)]
+        rounds: u64,
+        /// Shares of the peers that forge their deltas (once trusted), that lie when they
+        /// check, and that are in colluding pairs (a forger and its accomplice).
+        #[arg(long, default_value_t = 0.0)]
+        forgers: f64,
+        #[arg(long, default_value_t = 0.1)]
+        lying_checkers: f64,
+        #[arg(long, default_value_t = 0.05)]
+        colluding: f64,
+        /// Overrides `[verify] replay_trusted`: how often a trusted peer's delta is checked.
+        #[arg(long)]
+        replay_trusted: Option<f64>,
+        /// Overrides `[checks] spot_rate`: the share of agreed checks the coordinator redoes.
+        #[arg(long)]
+        spot_rate: Option<f64>,
+        /// An effect check's compute as a share of a shard's training (the demo's: 0.23).
+        #[arg(long, default_value_t = 0.23)]
+        effect_cost: f64,
+    },
     /// Print a running coordinator's status.
     Status {
         /// The coordinator's HTTP address, e.g. http://127.0.0.1:8080.
@@ -100,6 +125,42 @@ fn main() -> ExitCode {
         Command::Status { url, json } => status(&url, json),
         Command::Dashboard { url } => herd_coordinator::dashboard::run(&url),
         Command::Simulate { peers, rounds } => simulate(peers, rounds),
+        Command::SimulateChecks {
+            peers,
+            rounds,
+            forgers,
+            lying_checkers,
+            colluding,
+            replay_trusted,
+            spot_rate,
+            effect_cost,
+        } => {
+            let verify = herd_coordinator::config::VerifySection {
+                replay_trusted: replay_trusted
+                    .unwrap_or(herd_coordinator::config::VerifySection::default().replay_trusted),
+                ..Default::default()
+            };
+            let defaults = herd_coordinator::config::ChecksSection::default();
+            let checks = herd_coordinator::config::ChecksSection {
+                spot_rate: spot_rate.unwrap_or(defaults.spot_rate),
+                ..defaults
+            };
+            let cfg = herd_coordinator::simulate::checks::CheckSimConfig {
+                peers,
+                rounds,
+                forgers,
+                lying_checkers,
+                colluding,
+                policy: checks.policy(
+                        herd_coordinator::config::RoundSection::default().lease_secs,
+                        verify.tolerance(),
+                    ),
+                reputation: verify.reputation(),
+                effect_cost,
+                seed: 1,
+            };
+            simulate_checks(&cfg)
+        }
         Command::Audit { config } => audit(&config),
         Command::Rehearse { config, out } => rehearse(&config, &out),
         Command::Calibrate {
@@ -237,6 +298,30 @@ fn simulate(peers: u32, rounds: u64) -> Result<()> {
         values_per_tensor: 384,
     })?;
     println!("{}", serde_json::to_string(&report)?);
+    Ok(())
+}
+
+fn simulate_checks(cfg: &herd_coordinator::simulate::checks::CheckSimConfig) -> Result<()> {
+    anyhow::ensure!(
+        cfg.peers >= 4 && cfg.forgers + cfg.lying_checkers + cfg.colluding <= 1.0,
+        "at least 4 peers, and adversary shares adding up to at most 1"
+    );
+    let rates = [
+        cfg.forgers,
+        cfg.lying_checkers,
+        cfg.colluding,
+        cfg.policy.spot_rate,
+        cfg.reputation.replay_trusted,
+    ];
+    anyhow::ensure!(
+        rates.iter().all(|r| (0.0..=1.0).contains(r)),
+        "shares and rates are in [0, 1]"
+    );
+    let started = std::time::Instant::now();
+    let report = herd_coordinator::simulate::checks::simulate_checks(cfg);
+    let mut json = serde_json::to_value(&report)?;
+    json["seconds"] = serde_json::json!(started.elapsed().as_secs_f64());
+    println!("{json}");
     Ok(())
 }
 

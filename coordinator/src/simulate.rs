@@ -15,6 +15,8 @@ use serde::Serialize;
 use crate::round::{Action, Event, MachineConfig, PeerKey, RoundMachine};
 use crate::verify::structure::StructureState;
 
+pub mod checks;
+
 /// What to simulate.
 #[derive(Debug, Clone, Copy)]
 pub struct ScaleConfig {

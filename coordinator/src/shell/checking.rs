@@ -8,6 +8,7 @@ use herd_protocol::messages::{
     CheckReport, Lease, LeaseTask, RejectReason, RpcResponse, Verdict, now_ms,
 };
 use herd_protocol::net::Behaviour;
+use herd_protocol::sketch::Agreement;
 use herd_protocol::{LeaseId, Round, ShardId};
 use libp2p::Swarm;
 use libp2p::request_response::ResponseChannel;
@@ -279,8 +280,14 @@ impl Coordinator {
                 CheckAction::ReplayYourself { lease, why } => {
                     self.checking.own_replays.push_back((lease, why));
                 }
-                CheckAction::Credit { peer, check, shard } => {
-                    self.check_verdict(swarm, peer, check, shard, Verdict::Accepted);
+                CheckAction::Credit {
+                    peer,
+                    check,
+                    shard,
+                    agreement,
+                } => {
+                    let verdict = Verdict::Accepted;
+                    self.check_verdict(swarm, peer, check, shard, verdict, Some(agreement));
                 }
                 CheckAction::BanChecker {
                     peer,
@@ -290,7 +297,7 @@ impl Coordinator {
                 } => {
                     tracing::warn!(%peer, %check, %reason, "checker caught");
                     let verdict = Verdict::Rejected(RejectReason::CheckMismatch(reason));
-                    self.check_verdict(swarm, peer, check, shard, verdict);
+                    self.check_verdict(swarm, peer, check, shard, verdict, None);
                 }
                 CheckAction::Distrust { submitter } => {
                     tracing::warn!(peer = %submitter, "trust earned through a banned checker withdrawn");
@@ -323,6 +330,7 @@ impl Coordinator {
         check: LeaseId,
         shard: ShardId,
         verdict: Verdict,
+        agreement: Option<Agreement>,
     ) {
         let (label, reason) = match &verdict {
             Verdict::Accepted => ("check_accepted".to_string(), String::new()),
@@ -342,7 +350,7 @@ impl Coordinator {
             tokens: 0,
             norm: None,
             effect: None,
-            replay: None,
+            replay: agreement,
             verify_seconds: 0.0,
             replay_seconds: 0.0,
         };

@@ -30,7 +30,7 @@ use crate::round::{Action, RoundMachine};
 use crate::status::Status;
 use crate::store::{RunState, Snapshot, Store, resume};
 use crate::verify::log::VerdictLog;
-use crate::verify::reputation::{Reputation, ReputationConfig};
+use crate::verify::reputation::Reputation;
 
 /// Runs the coordinator until the run finishes (and, with `serve_after_finish`, until
 /// `shutdown` resolves) or `shutdown` resolves.
@@ -283,17 +283,7 @@ fn resume_engine(engine: &mut Engine, blobs: &BlobStore, mut run: RunState) -> R
 }
 
 fn reputation(cfg: &RunConfig) -> Reputation {
-    let v = &cfg.verify;
-    Reputation::new(
-        ReputationConfig {
-            replay_new: v.replay_new,
-            replay_trusted: v.replay_trusted,
-            effect_trusted: v.effect_trusted,
-            trusted_after: v.trusted_after,
-            ban_after: v.ban_after,
-        },
-        cfg.seed,
-    )
+    Reputation::new(cfg.verify.reputation(), cfg.seed)
 }
 
 /// The HTTP API, serving `/v1/status` and the checkpoints until stopped.

@@ -30,6 +30,10 @@ pub struct DemoArgs {
     rounds: Option<u64>,
     #[arg(long, default_value_t = 3)]
     nodes: u32,
+    /// Torch threads of each node, in turn (`1,2`: nodes 0, 2, ... one thread, 1, 3, ... two):
+    /// nodes unlike each other, as on a real network, whose checks of each other must agree.
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    node_threads: Vec<u32>,
     /// Inner steps per shard (H; default 5).
     #[arg(long)]
     inner_steps: Option<u32>,
@@ -151,6 +155,7 @@ pub struct Demo {
     pub heldout: PathBuf,
     pub rounds: u64,
     pub nodes: u32,
+    pub node_threads: Vec<u32>,
     pub inner_steps: u32,
     pub samples_per_shard: u64,
     pub batch_size: u32,
@@ -190,6 +195,9 @@ impl DemoArgs {
     /// preset's model if it is a real one not yet in .models/.
     pub fn resolve(&self, root: &Path) -> Result<Demo> {
         let preset = Preset::named(root, &self.preset)?;
+        if self.node_threads.contains(&0) {
+            bail!("--node-threads: every node needs at least 1 thread");
+        }
         let abs = |p: &Path| root.join(p);
         let data = abs(self.data.as_deref().unwrap_or(Path::new(preset.data)));
         let samples_per_shard = match self.samples_per_shard {
@@ -203,6 +211,7 @@ impl DemoArgs {
             data,
             rounds: self.rounds.unwrap_or(preset.rounds),
             nodes: self.nodes,
+            node_threads: self.node_threads.clone(),
             inner_steps: self.inner_steps.unwrap_or(preset.inner_steps),
             samples_per_shard,
             batch_size: self.batch_size.unwrap_or(preset.batch_size),

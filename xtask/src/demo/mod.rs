@@ -67,11 +67,10 @@ pub fn run(root: &Path, args: DemoArgs) -> Result<Finished> {
     println!("http: {http}");
     let mut nodes = Children(Vec::new());
     for i in 0..args.nodes {
+        let threads = args.node_threads[i as usize % args.node_threads.len()];
         let mut node = util::bin(root, "herd-node");
+        node.args(["run", "--threads", &threads.to_string()]);
         node.args([
-            "run",
-            "--threads",
-            "1",
             "--listen",
             "/ip4/127.0.0.1/tcp/0",
             "--coordinator",
