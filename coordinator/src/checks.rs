@@ -433,15 +433,9 @@ impl CheckBook {
             .map(|(id, _)| *id)
             .collect();
         for id in expired {
-            let o = self.out.remove(&id).expect("listed above");
             // Handed out again; a target that has waited past `take_ms` goes to the
             // coordinator below.
-            if let Some(t) = self.targets.get_mut(&o.target) {
-                t.out -= 1;
-                if t.truth.is_none() {
-                    t.needed += 1;
-                }
-            }
+            self.release(id);
         }
         let mut actions = Vec::new();
         for (lease, t) in &mut self.targets {
@@ -470,13 +464,7 @@ impl CheckBook {
             .map(|(id, _)| *id)
             .collect();
         for id in voided {
-            let o = self.out.remove(&id).expect("listed above");
-            if let Some(t) = self.targets.get_mut(&o.target) {
-                t.out -= 1;
-                if t.truth.is_none() {
-                    t.needed += 1;
-                }
-            }
+            self.release(id);
         }
         for t in self.targets.values_mut() {
             let before = t.reports.len();
@@ -576,6 +564,20 @@ impl CheckBook {
         let targets = &self.targets;
         self.out.retain(|_, o| targets.contains_key(&o.target));
         undecided
+    }
+
+    /// Takes back the check `id` unreported: its target needs it handed out again (unless
+    /// the target's truth is known already).
+    fn release(&mut self, id: LeaseId) {
+        let Some(o) = self.out.remove(&id) else {
+            return;
+        };
+        if let Some(t) = self.targets.get_mut(&o.target) {
+            t.out -= 1;
+            if t.truth.is_none() {
+                t.needed += 1;
+            }
+        }
     }
 
     fn pass(&mut self, lease: LeaseId, agreement: Agreement) -> Vec<CheckAction> {

@@ -147,7 +147,7 @@ fn codec_from_str<'de, D: serde::Deserializer<'de>>(d: D) -> Result<CodecSpec, D
 pub struct VerifySection {
     /// Reject deltas with a norm above this multiple of the median accepted norm.
     pub norm_multiple: f64,
-    /// Examples of the shard the effect check evaluates.
+    /// Examples of the shard, and of the held-out set, the effect check evaluates.
     pub effect_samples: usize,
     /// The measured loss drop on those must be at least this fraction of the claimed one
     /// (scaled like the delta), less the allowance below.

@@ -36,6 +36,11 @@ pub struct Engine {
     heldout: Dataset,
     /// Held-out loss of the current θ_r.
     heldout_loss: f64,
+    /// The held-out examples the effect check evaluates (a fixed sample of `effect_samples`:
+    /// the whole set for every delta would cost more than training it), and θ_r's loss on
+    /// them.
+    effect_heldout: Vec<usize>,
+    effect_heldout_before: f64,
     base_model: PathBuf,
 }
 
@@ -100,6 +105,8 @@ impl Engine {
             LoraConfig::try_from(&lora_spec(cfg))?,
             tch::Device::Cpu,
         )?;
+        let all: Vec<usize> = (0..heldout.len()).collect();
+        let effect_heldout = effect::shard_sample(&all, cfg.verify.effect_samples, cfg.seed);
         Ok(Engine {
             model,
             lora,
@@ -111,6 +118,8 @@ impl Engine {
             data,
             heldout,
             heldout_loss: f64::NAN,
+            effect_heldout,
+            effect_heldout_before: f64::NAN,
             base_model: cfg.base_model.clone(),
         })
     }
@@ -118,6 +127,7 @@ impl Engine {
     /// Starts a fresh run from θ_0: measures its held-out loss.
     pub fn start(&mut self) -> Result<()> {
         self.heldout_loss = self.evaluate_heldout(&self.lora)?;
+        self.effect_heldout_before = self.evaluate_effect_heldout(&self.lora)?;
         Ok(())
     }
 
@@ -137,6 +147,7 @@ impl Engine {
             self.outer.restore_state(bytes)?;
         }
         self.heldout_loss = heldout_loss;
+        self.effect_heldout_before = self.evaluate_effect_heldout(&self.lora)?;
         Ok(())
     }
 
@@ -171,6 +182,18 @@ impl Engine {
 
     fn evaluate_heldout(&self, lora: &Lora) -> Result<f64> {
         let ex: Vec<&Example> = self.heldout.examples.iter().collect();
+        Ok(evaluate(&self.model, Some(lora), &ex, 32)?.loss)
+    }
+
+    fn effect_heldout_examples(&self) -> Vec<&Example> {
+        self.effect_heldout
+            .iter()
+            .map(|&i| &self.heldout.examples[i])
+            .collect()
+    }
+
+    fn evaluate_effect_heldout(&self, lora: &Lora) -> Result<f64> {
+        let ex = self.effect_heldout_examples();
         Ok(evaluate(&self.model, Some(lora), &ex, 32)?.loss)
     }
 
@@ -226,7 +249,7 @@ impl Engine {
         let indices = indices_of(&job.lease.ranges, self.data.len())?;
         let sample = effect::shard_sample(&indices, job.effect_samples, job.lease.seed);
         let shard: Vec<&Example> = sample.iter().map(|&i| &self.data.examples[i]).collect();
-        let heldout: Vec<&Example> = self.heldout.examples.iter().collect();
+        let heldout = self.effect_heldout_examples();
         let scale = job.effect.scale;
         let losses = effect::measure(&self.model, &self.lora, &job.delta, scale, &shard, &heldout)?;
         Ok(EffectReport {
@@ -234,7 +257,7 @@ impl Engine {
             shard_after: losses.shard_after,
             claimed_drop: job.claimed_drop,
             scale,
-            heldout_before: self.heldout_loss,
+            heldout_before: self.effect_heldout_before,
             heldout_after: losses.heldout_after,
         })
     }
@@ -249,6 +272,7 @@ impl Engine {
         let started = Instant::now();
         let robust = self.apply_round(deltas)?;
         self.heldout_loss = self.evaluate_heldout(&self.lora)?;
+        self.effect_heldout_before = self.evaluate_effect_heldout(&self.lora)?;
         if let Some(dir) = checkpoint {
             save_adapter(
                 dir,

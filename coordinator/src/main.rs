@@ -152,9 +152,9 @@ fn main() -> ExitCode {
                 lying_checkers,
                 colluding,
                 policy: checks.policy(
-                        herd_coordinator::config::RoundSection::default().lease_secs,
-                        verify.tolerance(),
-                    ),
+                    herd_coordinator::config::RoundSection::default().lease_secs,
+                    verify.tolerance(),
+                ),
                 reputation: verify.reputation(),
                 effect_cost,
                 seed: 1,

@@ -1,7 +1,8 @@
 //! Layer 3: what the delta does, applied alone to θ_r at the weight it would have in the
 //! update (`outer_lr / quorum`). The loss on a sample of the shard's own examples must move by
-//! at least a fraction of the drop the node claims, less a noise allowance, and the held-out
-//! loss must not rise past a threshold: a delta that does harm fails here.
+//! at least a fraction of the drop the node claims, less a noise allowance, and the loss on a
+//! fixed sample of the held-out set must not rise past a threshold: a delta that does harm
+//! fails here.
 //!
 //! Why only harm, not "must drop": with error feedback the payload is
 //! `compress(Δ + residual)`, and the residual carries what earlier rounds did not send. That

@@ -67,5 +67,8 @@ fn a_lower_check_draw_lets_forgeries_through_in_proportion() {
         "{}",
         r.forged_kept_out_share
     );
-    assert!(r.forged_averaged > 0 && r.forged_averaged_found_later > 0, "{r:?}");
+    assert!(
+        r.forged_averaged > 0 && r.forged_averaged_found_later > 0,
+        "{r:?}"
+    );
 }
