@@ -46,7 +46,14 @@ pub fn measure(root: &Path) -> Result<Value> {
     for (peers, replay_trusted, spot_rate) in SIMULATED {
         let mut cmd = util::bin(root, "herd-coordinator");
         cmd.args(["simulate-checks", "--peers", &peers.to_string()])
-            .args(["--rounds", "20", "--lying-checkers", "0.1", "--colluding", "0.05"]);
+            .args([
+                "--rounds",
+                "20",
+                "--lying-checkers",
+                "0.1",
+                "--colluding",
+                "0.05",
+            ]);
         if let Some(q) = replay_trusted {
             cmd.args(["--replay-trusted", q]);
         }

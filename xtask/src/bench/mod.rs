@@ -5,6 +5,8 @@
 //! - train: the node's LoRA training tokens/s against PyTorch + PEFT (bench/peft_baseline.py).
 //! - codecs: bytes per delta and held-out loss of the demo at several codec settings.
 //! - scale: the coordinator with 100, 1,000 and 10,000 simulated peers.
+//! - checks: verification by check leases: the demo's coordinator share and honest checks
+//!   across thread counts, and simulated lying checkers and colluding pairs at scale.
 //! - transfer: a 64 MiB blob between two nodes over libp2p TCP and QUIC against plain TCP.
 //! - abuse: the open network's defences under attack (hoarder and Sybils, stalled frames, a
 //!   connection flood, identity churn, admission cost), by `herd-abuse`.
@@ -14,6 +16,7 @@
 //! - gpu: folded in from bench/gpu/run.sh's output (`--gpu-results`); needs a GPU machine.
 
 mod abuse;
+mod checks;
 mod codecs;
 mod gpu;
 mod plot;
@@ -44,16 +47,18 @@ enum Bench {
     Train,
     Codecs,
     Scale,
+    Checks,
     Transfer,
     Abuse,
     Real,
     Gpu,
 }
 
-const ALL: [Bench; 7] = [
+const ALL: [Bench; 8] = [
     Bench::Train,
     Bench::Codecs,
     Bench::Scale,
+    Bench::Checks,
     Bench::Transfer,
     Bench::Abuse,
     Bench::Real,
@@ -66,6 +71,7 @@ impl Bench {
             Bench::Train => "node_training",
             Bench::Codecs => "upload_vs_learning",
             Bench::Scale => "coordinator_scale",
+            Bench::Checks => "checks",
             Bench::Transfer => "transfer",
             Bench::Abuse => "abuse",
             Bench::Real => "real_model",
@@ -78,6 +84,7 @@ impl Bench {
             Bench::Train => train::measure(root),
             Bench::Codecs => codecs::measure(root),
             Bench::Scale => scale::measure(root),
+            Bench::Checks => checks::measure(root),
             Bench::Transfer => transfer::measure(root),
             Bench::Abuse => abuse::measure(root),
             Bench::Real => real::measure(root),
@@ -90,6 +97,7 @@ impl Bench {
             Bench::Train => train::markdown(results),
             Bench::Codecs => codecs::markdown(results),
             Bench::Scale => scale::markdown(results),
+            Bench::Checks => checks::markdown(results),
             Bench::Transfer => transfer::markdown(results),
             Bench::Abuse => abuse::markdown(results),
             Bench::Real => real::markdown(results),
