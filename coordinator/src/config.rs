@@ -159,10 +159,10 @@ pub struct VerifySection {
     /// Replay probability for new and suspect peers, and for trusted ones.
     pub replay_new: f64,
     pub replay_trusted: f64,
-    /// Effect-check probability for trusted peers' deltas not drawn for a replay (new and
-    /// suspect peers' deltas, and every replayed one, always get it). The effect check is the
-    /// coordinator's own forward passes; for trusted peers the robust mean, the norm bound and
-    /// the replay draw stand beside it (docs/checking.md, "Effect checks").
+    /// Effect-check probability for trusted peers' deltas, independent of the replay draw (new
+    /// and suspect peers' deltas always get it). The effect check is the coordinator's own
+    /// forward passes; for trusted peers the robust mean, the norm bound and the replay draw
+    /// stand beside it (docs/checking.md, "Effect checks").
     pub effect_trusted: f64,
     /// Passed replays after which a peer with no recent strike is trusted.
     pub trusted_after: u32,

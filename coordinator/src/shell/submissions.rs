@@ -49,7 +49,7 @@ pub(super) struct Pending {
     facts: SubmissionFacts,
     claimed_drop: f64,
     replay: bool,
-    /// Drawn for the effect check (always, unless its peer is trusted and it is not replayed).
+    /// Drawn for the effect check (always, unless its peer is trusted).
     effect: bool,
     /// Peers that replay it instead of the coordinator (0: the coordinator does, if drawn).
     checkers: u32,
@@ -127,9 +127,9 @@ impl Coordinator {
                 facts.norm = Some(checked.norm);
                 let reputation = self.ledger.reputation();
                 let replay = reputation.should_replay(&peer, lease);
-                // A replayed delta always gets the effect check: the replay vouches for the
-                // trained Δ (the sketch), the effect check for the payload that carries it.
-                let effect = replay || reputation.should_check_effect(&peer, lease);
+                // Independent of the replay draw: with every delta checked by a peer (an open
+                // network's setting) the coordinator's effect checks stay at their own rate.
+                let effect = reputation.should_check_effect(&peer, lease);
                 let pending = Pending {
                     peer,
                     channel,
