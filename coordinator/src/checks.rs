@@ -25,101 +25,7 @@ pub const FIRST_CHECK_ID: u64 = 1 << 62;
 /// Submitters a checker's agreement is remembered for, to reopen them if it is banned.
 const VOUCHED_MEMORY: usize = 256;
 
-/// How many checkers, how often the coordinator looks itself, and how long checks may take.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct CheckPolicy {
-    /// Checkers per drawn submission of a new or suspect peer, and of a trusted one.
-    pub checkers_new: u32,
-    pub checkers_trusted: u32,
-    /// Share of fully agreed targets the coordinator replays as well.
-    pub spot_rate: f64,
-    /// Share of check requests with no real check to give that get a canary.
-    pub canary_rate: f64,
-    /// How long a target waits for checkers to take its checks before the coordinator
-    /// replays it itself.
-    pub take_ms: u64,
-    /// How long a checker has for a check once it took it.
-    pub lease_ms: u64,
-    pub tolerance: ReplayTolerance,
-}
-
-/// Why the coordinator replays a target itself.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OwnReplay {
-    /// A checker and the submitter disagree.
-    Arbitration,
-    /// Drawn among targets whose checks all agreed.
-    Spot,
-    /// Not enough checkers took its checks in time, or a check expired.
-    NoChecker,
-    /// A checker that agreed with it was banned.
-    Reopened,
-}
-
-/// What the shell does next.
-#[derive(Debug, Clone, PartialEq)]
-pub enum CheckAction {
-    /// The submission passed its checks: it counts (`Event::Verified` with `Ok`). `agreement`:
-    /// of its sketch with the last check's (or the coordinator's replay).
-    Passed {
-        lease: LeaseId,
-        agreement: Agreement,
-    },
-    /// The submitter's sketch differs from the truth: reject it (a failed replay).
-    Failed {
-        lease: LeaseId,
-        agreement: Agreement,
-    },
-    /// Replay this target and report the result with [`CheckBook::truth`].
-    ReplayYourself { lease: LeaseId, why: OwnReplay },
-    /// The checker's report on `check` differs from the truth (or is malformed): ban it.
-    BanChecker {
-        peer: PeerKey,
-        check: LeaseId,
-        shard: ShardId,
-        reason: String,
-    },
-    /// A checker's report on `check` agreed: credit it. `agreement`: of its sketch with the
-    /// submitter's (or the coordinator's replay, when that judged it).
-    Credit {
-        peer: PeerKey,
-        check: LeaseId,
-        shard: ShardId,
-        agreement: Agreement,
-    },
-    /// A checker was banned after vouching for `submitter`: the trust those checks earned is
-    /// void.
-    Distrust { submitter: PeerKey },
-    /// A submission that passed on checkers' word failed the coordinator's replay when it was
-    /// reopened: ban its submitter (which drops its accepted shards of the open round).
-    Overturned {
-        lease: LeaseId,
-        submitter: PeerKey,
-        agreement: Agreement,
-    },
-}
-
-/// A check handed to a peer: everything its lease needs is the target's.
-#[derive(Debug, Clone, PartialEq)]
-pub struct CheckGrant {
-    pub check: LeaseId,
-    /// The submission it checks (the shell builds the lease from that lease's round and shard).
-    pub target: LeaseId,
-    pub round: Round,
-    pub shard: ShardId,
-    pub expires_at_ms: u64,
-}
-
-/// Why a report was not taken (answered, never a strike: it may be late or lost).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ReportRefused {
-    /// No such check out (expired, its round closed, or never issued).
-    Unknown,
-    /// The check is another peer's.
-    NotYours,
-    /// Round or shard differ from the check's.
-    Mismatch,
-}
+pub use types::{CheckAction, CheckGrant, CheckPolicy, OwnReplay, ReportRefused};
 
 #[derive(Debug)]
 struct Target {
@@ -142,6 +48,26 @@ struct Target {
     replaying: bool,
     /// Its verdict was given (passed or failed).
     decided: bool,
+}
+
+impl Target {
+    /// A target with nothing handed out, reported or decided yet.
+    fn new(submitter: PeerKey, round: Round, shard: ShardId, sketch: Vec<f32>) -> Self {
+        Target {
+            submitter,
+            round,
+            shard,
+            sketch,
+            needed: 0,
+            checkers: Vec::new(),
+            reports: Vec::new(),
+            out: 0,
+            since_ms: 0,
+            truth: None,
+            replaying: false,
+            decided: false,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -214,23 +140,10 @@ impl CheckBook {
         checkers: u32,
         now_ms: u64,
     ) {
-        self.targets.insert(
-            lease,
-            Target {
-                submitter,
-                round,
-                shard,
-                sketch,
-                needed: checkers.max(1),
-                checkers: Vec::new(),
-                reports: Vec::new(),
-                out: 0,
-                since_ms: now_ms,
-                truth: None,
-                replaying: false,
-                decided: false,
-            },
-        );
+        let mut target = Target::new(submitter, round, shard, sketch);
+        target.needed = checkers.max(1);
+        target.since_ms = now_ms;
+        self.targets.insert(lease, target);
     }
 
     /// A check for `peer` (trusted, asking for work in `round`), if one is waiting: the oldest
@@ -423,73 +336,6 @@ impl CheckBook {
         actions
     }
 
-    /// Checks past their lease end (handed out again), and targets that waited past
-    /// `take_ms` without all their checks taken (replayed by the coordinator).
-    pub fn expire(&mut self, now_ms: u64) -> Vec<CheckAction> {
-        let expired: Vec<LeaseId> = self
-            .out
-            .iter()
-            .filter(|(_, o)| o.expires_at_ms <= now_ms)
-            .map(|(id, _)| *id)
-            .collect();
-        for id in expired {
-            // Handed out again; a target that has waited past `take_ms` goes to the
-            // coordinator below.
-            self.release(id);
-        }
-        let mut actions = Vec::new();
-        for (lease, t) in &mut self.targets {
-            let waiting = !t.decided && !t.replaying && t.truth.is_none() && t.needed > 0;
-            if waiting && now_ms.saturating_sub(t.since_ms) >= self.policy.take_ms {
-                t.replaying = true;
-                actions.push(CheckAction::ReplayYourself {
-                    lease: *lease,
-                    why: OwnReplay::NoChecker,
-                });
-            }
-        }
-        actions
-    }
-
-    /// `peer` was banned: its checks out are void, its reports on undecided targets do not
-    /// count (their checks are handed out again), its own undecided submissions need no
-    /// checks, and every target it vouched for is reopened: replayed by the coordinator if it
-    /// is still in the open round, and its submitter loses the trust those checks earned.
-    pub fn banned(&mut self, peer: PeerKey) -> Vec<CheckAction> {
-        self.targets.retain(|_, t| t.submitter != peer || t.decided);
-        let voided: Vec<LeaseId> = self
-            .out
-            .iter()
-            .filter(|(_, o)| o.checker == peer || !self.targets.contains_key(&o.target))
-            .map(|(id, _)| *id)
-            .collect();
-        for id in voided {
-            self.release(id);
-        }
-        for t in self.targets.values_mut() {
-            let before = t.reports.len();
-            t.reports.retain(|r| r.checker != peer);
-            if t.reports.len() < before && t.truth.is_none() && !t.decided {
-                t.needed += 1;
-            }
-        }
-        let mut actions = Vec::new();
-        for (lease, submitter) in self.vouched.remove(&peer).unwrap_or_default() {
-            actions.push(CheckAction::Distrust { submitter });
-            if let Some(t) = self.targets.get_mut(&lease)
-                && t.truth.is_none()
-                && !t.replaying
-            {
-                t.replaying = true;
-                actions.push(CheckAction::ReplayYourself {
-                    lease,
-                    why: OwnReplay::Reopened,
-                });
-            }
-        }
-        actions
-    }
-
     /// A submission of the open round the coordinator replayed itself outside the book (a
     /// newcomer's, with no checkers yet): its truth is known, so it can serve as a canary.
     pub fn known(
@@ -500,23 +346,10 @@ impl CheckBook {
         shard: ShardId,
         truth: Vec<f32>,
     ) {
-        self.targets.insert(
-            lease,
-            Target {
-                submitter,
-                round,
-                shard,
-                sketch: truth.clone(),
-                needed: 0,
-                checkers: Vec::new(),
-                reports: Vec::new(),
-                out: 0,
-                since_ms: 0,
-                truth: Some(truth),
-                replaying: false,
-                decided: true,
-            },
-        );
+        let mut target = Target::new(submitter, round, shard, truth.clone());
+        target.truth = Some(truth);
+        target.decided = true;
+        self.targets.insert(lease, target);
     }
 
     /// The coordinator could not replay `lease` (its own failure, not anyone's fault): the
@@ -548,36 +381,6 @@ impl CheckBook {
     /// Round and shard of a target still in the book.
     pub fn target(&self, lease: LeaseId) -> Option<(Round, ShardId)> {
         self.targets.get(&lease).map(|t| (t.round, t.shard))
-    }
-
-    /// The round closed: its targets and checks are moot (late reports are refused as
-    /// unknown, which is no strike). Returns the submissions that were still undecided: they
-    /// are stale now.
-    pub fn close_round(&mut self, round: Round) -> Vec<LeaseId> {
-        let undecided = self
-            .targets
-            .iter()
-            .filter(|(_, t)| t.round <= round && !t.decided)
-            .map(|(lease, _)| *lease)
-            .collect();
-        self.targets.retain(|_, t| t.round > round);
-        let targets = &self.targets;
-        self.out.retain(|_, o| targets.contains_key(&o.target));
-        undecided
-    }
-
-    /// Takes back the check `id` unreported: its target needs it handed out again (unless
-    /// the target's truth is known already).
-    fn release(&mut self, id: LeaseId) {
-        let Some(o) = self.out.remove(&id) else {
-            return;
-        };
-        if let Some(t) = self.targets.get_mut(&o.target) {
-            t.out -= 1;
-            if t.truth.is_none() {
-                t.needed += 1;
-            }
-        }
     }
 
     fn pass(&mut self, lease: LeaseId, agreement: Agreement) -> Vec<CheckAction> {
@@ -639,6 +442,9 @@ fn judge_checker(
         }
     }
 }
+
+mod ending;
+mod types;
 
 #[cfg(test)]
 mod tests;
