@@ -359,23 +359,27 @@ impl CheckBook {
             return Vec::new();
         };
         t.replaying = false;
-        t.reports.clear();
+        let mut actions = void_waiting(std::mem::take(&mut t.reports));
         if t.decided {
-            return Vec::new();
+            return actions;
         }
         t.decided = true;
         let agreement = Agreement {
             cosine: f64::NAN,
             rel_error: f64::NAN,
         };
-        vec![CheckAction::Passed { lease, agreement }]
+        actions.push(CheckAction::Passed { lease, agreement });
+        actions
     }
 
     /// Drops `lease` from the book (its submission was rejected outside it): its checks out
-    /// are moot.
-    pub fn forget(&mut self, lease: LeaseId) {
-        self.targets.remove(&lease);
+    /// are moot, and reports waiting for its arbitration are answered unjudged.
+    pub fn forget(&mut self, lease: LeaseId) -> Vec<CheckAction> {
         self.out.retain(|_, o| o.target != lease);
+        self.targets
+            .remove(&lease)
+            .map(|t| void_waiting(t.reports))
+            .unwrap_or_default()
     }
 
     /// Round and shard of a target still in the book.
@@ -407,6 +411,19 @@ impl CheckBook {
         let x = u64::from_le_bytes(h.finalize().as_bytes()[..8].try_into().expect("8 bytes"));
         x as f64 / (u64::MAX as f64 + 1.0)
     }
+}
+
+/// [`CheckAction::Void`] for the reports among `reports` still waiting for their answer (an
+/// agreeing report was answered when it was credited).
+fn void_waiting(reports: Vec<Report>) -> Vec<CheckAction> {
+    reports
+        .into_iter()
+        .filter(|r| !r.credited)
+        .map(|r| CheckAction::Void {
+            peer: r.checker,
+            check: r.check,
+        })
+        .collect()
 }
 
 fn agrees(a: &Agreement, tol: &ReplayTolerance) -> bool {

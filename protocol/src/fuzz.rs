@@ -192,6 +192,7 @@ fn seeds(target: &str, layout: &DeltaLayout) -> Vec<Vec<u8>> {
                         bits: 20,
                         nonce: 123_456,
                     }),
+                    checks_only: true,
                 })),
                 enc(&RpcRequest::Submit(Box::new(sub))),
                 enc(&RpcRequest::Return { lease: LeaseId(9) }),

@@ -1,4 +1,4 @@
-//! Versioned messages of the `/herd/rpc/3` and `/herd/blob/2` protocols and the round
+//! Versioned messages of the `/herd/rpc/4` and `/herd/blob/2` protocols and the round
 //! announcement, with the size cap of each.
 
 use serde::{Deserialize, Serialize};
@@ -7,9 +7,9 @@ use crate::codec::CodecSpec;
 use crate::ids::{ContentId, LeaseId, Round, SampleRange, ShardId};
 
 /// Bumped on any incompatible change of the messages below (and of the protocol names).
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 /// Control: leases, submissions, check reports, returns.
-pub const RPC_PROTOCOL: &str = "/herd/rpc/3";
+pub const RPC_PROTOCOL: &str = "/herd/rpc/4";
 /// Blobs by content id, in hash-verified groups (see [`crate::outline`]).
 pub const BLOB_PROTOCOL: &str = "/herd/blob/2";
 /// Gossipsub topic of round announcements.
@@ -92,6 +92,10 @@ pub struct LeaseRequest {
     pub device: String,
     /// The identity's admission proof for this run, once it has one.
     pub admission: Option<crate::admission::AdmissionProof>,
+    /// A submission of this node still waits for its verdict: a check, or no work. (Its next
+    /// delta is encoded with the residual that verdict leaves, so it cannot train yet; a
+    /// training lease would run out while it waits.)
+    pub checks_only: bool,
 }
 
 impl LeaseRequest {
@@ -276,6 +280,10 @@ pub enum RejectReason {
     /// A check report differs from the truth (the coordinator's own replay); the text says
     /// by how much.
     CheckMismatch(String),
+    /// A check report that will not be judged: its submission was withdrawn (rejected on
+    /// other grounds, its peer banned) or the coordinator could not replay it. No strike, no
+    /// credit.
+    CheckVoid,
 }
 
 impl std::fmt::Display for RejectReason {
@@ -318,6 +326,9 @@ impl std::fmt::Display for RejectReason {
                 f.write_str("another delta for this shard was accepted first")
             }
             RejectReason::CheckMismatch(why) => write!(f, "wrong check: {why}"),
+            RejectReason::CheckVoid => {
+                f.write_str("check not judged: its submission was withdrawn or not replayed")
+            }
         }
     }
 }
@@ -347,6 +358,7 @@ impl RejectReason {
             RejectReason::Banned(_) => "banned",
             RejectReason::ShardTaken => "shard_taken",
             RejectReason::CheckMismatch(_) => "check_mismatch",
+            RejectReason::CheckVoid => "check_void",
         }
     }
 
@@ -362,6 +374,7 @@ impl RejectReason {
                 | RejectReason::Duplicate
                 | RejectReason::Banned(_)
                 | RejectReason::ShardTaken
+                | RejectReason::CheckVoid
         )
     }
 }
@@ -468,6 +481,7 @@ mod tests {
                 version: PROTOCOL_VERSION,
                 device: "cpu".into(),
                 admission: None,
+                checks_only: false,
             }),
             RpcRequest::Return { lease: LeaseId(1) },
             RpcRequest::Published { checkpoint: None },

@@ -1,5 +1,5 @@
 //! The libp2p side both node and coordinator run: TCP and QUIC with noise and yamux, identify,
-//! ping, request-response for `/herd/rpc/3` and `/herd/blob/2` (length-prefixed bincode with
+//! ping, request-response for `/herd/rpc/4` and `/herd/blob/2` (length-prefixed bincode with
 //! per-message caps), gossipsub for round announcements, a kademlia DHT of its own
 //! (`/herd/kad/1`) where peers say which blobs they hold, and what lets peers behind NAT take
 //! part: AutoNAT (am I reachable?), a circuit relay served by the coordinator, and DCUtR (hole
@@ -218,7 +218,7 @@ pub struct Behaviour {
 /// Herd's own DHT: it must not mix with the public IPFS one.
 pub const KAD_PROTOCOL: &str = "/herd/kad/1";
 
-/// Which side of `/herd/rpc/3` this peer is. Blobs are served by everyone.
+/// Which side of `/herd/rpc/4` this peer is. Blobs are served by everyone.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
     Coordinator,

@@ -233,6 +233,7 @@ impl Adversary {
             version: PROTOCOL_VERSION,
             device: "adversary".into(),
             admission: self.admission,
+            checks_only: false,
         });
         self.request(&request).await
     }

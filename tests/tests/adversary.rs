@@ -302,9 +302,10 @@ mod under_attack {
                 version: 99,
                 device: String::new(),
                 admission: None,
+                checks_only: false,
             }))
             .await;
-        let mut future = Adversary::new(&addr, "/herd/rpc/4");
+        let mut future = Adversary::new(&addr, "/herd/rpc/99");
         let unsupported = future.send_raw(vec![0, 0, 0, 0]).await;
 
         // A peer that keeps failing: three zero deltas, then another lease request.

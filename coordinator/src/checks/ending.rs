@@ -3,7 +3,7 @@
 
 use herd_protocol::{LeaseId, Round};
 
-use super::{CheckAction, CheckBook, OwnReplay};
+use super::{CheckAction, CheckBook, OwnReplay, void_waiting};
 use crate::round::PeerKey;
 
 impl CheckBook {
@@ -39,8 +39,20 @@ impl CheckBook {
     /// count (their checks are handed out again), its own undecided submissions need no
     /// checks, and every target it vouched for is reopened: replayed by the coordinator if it
     /// is still in the open round, and its submitter loses the trust those checks earned.
+    /// Reports waiting on what is dropped are answered unjudged.
     pub fn banned(&mut self, peer: PeerKey) -> Vec<CheckAction> {
-        self.targets.retain(|_, t| t.submitter != peer || t.decided);
+        let mut actions = Vec::new();
+        let dropped: Vec<LeaseId> = self
+            .targets
+            .iter()
+            .filter(|(_, t)| t.submitter == peer && !t.decided)
+            .map(|(lease, _)| *lease)
+            .collect();
+        for lease in dropped {
+            if let Some(t) = self.targets.remove(&lease) {
+                actions.extend(void_waiting(t.reports));
+            }
+        }
         let voided: Vec<LeaseId> = self
             .out
             .iter()
@@ -51,13 +63,15 @@ impl CheckBook {
             self.release(id);
         }
         for t in self.targets.values_mut() {
-            let before = t.reports.len();
-            t.reports.retain(|r| r.checker != peer);
-            if t.reports.len() < before && t.truth.is_none() && !t.decided {
+            let (its, others): (Vec<_>, Vec<_>) = std::mem::take(&mut t.reports)
+                .into_iter()
+                .partition(|r| r.checker == peer);
+            t.reports = others;
+            if !its.is_empty() && t.truth.is_none() && !t.decided {
                 t.needed += 1;
             }
+            actions.extend(void_waiting(its));
         }
-        let mut actions = Vec::new();
         for (lease, submitter) in self.vouched.remove(&peer).unwrap_or_default() {
             actions.push(CheckAction::Distrust { submitter });
             if let Some(t) = self.targets.get_mut(&lease)

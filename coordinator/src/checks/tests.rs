@@ -345,15 +345,94 @@ fn a_replay_the_coordinator_cannot_do_judges_nobody() {
         .unwrap();
     assert_eq!(book.target(LeaseId(1)), Some((R, ShardId(0))));
     let actions = book.unjudged(LeaseId(1));
-    assert!(matches!(
-        &actions[..],
-        [CheckAction::Passed {
-            lease: LeaseId(1),
-            ..
-        }]
-    ));
+    assert!(
+        matches!(
+            &actions[..],
+            [CheckAction::Void { peer, check }, CheckAction::Passed {
+                lease: LeaseId(1),
+                ..
+            }] if *peer == c && *check == g.check
+        ),
+        "the waiting report is answered, unjudged: {actions:?}"
+    );
     assert!(
         book.truth(LeaseId(1), sketch(0, 0.0)).is_empty(),
         "decided, no report left"
+    );
+}
+
+#[test]
+fn reports_waiting_on_a_target_that_leaves_the_book_are_answered() {
+    let [s1, s2, c1, c2, c3] = peers();
+    let mut book = CheckBook::new(policy(), 1);
+    // c1 disagrees with s1's submission; s1's submission is then rejected on other grounds.
+    book.submit(LeaseId(1), s1, R, ShardId(0), sketch(0, 0.0), 1, 0);
+    let g1 = book.assign(c1, R, 0).unwrap();
+    let waiting = book.report(g1.check, c1, R, ShardId(0), sketch(8, 0.0));
+    assert!(matches!(
+        waiting.unwrap()[..],
+        [CheckAction::ReplayYourself { .. }]
+    ));
+    assert_eq!(
+        book.forget(LeaseId(1)),
+        vec![CheckAction::Void {
+            peer: c1,
+            check: g1.check
+        }]
+    );
+    // c2 disagrees with s2's; s2 is banned for something else.
+    book.submit(LeaseId(2), s2, R, ShardId(1), sketch(1, 0.0), 2, 0);
+    let g2 = book.assign(c2, R, 0).unwrap();
+    let g3 = book.assign(c3, R, 0).unwrap();
+    book.report(g2.check, c2, R, ShardId(1), sketch(8, 0.0))
+        .unwrap();
+    let actions = book.banned(s2);
+    assert_eq!(
+        actions,
+        vec![CheckAction::Void {
+            peer: c2,
+            check: g2.check
+        }]
+    );
+    assert_eq!(book.target(LeaseId(2)), None);
+    assert_eq!(
+        book.report(g3.check, c3, R, ShardId(1), sketch(1, 0.0)),
+        Err(ReportRefused::Unknown),
+        "the check still out is moot"
+    );
+}
+
+#[test]
+fn a_banned_checkers_waiting_report_is_answered_and_the_arbitration_still_decides() {
+    let [s, liar, honest] = peers();
+    let mut book = CheckBook::new(policy(), 1);
+    book.submit(LeaseId(1), s, R, ShardId(0), sketch(0, 0.0), 1, 0);
+    let g = book.assign(liar, R, 0).unwrap();
+    book.report(g.check, liar, R, ShardId(0), sketch(8, 0.0))
+        .unwrap();
+    let actions = book.banned(liar);
+    assert_eq!(
+        actions,
+        vec![CheckAction::Void {
+            peer: liar,
+            check: g.check
+        }]
+    );
+    // The arbitration it asked for still decides the submitter, and judges nobody else.
+    assert_eq!(
+        book.assign(honest, R, 0),
+        None,
+        "being replayed: no check of it"
+    );
+    let decided = book.truth(LeaseId(1), sketch(0, 0.0));
+    assert!(
+        matches!(
+            decided[..],
+            [CheckAction::Passed {
+                lease: LeaseId(1),
+                ..
+            }]
+        ),
+        "{decided:?}"
     );
 }

@@ -69,6 +69,10 @@ pub enum CheckAction {
         shard: ShardId,
         agreement: Agreement,
     },
+    /// A report that waited for an arbitration will not be judged: its target left the book
+    /// (rejected on other grounds, its submitter banned) or the coordinator's replay failed.
+    /// Answer it; no credit, no strike.
+    Void { peer: PeerKey, check: LeaseId },
     /// A checker was banned after vouching for `submitter`: the trust those checks earned is
     /// void.
     Distrust { submitter: PeerKey },

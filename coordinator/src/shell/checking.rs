@@ -179,6 +179,25 @@ impl Coordinator {
         }
     }
 
+    /// A submission under checks was rejected on other grounds: the book drops it, and
+    /// reports waiting for its arbitration are answered unjudged.
+    pub(super) fn forget_checks(&mut self, swarm: &mut Swarm<Behaviour>, lease: LeaseId) {
+        for action in self.checking.book.forget(lease) {
+            if let CheckAction::Void { peer, check } = action {
+                self.answer_void(swarm, peer, check);
+            }
+        }
+    }
+
+    /// Answers a report that will not be judged (no credit, no strike).
+    fn answer_void(&mut self, swarm: &mut Swarm<Behaviour>, peer: PeerKey, check: LeaseId) {
+        tracing::info!(%peer, %check, "check report not judged: its submission left the book");
+        if let Some(channel) = self.checking.answers.remove(&check) {
+            let answer = RpcResponse::Verdict(Verdict::Rejected(RejectReason::CheckVoid));
+            let _ = swarm.behaviour_mut().rpc.send_response(channel, answer);
+        }
+    }
+
     /// Checks past their time (every tick).
     pub(super) fn expire_checks(&mut self, swarm: &mut Swarm<Behaviour>, now: u64) {
         let actions = self.checking.book.expire(now);
@@ -193,9 +212,9 @@ impl Coordinator {
 
     /// The round closed: its checks are moot, reports still waiting are answered as stale.
     pub(super) fn close_checks(&mut self, swarm: &mut Swarm<Behaviour>, round: Round) {
-        // Submissions still under checks are stale: the machine answers them so.
+        // Submissions still under checks are stale.
         for lease in self.checking.book.close_round(round) {
-            self.verified(swarm, lease, Ok(()));
+            self.verified(swarm, lease, Err(RejectReason::StaleRound));
         }
         let book = &self.checking.book;
         self.checking
@@ -299,6 +318,7 @@ impl Coordinator {
                     let verdict = Verdict::Rejected(RejectReason::CheckMismatch(reason));
                     self.check_verdict(swarm, peer, check, shard, verdict, None);
                 }
+                CheckAction::Void { peer, check } => self.answer_void(swarm, peer, check),
                 CheckAction::Distrust { submitter } => {
                     tracing::warn!(peer = %submitter, "trust earned through a banned checker withdrawn");
                     self.ledger.distrust(&submitter);

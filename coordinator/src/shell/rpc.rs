@@ -1,4 +1,4 @@
-//! Requests on `/herd/rpc/3`: leases asked for and returned, and what is published. A
+//! Requests on `/herd/rpc/4`: leases asked for and returned, and what is published. A
 //! submission is handed to [`super::submissions`], a check report to [`super::checking`].
 
 use herd_protocol::messages::{
@@ -14,6 +14,9 @@ use crate::round::{Action, Event, PeerKey};
 use crate::store::GrantRecord;
 use crate::verify::reputation::Standing;
 use herd_protocol::admission::Challenge;
+
+/// When a node that asked only for checks asks again if none was waiting.
+const CHECK_POLL_MS: u64 = 1_000;
 
 /// Takes the one action that answers the request just handled out of `actions` (the first
 /// that `answers` picks); the rest are the machine's other work, carried out as usual.
@@ -68,8 +71,17 @@ impl Coordinator {
             RpcRequest::Lease(req) => match self.admit(swarm.local_peer_id(), &peer, &req) {
                 Ok(trusted) => {
                     // A waiting check goes first: a round waits on it.
-                    if trusted && let Some(lease) = self.check_lease_for(peer, now) {
-                        let answer = RpcResponse::Lease(Box::new(lease));
+                    let answer = match trusted.then(|| self.check_lease_for(peer, now)) {
+                        Some(Some(lease)) => Some(RpcResponse::Lease(Box::new(lease))),
+                        // Its last submission still waits for a verdict: no shard yet.
+                        _ if req.checks_only => Some(RpcResponse::NoWork {
+                            retry_after_ms: CHECK_POLL_MS,
+                            finished: self.machine.is_finished(),
+                            reason: "no check waiting".into(),
+                        }),
+                        _ => None,
+                    };
+                    if let Some(answer) = answer {
                         let _ = swarm.behaviour_mut().rpc.send_response(channel, answer);
                         return;
                     }

@@ -339,7 +339,7 @@ impl Coordinator {
         let banned = self.ledger.apply(peer, &record);
         if self.checking.book.target(lease).is_some() && !matches!(verdict, Verdict::Accepted) {
             // Rejected while checkers were on it (its round closed, its peer was banned).
-            self.checking.book.forget(lease);
+            self.forget_checks(swarm, lease);
         }
         self.publish_totals();
         let replayed = detail.replay.is_some();

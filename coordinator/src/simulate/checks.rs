@@ -342,7 +342,7 @@ impl World<'_> {
                         queue.extend(self.banned(slot));
                     }
                 }
-                CheckAction::Credit { .. } => {}
+                CheckAction::Credit { .. } | CheckAction::Void { .. } => {}
                 CheckAction::Distrust { submitter } => self.reputation.distrust(&submitter),
                 CheckAction::Overturned { submitter, .. } => {
                     if let Some(slot) = self.slot_of(submitter) {

@@ -101,6 +101,7 @@ impl Contributor {
             version: PROTOCOL_VERSION,
             device: self.device.clone(),
             admission: self.admission.proof(),
+            checks_only: self.pending.is_some(),
         });
         Ok(match self.client.rpc(request).await {
             Ok(RpcResponse::Lease(lease)) => Offer::Lease(lease),
@@ -141,7 +142,8 @@ impl Contributor {
         let client = self.client.clone();
         match lease.task {
             LeaseTask::Train => {
-                // The residual this delta is encoded with is what the last verdict left.
+                // The residual this delta is encoded with is what the last verdict left. (A
+                // node asks only for checks while a verdict is out, so it is in already.)
                 self.settle().await;
                 let work = self.worker.work(&self.client, &self.keypair, lease);
                 match unless_stopped(&client, lease, availability, work).await? {
@@ -169,6 +171,18 @@ impl Contributor {
             .is_some_and(|p| p.verdict.is_finished())
         {
             self.settle().await;
+        }
+    }
+
+    /// Until the last submission's verdict is in (at once if none is out). Cancel-safe: it
+    /// only looks.
+    pub async fn answered(&self) {
+        while self
+            .pending
+            .as_ref()
+            .is_some_and(|p| !p.verdict.is_finished())
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 

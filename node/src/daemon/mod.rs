@@ -42,6 +42,8 @@ const FIRST_CONTACT_ATTEMPTS: u32 = 3;
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// Longest wait at exit for work on blocking threads (a training step, a model load).
 const SHUTDOWN_WAIT: Duration = Duration::from_secs(20);
+/// Longest wait at exit for the last submission's verdict.
+const LAST_VERDICT_WAIT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
@@ -115,8 +117,14 @@ async fn run_async(args: RunArgs) -> Result<()> {
     node.report("connecting to the coordinator");
     let availability = Availability::new(args.active_hours.clone(), &node.data_dir);
     let result = contribute(&args, &mut node, &availability, &addr).await;
-    // The last submission's verdict, so its residual and journal line are kept.
-    node.settle().await;
+    // The last submission's verdict, so its residual and journal line are kept; not for
+    // ever: without it the residual stays as before that delta, as if it was rejected.
+    if tokio::time::timeout(LAST_VERDICT_WAIT, node.settle())
+        .await
+        .is_err()
+    {
+        tracing::warn!("stopping without the last submission's verdict");
+    }
     node.report(match &result {
         Ok(()) => "stopped".to_string(),
         Err(e) => format!("stopped: {e:#}"),
@@ -227,7 +235,11 @@ async fn wait_for_work(
     }
     contact.reached = true;
     tracing::debug!(%reason, retry_after_ms, "no work yet");
-    tokio::time::sleep(Duration::from_millis(retry_after_ms.max(50))).await;
+    // A node waiting for its verdict asks again as soon as it is in: then it may train.
+    tokio::select! {
+        _ = tokio::time::sleep(Duration::from_millis(retry_after_ms.max(50))) => {}
+        _ = node.answered(), if node.pending.is_some() => {}
+    }
 }
 
 /// Waits longer after each failed lease request, up to [`MAX_BACKOFF`]; a node that never
