@@ -147,6 +147,13 @@ fn codec_from_str<'de, D: serde::Deserializer<'de>>(d: D) -> Result<CodecSpec, D
 pub struct VerifySection {
     /// Reject deltas with a norm above this multiple of the median accepted norm.
     pub norm_multiple: f64,
+    /// The payload must not point away from the Δ its sketch stands for: the cosine between
+    /// the sketch of the decoded payload and the sketch the node sent (of its raw Δ) is at
+    /// least `-sketch_noise_margin / sqrt(m)`, `m` the sketch's length (1/sqrt(m) is the
+    /// sketch's own error on a cosine). What ties the payload to the Δ a replay vouches for,
+    /// on every delta, for the price of one sketch (docs/checking.md, "The payload and its
+    /// sketch").
+    pub sketch_noise_margin: f64,
     /// Examples of the shard, and of the held-out set, the effect check evaluates.
     pub effect_samples: usize,
     /// The measured loss drop on those must be at least this fraction of the claimed one
@@ -202,6 +209,7 @@ impl Default for VerifySection {
     fn default() -> Self {
         VerifySection {
             norm_multiple: 4.0,
+            sketch_noise_margin: 3.0,
             effect_samples: 16,
             effect_min_fraction: 0.05,
             shard_max_rise: 0.03,
@@ -324,6 +332,7 @@ impl RunConfig {
             && (0.0..=1.0).contains(&v.replay_trusted)
             && (0.0..=1.0).contains(&v.effect_trusted)
             && (-1.0..=1.0).contains(&v.replay_min_cosine)
+            && v.sketch_noise_margin >= 0.0
             && v.replay_max_rel_error > 0.0
             && v.effect_min_fraction >= 0.0
             && v.heldout_max_rise >= 0.0
@@ -332,7 +341,7 @@ impl RunConfig {
             && v.ban_after > 0)
         {
             bail!(
-                "verify: norm_multiple > 1, replay rates and effect_trusted in [0, 1], replay_min_cosine in [-1, 1], positive replay_max_rel_error, effect_samples and ban_after, non-negative effect_min_fraction, shard_max_rise and heldout_max_rise"
+                "verify: norm_multiple > 1, replay rates and effect_trusted in [0, 1], replay_min_cosine in [-1, 1], non-negative sketch_noise_margin, positive replay_max_rel_error, effect_samples and ban_after, non-negative effect_min_fraction, shard_max_rise and heldout_max_rise"
             );
         }
         let a = &self.aggregate;

@@ -119,7 +119,7 @@ pub fn simulate(cfg: ScaleConfig) -> Result<ScaleReport> {
                 &payload,
                 &layout,
                 cfg.codec,
-                4.0,
+                &crate::config::VerifySection::default(),
             );
             let norm = checked.as_ref().map(|c| c.norm).ok();
             let mut pending = machine.handle(

@@ -280,6 +280,12 @@ pub enum RejectReason {
     /// A check report differs from the truth (the coordinator's own replay); the text says
     /// by how much.
     CheckMismatch(String),
+    /// The payload does not point where the sketch sent with it says (cosine between the
+    /// payload's sketch and the sent one under the minimum).
+    OffSketch {
+        cosine: f64,
+        min: f64,
+    },
     /// A check report that will not be judged: its submission was withdrawn (rejected on
     /// other grounds, its peer banned) or the coordinator could not replay it. No strike, no
     /// credit.
@@ -326,6 +332,10 @@ impl std::fmt::Display for RejectReason {
                 f.write_str("another delta for this shard was accepted first")
             }
             RejectReason::CheckMismatch(why) => write!(f, "wrong check: {why}"),
+            RejectReason::OffSketch { cosine, min } => write!(
+                f,
+                "the payload differs from its sketch: cosine {cosine:.3}, at least {min:.3} required"
+            ),
             RejectReason::CheckVoid => {
                 f.write_str("check not judged: its submission was withdrawn or not replayed")
             }
@@ -358,6 +368,7 @@ impl RejectReason {
             RejectReason::Banned(_) => "banned",
             RejectReason::ShardTaken => "shard_taken",
             RejectReason::CheckMismatch(_) => "check_mismatch",
+            RejectReason::OffSketch { .. } => "off_sketch",
             RejectReason::CheckVoid => "check_void",
         }
     }

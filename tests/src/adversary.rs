@@ -2,15 +2,17 @@
 //! protocol, but it sends whatever a test asks, byte for byte. It can also train honestly
 //! (through herd-model, like a node) so attacks start from a realistic delta.
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, StreamExt};
 use herd_model::Llama;
 use herd_model::data::Dataset;
 use herd_model::lora::{Lora, LoraConfig};
+use herd_model::peft::load_adapter_weights;
 use herd_model::shard::{ShardOutcome, train_shard};
 use herd_model::tokenizer::TextTokenizer;
-use herd_protocol::delta::Delta;
+use herd_protocol::delta::{Delta, Payload};
 use herd_protocol::framing::{decode, encode};
 use herd_protocol::messages::*;
 use libp2p::identity::Keypair;
@@ -257,6 +259,22 @@ impl Adversary {
             other => panic!("expected a verdict, got {other:?}"),
         }
     }
+
+    /// Reports `sketch` for the check `lease`: the coordinator's answer.
+    pub async fn report(&mut self, lease: &Lease, sketch: Vec<f32>) -> Verdict {
+        let request = RpcRequest::Report(Box::new(CheckReport {
+            lease: lease.id,
+            run: lease.run.clone(),
+            round: lease.round,
+            shard: lease.shard,
+            base_adapter: lease.base_adapter,
+            sketch,
+        }));
+        match self.send(&request).await {
+            RpcResponse::Verdict(v) => v,
+            other => panic!("expected a verdict on a report, got {other:?}"),
+        }
+    }
 }
 
 /// What a submission claims about its training.
@@ -302,12 +320,21 @@ impl World {
     /// Trains `lease` from θ_0 (round 0's adapter: B = 0, A from the run's seed) as a node
     /// would; `lease.ranges` may be changed first to train on other data.
     pub fn train(&self, lease: &Lease) -> ShardOutcome {
-        let lora = Lora::new(
-            self.model.config(),
+        self.train_from(lease, None)
+    }
+
+    /// Trains `lease` from `adapter` (the round's θ_r as a node fetched it; `None`: θ_0).
+    pub fn train_from(&self, lease: &Lease, adapter: Option<&Path>) -> ShardOutcome {
+        let config = self.model.config();
+        let mut lora = Lora::new(
+            config,
             LoraConfig::try_from(&lease.lora).unwrap(),
             tch::Device::Cpu,
         )
         .unwrap();
+        if let Some(adapter) = adapter {
+            load_adapter_weights(&mut lora, adapter, config.num_hidden_layers).unwrap();
+        }
         train_shard(&self.model, &lora, &self.data, lease, true, |_| {
             std::ops::ControlFlow::Continue(())
         })
@@ -318,6 +345,32 @@ impl World {
 /// `delta` encoded for `lease` (its codec, its seed for the sketch), no residual.
 pub fn encode_for(lease: &Lease, delta: &Delta) -> Vec<u8> {
     delta.encode(lease.codec, None, lease.seed).unwrap().payload
+}
+
+/// The payload of `sent` for `lease` carrying the sketch of `sketched`: a forger's honest
+/// sketch (which a replay agrees with) on another payload.
+pub fn payload_with_sketch_of(lease: &Lease, sent: &Delta, sketched: &Delta) -> Vec<u8> {
+    let cap = herd_protocol::delta::MAX_DELTA_BYTES;
+    let open = |delta: &Delta| -> Payload {
+        const CAP: usize = herd_protocol::delta::MAX_DELTA_BYTES;
+        let payload: Payload = decode::<_, CAP>(&encode_for(lease, delta)).unwrap();
+        payload
+    };
+    let mut payload = open(sent);
+    payload.sketch = open(sketched).sketch;
+    let bytes = encode(&payload).unwrap();
+    assert!(bytes.len() <= cap);
+    bytes
+}
+
+/// Where the coordinator in `coordinator_dir` keeps blob `id` (a round's adapter): what a
+/// node would fetch, read off the disk.
+pub fn blob_path(coordinator_dir: &Path, id: &herd_protocol::ContentId) -> PathBuf {
+    let blobs = herd_protocol::blobs::BlobStore::open(&coordinator_dir.join("blobs")).unwrap();
+    blobs
+        .path(id)
+        .expect("the coordinator has the blob")
+        .to_path_buf()
 }
 
 /// Seeded Gaussian-ish noise shaped like `like`, with the same global norm.

@@ -11,7 +11,8 @@ use herd_protocol::delta::{MAX_DELTA_BYTES, Payload};
 use herd_protocol::framing::{decode, encode};
 use herd_protocol::messages::*;
 use herd_tests::adversary::{
-    Adversary, Claim, World, encode_for, noise_like, wait_for_lease_expiry,
+    Adversary, Claim, World, blob_path, encode_for, noise_like, payload_with_sketch_of,
+    wait_for_lease_expiry,
 };
 use herd_tests::{Coordinator, Reaper, get_json, wait_until};
 use libp2p::request_response::OutboundFailure;
@@ -540,22 +541,6 @@ mod lying_checkers {
         panic!("no check lease within a minute");
     }
 
-    /// `peer`'s report of `sketch` for the check `lease`: the coordinator's answer.
-    async fn report(peer: &mut Adversary, lease: &Lease, sketch: Vec<f32>) -> Verdict {
-        let request = RpcRequest::Report(Box::new(CheckReport {
-            lease: lease.id,
-            run: lease.run.clone(),
-            round: lease.round,
-            shard: lease.shard,
-            base_adapter: lease.base_adapter,
-            sketch,
-        }));
-        match peer.send(&request).await {
-            RpcResponse::Verdict(v) => v,
-            other => panic!("expected a verdict on a report, got {other:?}"),
-        }
-    }
-
     /// An honest shard: leased, trained, submitted; its verdict.
     async fn honest(peer: &mut Adversary, world: &World) -> Verdict {
         let lease = peer.lease().await;
@@ -600,7 +585,9 @@ mod lying_checkers {
                 (check.round, check.shard, check.seed),
                 (lease.round, lease.shard, lease.seed)
             );
-            report(&mut approver, &check, forged.delta.sketch(check.seed)).await
+            approver
+                .report(&check, forged.delta.sketch(check.seed))
+                .await
         });
         assert_eq!(
             forger_verdict,
@@ -613,7 +600,7 @@ mod lying_checkers {
         // coordinator's replay decides for the submitter, and the accomplice is banned.
         let (rejecter_verdict, lazy) = tokio::join!(honest(&mut rejecter, &world), async {
             let check = take_check(&mut approver).await;
-            report(&mut approver, &check, vec![0.0; sketch_len]).await
+            approver.report(&check, vec![0.0; sketch_len]).await
         });
         assert_eq!(rejecter_verdict, Verdict::Accepted);
         assert!(is_check_mismatch(&lazy), "{lazy:?}");
@@ -645,7 +632,7 @@ mod lying_checkers {
         // is banned; the honest submission stands.
         let (honest_verdict, rejection) = tokio::join!(honest(&mut honest_peer, &world), async {
             let check = take_check(&mut rejecter).await;
-            report(&mut rejecter, &check, vec![1.0; sketch_len]).await
+            rejecter.report(&check, vec![1.0; sketch_len]).await
         });
         assert_eq!(honest_verdict, Verdict::Accepted);
         assert!(is_check_mismatch(&rejection), "{rejection:?}");
@@ -704,9 +691,35 @@ fn run_config(rounds: u64) -> String {
     )
 }
 
-/// Runs three honest nodes (and, with `adversary`, one attacker cycling through attacks and
-/// identities) to the end; returns the final held-out loss and the status.
-async fn run_to_the_end(rounds: u64, adversary: bool) -> (f64, serde_json::Value) {
+/// Who joins the three honest nodes.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Attacker {
+    Nobody,
+    /// Cycles noise, ×−1 and ×10 of a stale delta, and a new identity after each ban.
+    Noisy,
+    /// Trains honestly until trusted (`trusted_after` accepted deltas, every one replayed or
+    /// checked), then sends its honest delta ×−1 under the honest sketch (which a replay
+    /// agrees with), and checks others honestly; banned, it comes back as someone new and
+    /// starts over.
+    Patient,
+}
+
+/// Accepted deltas that make a new peer trusted (the default `[verify] trusted_after`).
+const TRUSTED_AFTER: u32 = 3;
+
+/// What an attacker got done in a run.
+#[derive(Debug, Default)]
+struct Tally {
+    identities: u32,
+    honest_accepted: u32,
+    checks: u32,
+    forged_sent: u32,
+    forged_accepted: u32,
+}
+
+/// Runs three honest nodes (and `attacker`) to the end; returns the final held-out loss, the
+/// status and what the attacker got done.
+async fn run_to_the_end(rounds: u64, attacker: Attacker) -> (f64, serde_json::Value, Tally) {
     let tmp = tempfile::tempdir().unwrap();
     let coordinator = Coordinator::start(tmp.path(), &run_config(rounds));
     let _nodes = Reaper(
@@ -714,42 +727,12 @@ async fn run_to_the_end(rounds: u64, adversary: bool) -> (f64, serde_json::Value
             .map(|i| coordinator.start_node(&tmp.path().join(format!("node-{i}"))))
             .collect(),
     );
-    if adversary {
-        let world = World::load(128);
-        let addr = coordinator.addr.clone();
-        let mut attacker = Adversary::new(&addr, RPC_PROTOCOL);
-        // A delta of honest size, trained once from θ_0 (stale after round 0), then bent.
-        let mut trained: Option<herd_model::shard::ShardOutcome> = None;
-        // Bounded: far more iterations than a run has leases.
-        for i in 0..500u64 {
-            let lease = match attacker.try_lease().await {
-                Ok(l) => l,
-                Err(RpcResponse::NoWork { finished: true, .. }) => break,
-                Err(RpcResponse::NoWork { retry_after_ms, .. }) => {
-                    tokio::time::sleep(Duration::from_millis(retry_after_ms.max(50))).await;
-                    continue;
-                }
-                Err(RpcResponse::Refused { .. }) => {
-                    // Banned: come back as someone new (a Sybil).
-                    attacker = Adversary::new(&addr, RPC_PROTOCOL);
-                    continue;
-                }
-                Err(other) => panic!("{other:?}"),
-            };
-            let out = trained.get_or_insert_with(|| world.train(&lease));
-            let wobble = 1.0 + i as f32 * 1e-3; // distinct bytes each time
-            let bad = match i % 3 {
-                0 => noise_like(&out.delta, i),
-                1 => out.delta.scaled(-wobble),
-                _ => out.delta.scaled(10.0 * wobble),
-            };
-            let sub = attacker.sign(&lease, encode_for(&lease, &bad), &(&*out).into());
-            let verdict = attacker.submit(sub).await;
-            assert_ne!(verdict, Verdict::Accepted, "attack {i} got through");
-            // Ask again at a node's pace rather than hoard every freed shard.
-            tokio::time::sleep(Duration::from_millis(300)).await;
-        }
-    }
+    let addr = coordinator.addr.clone();
+    let tally = match attacker {
+        Attacker::Nobody => Tally::default(),
+        Attacker::Noisy => noisy(&addr).await,
+        Attacker::Patient => patient(&addr, &tmp.path().join("coordinator")).await,
+    };
     let status = tokio::task::spawn_blocking(move || {
         let status = wait_until(Duration::from_secs(600), "the run to finish", || {
             coordinator.status().filter(|s| s["finished"] == true)
@@ -760,30 +743,137 @@ async fn run_to_the_end(rounds: u64, adversary: bool) -> (f64, serde_json::Value
     .await
     .unwrap();
     let last = status["heldout_loss"].as_array().unwrap().last().unwrap();
-    (last.as_f64().unwrap(), status)
+    (last.as_f64().unwrap(), status, tally)
+}
+
+/// A lease for `attacker`, until the run is over (`None`); a banned one comes back as someone
+/// new (a Sybil), counted in `tally`.
+async fn next_lease(attacker: &mut Adversary, addr: &str, tally: &mut Tally) -> Option<Lease> {
+    // Bounded: far more requests than a run has leases.
+    for _ in 0..5_000 {
+        match attacker.try_lease().await {
+            Ok(lease) => return Some(lease),
+            Err(RpcResponse::NoWork { finished: true, .. }) => return None,
+            Err(RpcResponse::NoWork { retry_after_ms, .. }) => {
+                tokio::time::sleep(Duration::from_millis(retry_after_ms.max(50))).await;
+            }
+            Err(RpcResponse::Refused { .. }) => {
+                *attacker = Adversary::new(addr, RPC_PROTOCOL);
+                tally.identities += 1;
+            }
+            Err(other) => panic!("{other:?}"),
+        }
+    }
+    panic!("the run did not end within 5,000 lease requests")
+}
+
+/// The noisy attacker: a delta of honest size, trained once from θ_0 (stale after round 0),
+/// then bent; none may get through.
+async fn noisy(addr: &str) -> Tally {
+    let world = World::load(128);
+    let mut attacker = Adversary::new(addr, RPC_PROTOCOL);
+    let mut tally = Tally {
+        identities: 1,
+        ..Tally::default()
+    };
+    let mut trained: Option<herd_model::shard::ShardOutcome> = None;
+    for i in 0..500u64 {
+        let Some(lease) = next_lease(&mut attacker, addr, &mut tally).await else {
+            break;
+        };
+        let out = trained.get_or_insert_with(|| world.train(&lease));
+        let wobble = 1.0 + i as f32 * 1e-3; // distinct bytes each time
+        let bad = match i % 3 {
+            0 => noise_like(&out.delta, i),
+            1 => out.delta.scaled(-wobble),
+            _ => out.delta.scaled(10.0 * wobble),
+        };
+        let sub = attacker.sign(&lease, encode_for(&lease, &bad), &(&*out).into());
+        tally.forged_sent += 1;
+        let verdict = attacker.submit(sub).await;
+        assert_ne!(verdict, Verdict::Accepted, "attack {i} got through");
+        // Ask again at a node's pace rather than hoard every freed shard.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    tally
+}
+
+/// The patient attacker (see [`Attacker::Patient`]). It trains from θ_r read off the
+/// coordinator's blob store in `coordinator_dir`, as a node would have fetched it.
+async fn patient(addr: &str, coordinator_dir: &std::path::Path) -> Tally {
+    let world = World::load(128);
+    let mut attacker = Adversary::new(addr, RPC_PROTOCOL);
+    let mut tally = Tally {
+        identities: 1,
+        ..Tally::default()
+    };
+    let (mut identity, mut accepted) = (1, 0);
+    for _ in 0..500 {
+        let Some(lease) = next_lease(&mut attacker, addr, &mut tally).await else {
+            break;
+        };
+        if tally.identities != identity {
+            (identity, accepted) = (tally.identities, 0); // starts over
+        }
+        let adapter = blob_path(coordinator_dir, &lease.base_adapter);
+        let out = tokio::task::block_in_place(|| world.train_from(&lease, Some(&adapter)));
+        if lease.task == LeaseTask::Check {
+            tally.checks += 1;
+            attacker.report(&lease, out.delta.sketch(lease.seed)).await;
+            continue;
+        }
+        let forge = accepted >= TRUSTED_AFTER;
+        let payload = if forge {
+            payload_with_sketch_of(&lease, &out.delta.scaled(-1.0), &out.delta)
+        } else {
+            encode_for(&lease, &out.delta)
+        };
+        let sub = attacker.sign(&lease, payload, &(&out).into());
+        let taken = attacker.submit(sub).await == Verdict::Accepted;
+        match (forge, taken) {
+            (false, true) => {
+                accepted += 1;
+                tally.honest_accepted += 1;
+            }
+            (true, _) => {
+                tally.forged_sent += 1;
+                tally.forged_accepted += taken as u32;
+            }
+            (false, false) => {}
+        }
+    }
+    tally
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_adversary_of_four_does_not_move_the_final_loss() {
-    // HERD_ATTACK_ROUNDS=20 gives the demo-sized figure quoted in the README.
+    // HERD_ATTACK_ROUNDS=20 gives the demo-sized figures quoted in the README.
     let rounds = std::env::var("HERD_ATTACK_ROUNDS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(3);
-    let (honest, _) = run_to_the_end(rounds, false).await;
-    let (attacked, status) = run_to_the_end(rounds, true).await;
-    let diff = (attacked - honest).abs() / honest;
-    println!(
-        "final held-out loss: honest {honest:.4}, with an adversary {attacked:.4} ({:.2}%)",
-        100.0 * diff
-    );
-    let rejects = &status["rejects_by_reason"];
-    assert!(
-        rejects.as_object().is_some_and(|r| !r.is_empty()),
-        "{status}"
-    );
-    assert!(
-        diff < 0.01,
-        "honest {honest}, attacked {attacked}: {rejects}"
-    );
+        .unwrap_or(6);
+    let (honest, _, _) = run_to_the_end(rounds, Attacker::Nobody).await;
+    for attacker in [Attacker::Noisy, Attacker::Patient] {
+        let (attacked, status, tally) = run_to_the_end(rounds, attacker).await;
+        let diff = (attacked - honest).abs() / honest;
+        println!(
+            "final held-out loss: honest {honest:.4}, with a {attacker:?} adversary {attacked:.4} \
+             ({:.2}%); {tally:?}",
+            100.0 * diff
+        );
+        let rejects = &status["rejects_by_reason"];
+        assert!(
+            tally.forged_sent > 0,
+            "{attacker:?} never attacked: {tally:?}"
+        );
+        assert_eq!(tally.forged_accepted, 0, "{attacker:?}: {tally:?}");
+        assert!(
+            rejects.as_object().is_some_and(|r| !r.is_empty()),
+            "{status}"
+        );
+        assert!(
+            diff < 0.01,
+            "{attacker:?}: honest {honest}, attacked {attacked}: {rejects}, {tally:?}"
+        );
+    }
 }

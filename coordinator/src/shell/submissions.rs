@@ -191,7 +191,7 @@ impl Coordinator {
             &sub.payload,
             &self.layout,
             self.cfg.round.codec,
-            self.cfg.verify.norm_multiple,
+            &self.cfg.verify,
         )
     }
 
@@ -314,7 +314,12 @@ impl Coordinator {
                 p.channel,
                 p.facts,
                 p.detail,
-                Some((p.checked.decoded.delta, p.checked.norm, p.payload)),
+                Some((
+                    p.checked.decoded.delta,
+                    p.checked.norm,
+                    p.payload,
+                    p.checked.sketch_cosine,
+                )),
             ),
             None => match answer {
                 Some((channel, facts)) => (channel, facts, VerifyDetail::default(), None),
@@ -327,7 +332,7 @@ impl Coordinator {
         }
         let record = verdict_record(peer, lease, &verdict, &facts, &detail);
         let accepted = checked.filter(|_| verdict == Verdict::Accepted);
-        if let Err(e) = self.commit(&record, accepted.as_ref().map(|(_, n, p)| (*n, &p[..]))) {
+        if let Err(e) = self.commit(&record, accepted.as_ref().map(|(_, n, p, _)| (*n, &p[..]))) {
             // Without a durable record the verdict is not given: the node's request times out,
             // it submits again or its lease is reissued.
             tracing::error!(error = %e, "cannot record a verdict; not answering");
@@ -346,11 +351,12 @@ impl Coordinator {
         let round = self.machine.round().0;
         match &verdict {
             Verdict::Accepted => {
-                tracing::info!(%peer, %lease, round, tokens = facts.tokens, replayed, "accepted delta");
+                let sketch_cosine = accepted.as_ref().map(|a| format!("{:.4}", a.3));
+                tracing::info!(%peer, %lease, round, tokens = facts.tokens, replayed, sketch_cosine, "accepted delta");
                 if let Some(rate) = facts.tokens_per_second {
                     self.peers.entry(peer).or_default().tokens_per_second = rate;
                 }
-                if let Some((delta, _, _)) = accepted {
+                if let Some((delta, _, _, _)) = accepted {
                     self.round_deltas.insert(lease, (delta, facts.tokens));
                 }
             }

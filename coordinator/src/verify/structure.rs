@@ -1,7 +1,7 @@
 //! Layer 2: what the payload is, without running the model: it decodes within the layout's
 //! cap with the run's codec, every value is finite, it is not all zeros, its norm is within a
-//! multiple of the running median of accepted norms, and it is not a byte-for-byte copy of a
-//! submission for another shard. (The same shard trained again after a reissue gives the same
+//! multiple of the running median of accepted norms, it points where its sketch says, and it is
+//! not a byte-for-byte copy of a submission for another shard. (The same shard trained again after a reissue gives the same
 //! bytes when the training is deterministic: that is honest, and exactly what replays expect.)
 
 use std::collections::{HashMap, VecDeque};
@@ -9,9 +9,11 @@ use std::collections::{HashMap, VecDeque};
 use herd_protocol::codec::CodecSpec;
 use herd_protocol::delta::{Decoded, Delta, DeltaError, DeltaLayout};
 use herd_protocol::messages::RejectReason;
+use herd_protocol::sketch::agreement;
 use herd_protocol::{ContentId, Round, ShardId};
 
 use crate::aggregate::median;
+use crate::config::VerifySection;
 
 /// Accepted norms the median is taken over.
 const NORM_WINDOW: usize = 64;
@@ -23,6 +25,8 @@ const NORM_WARMUP: usize = 3;
 pub struct Checked {
     pub decoded: Decoded,
     pub norm: f64,
+    /// Cosine between the sketch of the payload and the sketch the node sent.
+    pub sketch_cosine: f64,
 }
 
 /// Run-wide memory of this layer: recent accepted norms and payload hashes seen.
@@ -64,7 +68,7 @@ impl StructureState {
         payload: &[u8],
         layout: &DeltaLayout,
         codec: CodecSpec,
-        norm_multiple: f64,
+        rules: &VerifySection,
     ) -> Result<Checked, RejectReason> {
         let decoded = Delta::decode(payload, layout, codec, seed).map_err(|e| match e {
             DeltaError::TooLarge { bytes, cap } => RejectReason::PayloadTooLarge {
@@ -85,12 +89,28 @@ impl StructureState {
                 self.seen.insert(hash, (round, shard));
             }
         }
-        if let Some(bound) = self.norm_bound(norm_multiple)
+        if let Some(bound) = self.norm_bound(rules.norm_multiple)
             && norm > bound
         {
             return Err(RejectReason::NormTooLarge { norm, bound });
         }
-        Ok(Checked { decoded, norm })
+        // The replay vouches for the raw Δ through the sketch; this ties the payload to it.
+        // With error feedback the payload is compress(Δ + residual), so honest cosines are
+        // well below 1 but not below 0, except by the sketch's own error (docs/checking.md
+        // has the measured ones).
+        let sketch_cosine = agreement(&decoded.delta.sketch(seed), &decoded.sketch).cosine;
+        let min = -rules.sketch_noise_margin / (decoded.sketch.len().max(1) as f64).sqrt();
+        if sketch_cosine < min || sketch_cosine.is_nan() {
+            return Err(RejectReason::OffSketch {
+                cosine: sketch_cosine,
+                min,
+            });
+        }
+        Ok(Checked {
+            decoded,
+            norm,
+            sketch_cosine,
+        })
     }
 }
 
@@ -124,7 +144,7 @@ mod tests {
             p,
             &layout(),
             CodecSpec::RawF32,
-            4.0,
+            &VerifySection::default(),
         )
     }
 
@@ -167,5 +187,27 @@ mod tests {
             RejectReason::NormTooLarge { .. }
         ));
         assert!(check(&mut s, 8, &payload(vec![0.3; 100])).is_ok());
+    }
+
+    #[test]
+    fn a_payload_must_point_where_its_sketch_says() {
+        let mut s = StructureState::default();
+        let honest: Vec<f32> = (0..100)
+            .map(|i| ((i * 37 % 11) as f32 - 5.0) / 50.0)
+            .collect();
+        let checked = check(&mut s, 1, &payload(honest.clone())).unwrap();
+        assert!(checked.sketch_cosine > 0.99, "{}", checked.sketch_cosine);
+        // The honest sketch on the payload × −1 (what a replay alone would pass).
+        let flipped: Vec<f32> = honest.iter().map(|v| -v).collect();
+        let mut forged: herd_protocol::delta::Payload =
+            herd_protocol::framing::decode::<_, { 1 << 20 }>(&payload(flipped)).unwrap();
+        let honest_payload: herd_protocol::delta::Payload =
+            herd_protocol::framing::decode::<_, { 1 << 20 }>(&payload(honest)).unwrap();
+        forged.sketch = honest_payload.sketch;
+        let forged = herd_protocol::framing::encode(&forged).unwrap();
+        assert!(matches!(
+            check(&mut s, 2, &forged).unwrap_err(),
+            RejectReason::OffSketch { cosine, .. } if cosine < -0.99
+        ));
     }
 }
