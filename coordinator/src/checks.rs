@@ -19,6 +19,7 @@ use herd_protocol::{LeaseId, Round, ShardId};
 
 use crate::round::PeerKey;
 use crate::verify::replay::ReplayTolerance;
+use crate::verify::reputation::seeded_draw;
 
 /// Check ids start here, apart from the round machine's lease ids (which count from 1).
 pub const FIRST_CHECK_ID: u64 = 1 << 62;
@@ -255,7 +256,7 @@ impl CheckBook {
             )]);
         }
         let with_submitter = agreement(&t.sketch, &sketch);
-        let agrees = agrees(&with_submitter, &tolerance);
+        let agrees = tolerance.accepts(&with_submitter);
         t.reports.push(Report {
             checker: peer,
             check,
@@ -311,7 +312,7 @@ impl CheckBook {
             }
         }
         let submitter = agreement(&t.sketch, &truth);
-        let honest = agrees(&submitter, &tolerance);
+        let honest = tolerance.accepts(&submitter);
         t.truth = Some(truth);
         if !t.decided {
             t.decided = true;
@@ -404,12 +405,7 @@ impl CheckBook {
 
     /// A draw in [0, 1) fixed by the run seed, a label and `n`.
     fn draw(&self, label: &[u8], n: u64) -> f64 {
-        let mut h = blake3::Hasher::new();
-        h.update(label);
-        h.update(&self.seed.to_le_bytes());
-        h.update(&n.to_le_bytes());
-        let x = u64::from_le_bytes(h.finalize().as_bytes()[..8].try_into().expect("8 bytes"));
-        x as f64 / (u64::MAX as f64 + 1.0)
+        seeded_draw(self.seed, label, n)
     }
 }
 
@@ -426,10 +422,6 @@ fn void_waiting(reports: Vec<Report>) -> Vec<CheckAction> {
         .collect()
 }
 
-fn agrees(a: &Agreement, tol: &ReplayTolerance) -> bool {
-    a.cosine >= tol.min_cosine && a.rel_error <= tol.max_rel_error
-}
-
 /// Credit for a report that agrees with the truth, a ban for one that does not.
 fn judge_checker(
     peer: PeerKey,
@@ -440,7 +432,7 @@ fn judge_checker(
     tol: &ReplayTolerance,
 ) -> CheckAction {
     let a = agreement(sketch, truth);
-    if agrees(&a, tol) {
+    if tol.accepts(&a) {
         CheckAction::Credit {
             peer,
             check,

@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 
-use herd_protocol::sketch::{Agreement, agreement};
+use herd_protocol::sketch::agreement;
 use herd_protocol::{LeaseId, Round, ShardId};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -419,8 +419,7 @@ fn noise_vector(rng: &mut ChaCha8Rng, scale: f32) -> Vec<f32> {
 }
 
 fn passes(sketch: &[f32], truth: &[f32], cfg: &CheckSimConfig) -> bool {
-    let a: Agreement = agreement(sketch, truth);
-    a.cosine >= cfg.policy.tolerance.min_cosine && a.rel_error <= cfg.policy.tolerance.max_rel_error
+    cfg.policy.tolerance.accepts(&agreement(sketch, truth))
 }
 
 #[cfg(test)]

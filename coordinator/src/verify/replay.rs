@@ -18,6 +18,13 @@ pub struct ReplayTolerance {
     pub max_rel_error: f64,
 }
 
+impl ReplayTolerance {
+    /// Whether two sketches that agree this well are the same training (up to honest noise).
+    pub fn accepts(&self, a: &Agreement) -> bool {
+        a.cosine >= self.min_cosine && a.rel_error <= self.max_rel_error
+    }
+}
+
 /// The delta an honest node would have sent for `lease`, trained from a copy of `theta`.
 pub fn replay(
     model: &Llama,
@@ -39,8 +46,7 @@ pub fn judge(
     tol: &ReplayTolerance,
 ) -> (Agreement, Result<(), RejectReason>) {
     let a = agreement(submitted_sketch, replayed_sketch);
-    let ok = a.cosine >= tol.min_cosine && a.rel_error <= tol.max_rel_error;
-    let result = if ok {
+    let result = if tol.accepts(&a) {
         Ok(())
     } else {
         Err(RejectReason::ReplayMismatch {

@@ -110,12 +110,7 @@ impl Reputation {
 
     /// A draw in [0, 1] fixed by the run seed, a label and the lease (unknown to peers).
     fn draw(&self, label: &[u8], lease: LeaseId) -> f64 {
-        let mut h = blake3::Hasher::new();
-        h.update(label);
-        h.update(&self.seed.to_le_bytes());
-        h.update(&lease.0.to_le_bytes());
-        let x = u64::from_le_bytes(h.finalize().as_bytes()[..8].try_into().expect("8 bytes"));
-        x as f64 / u64::MAX as f64
+        seeded_draw(self.seed, label, lease.0)
     }
 
     /// Forgets the replays `peer` passed: it is replayed like a new peer until it earns
@@ -163,6 +158,17 @@ impl Reputation {
         r.banned.clone_from(&ban);
         ban
     }
+}
+
+/// A draw in [0, 1) fixed by the run's `seed`, a `label` and `n`: reproducible for tests,
+/// unpredictable for peers, who never see the seed.
+pub fn seeded_draw(seed: u64, label: &[u8], n: u64) -> f64 {
+    let mut h = blake3::Hasher::new();
+    h.update(label);
+    h.update(&seed.to_le_bytes());
+    h.update(&n.to_le_bytes());
+    let x = u64::from_le_bytes(h.finalize().as_bytes()[..8].try_into().expect("8 bytes"));
+    x as f64 / (u64::MAX as f64 + 1.0)
 }
 
 #[cfg(test)]
