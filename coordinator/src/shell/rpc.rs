@@ -51,9 +51,11 @@ impl Coordinator {
         if let Some(p) = self.peers.get_mut(&peer) {
             p.last_seen_ms = now;
         }
-        if !matches!(request, RpcRequest::Submit(_))
-            && let Err(wait_ms) = self.rate_limits.take(peer, now)
-        {
+        // Submissions and check reports are answers to work this coordinator handed out, at
+        // most one per lease or check held (anything else is refused after a lookup); a
+        // limited one would be work thrown away.
+        let answers_work = matches!(request, RpcRequest::Submit(_) | RpcRequest::Report(_));
+        if !answers_work && let Err(wait_ms) = self.rate_limits.take(peer, now) {
             let response = match request {
                 RpcRequest::Lease(_) => RpcResponse::NoWork {
                     retry_after_ms: wait_ms,
