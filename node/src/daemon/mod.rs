@@ -32,7 +32,7 @@ use admission::Admission;
 use availability::Availability;
 pub use join::{Joined, PeerArgs, default_data_dir, join, unreachable_message};
 use lease::{Contributor, Ended, Offer};
-use network::NetFailure;
+use network::{NetFailure, SharedStore};
 use status::NodeStatus;
 use worker::Worker;
 
@@ -90,9 +90,10 @@ async fn run_async(args: RunArgs) -> Result<()> {
         net,
         announced,
     } = join(&args.coordinator, &args.peer).await?;
+    let store = cache.shared();
     let seeding = tokio::spawn(seed::seed_announced(
         client.clone(),
-        cache.shared(),
+        store.clone(),
         announced,
     ));
     let worker = Worker::new(&data_dir, cache, device)?;
@@ -116,7 +117,7 @@ async fn run_async(args: RunArgs) -> Result<()> {
     };
     node.report("connecting to the coordinator");
     let availability = Availability::new(args.active_hours.clone(), &node.data_dir);
-    let result = contribute(&args, &mut node, &availability, &addr).await;
+    let result = contribute(&args, &mut node, &availability, &addr, &store).await;
     // The last submission's verdict, so its residual and journal line are kept; not for
     // ever: without it the residual stays as before that delta, as if it was rejected.
     if tokio::time::timeout(LAST_VERDICT_WAIT, node.settle())
@@ -151,6 +152,7 @@ async fn contribute(
     node: &mut Contributor,
     availability: &Availability,
     addr: &Multiaddr,
+    store: &SharedStore,
 ) -> Result<()> {
     let mut contact = Contact::default();
     let mut shards = 0u64;
@@ -176,7 +178,13 @@ async fn contribute(
         let lease = match offer {
             Offer::Lease(lease) => lease,
             Offer::Finished { reason } => {
-                run_over(node, &reason, shards, args.seed_after_finish).await;
+                run_over(
+                    node,
+                    &reason,
+                    shards,
+                    args.seed_after_finish.then_some(store),
+                )
+                .await;
                 return Ok(());
             }
             Offer::Wait {
@@ -263,11 +271,17 @@ async fn back_off(
 
 /// The run is over: says so, and with `--seed-after-finish` keeps serving the run's
 /// checkpoints and base model to other peers until Ctrl-C.
-async fn run_over(node: &mut Contributor, reason: &str, shards: u64, seed_after_finish: bool) {
+async fn run_over(
+    node: &mut Contributor,
+    reason: &str,
+    shards: u64,
+    seed_into: Option<&SharedStore>,
+) {
     println!("the run is over ({reason}); {shards} shards contributed");
     node.report(format!("done: the run is over ({reason})"));
-    if seed_after_finish {
+    if let Some(store) = seed_into {
         node.report("seeding checkpoints to other peers");
+        seed::seed_latest(&node.client, store).await;
         println!("seeding the run's checkpoints to other peers until Ctrl-C");
         let _ = tokio::signal::ctrl_c().await;
     }
