@@ -231,7 +231,7 @@ fn report_idle(node: &mut Contributor, why: &str) {
 }
 
 /// No work yet: says so on first contact or after training, then waits as long as the
-/// coordinator asked (50 ms at least).
+/// coordinator asked (50 ms at least), or until the last submission's verdict is in.
 async fn wait_for_work(
     node: &mut Contributor,
     contact: &mut Contact,
