@@ -361,6 +361,14 @@ fn a_replay_the_coordinator_cannot_do_judges_nobody() {
     );
 }
 
+/// What the book says of `checker`'s report on `grant` that will not be judged.
+fn void(checker: PeerKey, grant: &CheckGrant) -> Vec<CheckAction> {
+    vec![CheckAction::Void {
+        peer: checker,
+        check: grant.check,
+    }]
+}
+
 #[test]
 fn reports_waiting_on_a_target_that_leaves_the_book_are_answered() {
     let [s1, s2, c1, c2, c3] = peers();
@@ -373,27 +381,14 @@ fn reports_waiting_on_a_target_that_leaves_the_book_are_answered() {
         waiting.unwrap()[..],
         [CheckAction::ReplayYourself { .. }]
     ));
-    assert_eq!(
-        book.forget(LeaseId(1)),
-        vec![CheckAction::Void {
-            peer: c1,
-            check: g1.check
-        }]
-    );
+    assert_eq!(book.forget(LeaseId(1)), void(c1, &g1));
     // c2 disagrees with s2's; s2 is banned for something else.
     book.submit(LeaseId(2), s2, R, ShardId(1), sketch(1, 0.0), 2, 0);
     let g2 = book.assign(c2, R, 0).unwrap();
     let g3 = book.assign(c3, R, 0).unwrap();
     book.report(g2.check, c2, R, ShardId(1), sketch(8, 0.0))
         .unwrap();
-    let actions = book.banned(s2);
-    assert_eq!(
-        actions,
-        vec![CheckAction::Void {
-            peer: c2,
-            check: g2.check
-        }]
-    );
+    assert_eq!(book.banned(s2), void(c2, &g2));
     assert_eq!(book.target(LeaseId(2)), None);
     assert_eq!(
         book.report(g3.check, c3, R, ShardId(1), sketch(1, 0.0)),
@@ -410,14 +405,7 @@ fn a_banned_checkers_waiting_report_is_answered_and_the_arbitration_still_decide
     let g = book.assign(liar, R, 0).unwrap();
     book.report(g.check, liar, R, ShardId(0), sketch(8, 0.0))
         .unwrap();
-    let actions = book.banned(liar);
-    assert_eq!(
-        actions,
-        vec![CheckAction::Void {
-            peer: liar,
-            check: g.check
-        }]
-    );
+    assert_eq!(book.banned(liar), void(liar, &g));
     // The arbitration it asked for still decides the submitter, and judges nobody else.
     assert_eq!(
         book.assign(honest, R, 0),
